@@ -1,0 +1,190 @@
+"""Turn a source into token files once: `train.bin`, `val.bin`, `manifest.json`, the tokenizer.
+
+Design decisions:
+- Tokenize once, train many times: token ids are written as a flat array of uint16 (uint32 for
+  vocabularies over 65,536) that training memory-maps, so a corpus larger than RAM costs nothing.
+- A document separator token precedes every document, so the model learns where texts begin and
+  generation can start a prompt as "a new document".
+- Validation: `--val-data` if given, else the split the source defines (hub datasets), else the
+  last 10% of the text by characters (nanoGPT's convention, so bits per byte compare).
+- The cache key is a hash of everything the tokens depend on (source fingerprint, validation
+  source, tokenizer kind and size or an existing tokenizer's fingerprint, this file's format
+  version); a hit is reused only after its manifest and file sizes check out.
+- A cache entry is built in a temporary folder and renamed into place, so an interrupted
+  preparation never leaves a half-written entry that a later run would trust.
+- Text is streamed in ~1 MB pieces with a progress bar; memory stays flat for any corpus size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.sources import Piece, Source, open_source
+from model.errors import UserError
+from model.tokenizer import Tokenizer, build_char, load_gpt2, train_bpe
+
+PREP_VERSION = 1
+DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
+VAL_FRACTION = 0.1
+ENCODE_BATCH_CHARS = 4 << 20
+
+
+@dataclass
+class Prepared:
+    folder: Path
+    manifest: dict
+    tokenizer: Tokenizer
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The token ids of `split` ("train" or "val"), memory-mapped read-only."""
+        return np.memmap(self.folder / f"{split}.bin", dtype=self.manifest["dtype"], mode="r")
+
+
+def prepare(
+    data: str,
+    *,
+    val_data: str | None = None,
+    text_column: str = "text",
+    tokenizer_kind: str = "bpe",
+    vocab_size: int = 2048,
+    tokenizer: Tokenizer | None = None,
+    cache_dir: Path = DEFAULT_CACHE,
+    max_bytes: int | None = None,
+    progress: bool = True,
+) -> Prepared:
+    """Prepare (or reuse) the token files for `data`; `tokenizer` given means reuse that one."""
+    cache_dir = Path(cache_dir)
+    source = open_source(data, text_column=text_column, cache_dir=cache_dir, max_bytes=max_bytes)
+    val_source = open_source(val_data, text_column=text_column, cache_dir=cache_dir) if val_data else source.validation
+    tokenizer_key = tokenizer.fingerprint if tokenizer else f"{tokenizer_kind}:{vocab_size}"
+    key_text = json.dumps([PREP_VERSION, source.fingerprint, val_source and val_source.fingerprint, tokenizer_key])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    folder = cache_dir / key
+    if cached := _load_valid(folder):
+        return cached
+
+    tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        splitter = _Splitter(source, val_source, progress)
+        if tokenizer is None:
+            tokenizer = _make_tokenizer(tokenizer_kind, vocab_size, splitter)
+        dtype = "uint16" if tokenizer.n_vocab <= 1 << 16 else "uint32"
+        splits = {
+            split: _write_tokens(splitter.pieces(split), tokenizer, tmp / f"{split}.bin", dtype, progress, split)
+            for split in ("train", "val")
+        }
+        if splits["train"]["chars"] == 0:
+            raise UserError(f"{source.description} has no text; give a corpus with some text in it")
+        if splits["val"]["chars"] == 0:
+            raise UserError(f"the validation split of {source.description} is empty; use more text or --val-data")
+        tokenizer.save(tmp)
+        manifest = {
+            "version": PREP_VERSION,
+            "source": source.description,
+            "val_source": val_source.description if val_source else f"last {VAL_FRACTION:.0%} of the source",
+            "tokenizer": {"kind": tokenizer.kind, "n_vocab": tokenizer.n_vocab, "fingerprint": tokenizer.fingerprint},
+            "dtype": dtype,
+            "splits": splits,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)  # a damaged entry that failed validation
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Prepared(folder, manifest, tokenizer)
+
+
+def _load_valid(folder: Path) -> Prepared | None:
+    """A cache entry, if its manifest reads, its version matches and its files have the right sizes."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        for split, info in manifest["splits"].items():
+            if (folder / f"{split}.bin").stat().st_size != info["tokens"] * itemsize:
+                return None
+        if manifest["version"] != PREP_VERSION:
+            return None
+        tokenizer = Tokenizer.load(folder)
+    except (OSError, ValueError, KeyError, UserError):
+        return None
+    if tokenizer.fingerprint != manifest["tokenizer"]["fingerprint"]:
+        return None
+    return Prepared(folder, manifest, tokenizer)
+
+
+class _Splitter:
+    """Yields the pieces of each split; without a validation source, the last 10% of characters."""
+
+    def __init__(self, source: Source, val_source: Source | None, progress: bool):
+        self.source, self.val_source = source, val_source
+        self.split_at: int | None = None
+        if val_source is None:
+            counted = (len(text) for _, text in tqdm(source.pieces(), desc="counting", unit="piece", disable=not progress, leave=False))
+            self.split_at = int(sum(counted) * (1 - VAL_FRACTION))
+
+    def pieces(self, split: str) -> Iterator[Piece]:
+        if self.val_source is not None:
+            yield from (self.source if split == "train" else self.val_source).pieces()
+            return
+        seen = 0
+        for starts, text in self.source.pieces():
+            begin, end = seen, seen + len(text)
+            seen = end
+            if split == "train" and begin < self.split_at:
+                yield starts, text[: self.split_at - begin]
+            elif split == "val" and end > self.split_at:
+                # The validation text starts a fresh document where it is cut out of the middle of one.
+                yield starts or begin < self.split_at, text[max(0, self.split_at - begin) :]
+
+
+def _make_tokenizer(kind: str, vocab_size: int, splitter: _Splitter) -> Tokenizer:
+    if kind == "gpt2":
+        return load_gpt2()
+    texts = (text for _, text in splitter.pieces("train"))
+    if kind == "char":
+        return build_char(texts)
+    if kind == "bpe":
+        return train_bpe(texts, vocab_size)
+    raise UserError(f"unknown tokenizer '{kind}'; choose bpe, char or gpt2")
+
+
+def _write_tokens(pieces: Iterator[Piece], tokenizer: Tokenizer, path: Path, dtype: str, progress: bool, split: str) -> dict:
+    """Encode pieces in batches and append them to `path`; returns token, char and byte counts."""
+    counts = {"tokens": 0, "chars": 0, "bytes": 0}
+    bar = tqdm(desc=f"tokenizing {split}", unit="char", unit_scale=True, disable=not progress, leave=False)
+    with open(path, "wb") as out, bar:
+        batch: list[tuple[bool, str]] = []
+        size = 0
+
+        def flush() -> None:
+            for (starts, text), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch])):
+                if starts:
+                    ids = [tokenizer.doc_separator, *ids]
+                out.write(np.asarray(ids, dtype=dtype).tobytes())
+                counts["tokens"] += len(ids)
+                counts["chars"] += len(text)
+                counts["bytes"] += len(text.encode("utf-8"))
+                bar.update(len(text))
+            batch.clear()
+
+        for starts, text in pieces:
+            batch.append((starts, text))
+            size += len(text)
+            if size >= ENCODE_BATCH_CHARS:
+                flush()
+                size = 0
+        flush()
+        out.flush()
+        os.fsync(out.fileno())
+    return counts

@@ -1,0 +1,228 @@
+"""Where training text comes from: one `Source` interface over every kind of `--data SOURCE`.
+
+A source yields its text as pieces `(starts_document, text)`, streamed in chunks of about a
+megabyte, so a corpus of any size is read without holding it in memory. Kinds of source:
+
+    builtin            the offline default corpus (data/builtin.py)
+    tinyshakespeare    the classic 1 MB corpus, downloaded once into the cache
+    path/to/file.txt   any UTF-8 text file (one document)
+    path/to/folder     every .txt/.md/.rst file below it, in sorted order (one document each)
+    file.jsonl         one JSON object per line; the text is in --text-column
+    file.parquet       a Parquet table; the text is in --text-column
+    owner/name[:conf]  a Hugging Face dataset, streamed with `datasets` (online users)
+
+Text files must be UTF-8 (a byte-order mark is dropped, CRLF line ends become LF); a file that
+looks binary or is in another encoding is refused with a message saying so, never half-read.
+`fingerprint` changes whenever the text could have changed; it keys the prepared-data cache.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.errors import UserError
+
+Piece = tuple[bool, str]
+CHUNK_BYTES = 1 << 20
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+HF_DEFAULT_MAX_BYTES = 200_000_000  # a streamed hub dataset can be terabytes; cap unless told
+
+
+@dataclass
+class Source:
+    description: str
+    fingerprint: str
+    read: Callable[[], Iterator[Piece]]
+    validation: Source | None = None  # a held-out part the source itself defines (hub datasets)
+
+    def pieces(self) -> Iterator[Piece]:
+        return self.read()
+
+
+def open_source(spec: str, *, text_column: str = "text", cache_dir: Path, max_bytes: int | None = None) -> Source:
+    """Turn a `--data` value into a Source, or raise a UserError saying what is wrong with it."""
+    if spec == "builtin":
+        from data.builtin import builtin_documents
+
+        version = f"python-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+        return Source(f"builtin ({version} documentation)", f"builtin:{version}", lambda: _documents(builtin_documents()))
+    if spec == "tinyshakespeare":
+        return text_file_source(download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt"))
+    path = Path(spec)
+    if path.is_dir():
+        return folder_source(path)
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return jsonl_source(path, text_column)
+        if path.suffix == ".parquet":
+            return parquet_source(path, text_column)
+        return text_file_source(path)
+    if path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"{spec} does not exist; give a text file, a folder, a .jsonl or .parquet file, or a dataset name")
+    return hub_source(spec, text_column, max_bytes or HF_DEFAULT_MAX_BYTES)
+
+
+def text_file_source(path: Path) -> Source:
+    return Source(str(path), _file_fingerprint(path), lambda: _text_file_pieces(path))
+
+
+def folder_source(folder: Path) -> Source:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"folder {folder} has no {'/'.join(TEXT_SUFFIXES)} files")
+    fingerprint = hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
+
+    def read() -> Iterator[Piece]:
+        for path in files:
+            yield from _text_file_pieces(path)
+
+    return Source(f"{folder} ({len(files)} files)", fingerprint, read)
+
+
+def jsonl_source(path: Path, text_column: str) -> Source:
+    def read() -> Iterator[Piece]:
+        with open(path, encoding="utf-8-sig") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{path} line {number} is not valid JSON ({error.msg})") from None
+                yield True, _text_field(row, text_column, f"{path} line {number}")
+
+    return Source(f"{path} [{text_column}]", f"{_file_fingerprint(path)}:{text_column}", read)
+
+
+def parquet_source(path: Path, text_column: str) -> Source:
+    import pyarrow.parquet as pq
+
+    def read() -> Iterator[Piece]:
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as error:  # pyarrow raises its own hierarchy for damaged files
+            raise UserError(f"{path} is not a readable Parquet file ({error})") from None
+        if text_column not in table.schema_arrow.names:
+            raise UserError(f"{path} has no column '{text_column}' (columns: {table.schema_arrow.names}); use --text-column")
+        for batch in table.iter_batches(columns=[text_column], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if text:
+                    yield True, text.replace("\r\n", "\n")
+
+    return Source(f"{path} [{text_column}]", f"{_file_fingerprint(path)}:{text_column}", read)
+
+
+def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
+    """A Hugging Face dataset, streamed. `name` is `owner/dataset` or `owner/dataset:config`.
+
+    The dataset's own validation (or test) split is used when it has one; otherwise every tenth
+    document is held out. At most `max_bytes` of training text is read.
+    """
+    import datasets
+
+    dataset_name, _, config = name.partition(":")
+    try:
+        splits = datasets.load_dataset(dataset_name, config or None, streaming=True)
+    except Exception as error:  # offline, unknown name, gated, bad config: datasets raises many types
+        raise UserError(
+            f"cannot load the Hugging Face dataset '{dataset_name}' ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+            "check the name and your connection, or pass a local file or folder"
+        ) from None
+    if "train" not in splits:
+        raise UserError(f"dataset '{dataset_name}' has no train split (it has {list(splits)})")
+    held_out = next((s for s in ("validation", "test") if s in splits), None)
+    base = f"hf:{name}:{text_column}:{max_bytes}"
+
+    def reader(split: str, keep: Callable[[int], bool], limit: int) -> Callable[[], Iterator[Piece]]:
+        def read() -> Iterator[Piece]:
+            seen = 0
+            for index, row in enumerate(splits[split]):
+                if keep(index):
+                    text = _text_field(row, text_column, f"{dataset_name} row {index}")
+                    yield True, text
+                    seen += len(text.encode())
+                    if seen >= limit:
+                        return
+
+        return read
+
+    if held_out:
+        validation = Source(f"{name} [{held_out}]", base + f":{held_out}", reader(held_out, lambda i: True, max_bytes // 10))
+        return Source(f"{name} [train]", base, reader("train", lambda i: True, max_bytes), validation)
+    validation = Source(f"{name} [every 10th document]", base + ":holdout", reader("train", lambda i: i % 10 == 9, max_bytes // 10))
+    return Source(f"{name} [train]", base, reader("train", lambda i: i % 10 != 9, max_bytes), validation)
+
+
+def download(url: str, destination: Path) -> Path:
+    """Fetch `url` to `destination` once (atomically: a partial download is never kept)."""
+    if destination.is_file():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+            while chunk := response.read(CHUNK_BYTES):
+                out.write(chunk)
+        os.replace(tmp, destination)
+    except OSError as error:
+        raise UserError(f"could not download {url} ({error}); check your connection or pass a local file") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return destination
+
+
+def _documents(texts: Iterator[str]) -> Iterator[Piece]:
+    for text in texts:
+        yield True, text
+
+
+def _text_field(row: object, column: str, where: str) -> str:
+    if not isinstance(row, dict) or column not in row:
+        raise UserError(f"{where} has no '{column}' field; name the text field with --text-column")
+    if not isinstance(row[column], str):
+        raise UserError(f"{where}: field '{column}' is not a string")
+    return row[column].replace("\r\n", "\n")
+
+
+def _text_file_pieces(path: Path) -> Iterator[Piece]:
+    """Stream a UTF-8 file in ~1 MB pieces cut after a newline, refusing binary or non-UTF-8 input."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
+    pending, offset, first = "", 0, True
+    with open(path, "rb") as file:
+        while True:
+            chunk = file.read(CHUNK_BYTES)
+            if b"\0" in chunk:
+                raise UserError(f"{path} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                raise UserError(
+                    f"{path} is not UTF-8 text (bad byte at offset {offset + error.start}); convert it, "
+                    "e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
+            offset += len(chunk)
+            pending += text.replace("\r\n", "\n")
+            cut = len(pending) if not chunk else pending.rfind("\n") + 1
+            if pending.endswith("\r") and chunk:
+                cut = min(cut, len(pending) - 1)  # a CRLF may be split across chunks
+            if cut > 0:
+                yield first, pending[:cut]
+                pending, first = pending[cut:], False
+            if not chunk:
+                return
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"

@@ -1,0 +1,6 @@
+"""The network, its tokenizer, its generation engine and its checkpoints.
+
+Reading order: `tokenizer.py` (text <-> token ids, special tokens), `gpt.py` (the transformer),
+`engine.py` (generation with a KV cache), `checkpoint.py` (the folder format on disk),
+`evaluate.py` (bits per byte, the number runs are compared by).
+"""

@@ -1,0 +1,203 @@
+"""The checkpoint format: the one place that knows how a model is laid out on disk.
+
+A run folder (`out/NAME/`) holds `metrics.jsonl`, a `LATEST` file naming the newest complete
+checkpoint, and that checkpoint's folder `step-NNNNNNN/`:
+
+    model.safetensors      the weights (safetensors: loading never executes code, unlike pickle)
+    checkpoint.json        format and version, model config, training arguments, latest metrics,
+                           step, data description, chat template, a sha256 of every other file,
+                           and the structure of the trainer state
+    tokenizer.json         the tokenizer (see model/tokenizer.py)
+    tokenizer.tiktoken
+    trainer.safetensors    optimizer moments and RNG states, for --resume (absent in exports)
+
+Writes are atomic: a checkpoint is written into a hidden temporary folder, flushed to disk, renamed
+into place, and only then does `LATEST` (replaced atomically) point at it; older checkpoints are
+deleted last. A crash at any moment leaves `LATEST` naming a complete checkpoint. Loading checks
+the format version and every checksum, and says which file is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from model.errors import UserError
+from model.gpt import GPT, ModelConfig
+from model.tokenizer import Tokenizer
+
+FORMAT = "pocketgpt-checkpoint"
+VERSION = 1
+POINTER = "LATEST"
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    meta: dict
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.meta["model"])
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    def load_tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.folder)
+
+    def load_model(self, device: torch.device | str = "cpu") -> GPT:
+        model = GPT(self.model_config)
+        try:
+            load_model(model, self.folder / "model.safetensors", strict=True, device=str(device))
+        except (SafetensorError, RuntimeError) as error:
+            raise UserError(f"{self.folder / 'model.safetensors'} does not fit the model config: {error}") from None
+        return model.to(device)
+
+    def load_trainer_state(self) -> dict:
+        """The optimizer and RNG state saved for --resume."""
+        if "trainer_state" not in self.meta:
+            raise UserError(f"{self.folder} has no trainer state, so it cannot be resumed; use --init-from")
+        tensors = _read_tensors(self.folder / "trainer.safetensors")
+        return _unpack(self.meta["trainer_state"], tensors)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer, meta: dict, trainer_state: dict | None = None
+) -> Path:
+    """Write a complete checkpoint for `step` under `run_dir` and point LATEST at it."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    while (run_dir / name).exists():
+        name += "+"
+    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    tokenizer.save(tmp)
+    meta = {**meta, "format": FORMAT, "version": VERSION, "step": step, "model": model.config.to_dict()}
+    if trainer_state is not None:
+        tensors: dict[str, torch.Tensor] = {}
+        meta["trainer_state"] = _pack(trainer_state, tensors)
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+    meta["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for path in tmp.iterdir():
+        _fsync(path)
+    os.replace(tmp, run_dir / name)
+    _write_atomically(run_dir / POINTER, name + "\n")
+    for old in run_dir.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return run_dir / name
+
+
+def resolve(path: Path | str) -> Path:
+    """A run folder (follow LATEST) or a checkpoint folder -> the checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint folder {path} does not exist; train one with `python train.py`")
+    if (path / POINTER).is_file():
+        target = path / (path / POINTER).read_text().strip()
+        if not target.is_dir():
+            raise UserError(f"{path / POINTER} names {target.name}, which is missing; the run folder is damaged")
+        return target
+    if (path / "checkpoint.json").is_file():
+        return path
+    raise UserError(f"{path} is not a checkpoint: it has neither {POINTER} nor checkpoint.json")
+
+
+def load_checkpoint(path: Path | str) -> Checkpoint:
+    """Open and verify a checkpoint (format, version, checksums) without loading weights yet."""
+    folder = resolve(path)
+    try:
+        meta = json.loads((folder / "checkpoint.json").read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{folder / 'checkpoint.json'} cannot be read: {error}") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{folder / 'checkpoint.json'} is not a {FORMAT} file")
+    if meta.get("version") != VERSION:
+        raise UserError(
+            f"{folder} is checkpoint format version {meta.get('version')}; this code reads version {VERSION}"
+        )
+    for name, digest in meta.get("files", {}).items():
+        if not (folder / name).is_file():
+            raise UserError(f"{folder / name} is missing; the checkpoint is incomplete")
+        if _sha256(folder / name) != digest:
+            raise UserError(f"{folder / name} does not match its checksum; the file is damaged")
+    return Checkpoint(folder, meta)
+
+
+def newest_run(root: Path | str = "out") -> Path:
+    """The run under `root` whose latest checkpoint is newest (what sample.py uses by default)."""
+    runs = [p.parent for p in Path(root).glob(f"*/{POINTER}")]
+    if not runs:
+        raise UserError(f"no checkpoint found under {root}/; train one with `python train.py` or pass --checkpoint")
+    return max(runs, key=lambda run: (run / POINTER).stat().st_mtime)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path} cannot be read: {error}") from None
+
+
+def _pack(value, tensors: dict[str, torch.Tensor]):
+    """Nested dicts/lists with tensors -> JSON, moving tensors into `tensors` (no pickle)."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[_pack(k, tensors), _pack(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_pack(v, tensors) for v in value]
+    return value
+
+
+def _unpack(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, dict) and "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if isinstance(value, dict) and "__dict__" in value:
+        return {_unpack(k, tensors): _unpack(v, tensors) for k, v in value["__dict__"]}
+    if isinstance(value, list):
+        return [_unpack(v, tensors) for v in value]
+    return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,222 @@
+"""Generation: the one engine behind `sample.py`, the evaluation samples in training, and the UI.
+
+Design decisions:
+- A KV cache: each new token costs one position of compute instead of re-running the whole
+  context. The cache is allocated once per call at the model's context length.
+- A batch of prompts of different lengths is left-padded; padded keys are masked out and each row
+  gets its own rotary positions, so every row computes exactly what it would alone (until the
+  window slides: a batch slides all rows together, when its longest row fills the context).
+- Sliding context: when a sequence fills the context, the engine keeps the newest half and
+  re-computes the cache for it in one batched forward pass. Each token is therefore predicted from
+  a window the model saw in training (it starts at a real token, never mid-cache), and the cost
+  per token stays flat however long generation runs.
+- Streaming is UTF-8 safe: bytes go through an incremental decoder, so half a character is never
+  emitted, and text that might be the start of a stop sequence is held back until it is decided.
+- Sampling knobs: temperature (0 = greedy), top-k, top-p, a seed for reproducibility, stop strings,
+  and stopping at the end-of-turn / document-separator tokens.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from model.device import autocast
+from model.errors import UserError
+from model.gpt import GPT
+from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, Tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0  # 1 means off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    stop_at_special: bool = True  # end at the end-of-turn and document-separator tokens
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.temperature <= 100:
+            raise UserError(f"temperature must be between 0 and 100 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top-k must be 0 (off) or a positive number of tokens, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, plus the positions and mask of the current call."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int):
+        self.shape = (n_layer, batch, n_kv_head, length, head_dim)
+        self.keys: torch.Tensor | None = None  # allocated on first use, in the dtype autocast gives
+        self.values: torch.Tensor | None = None
+        self.length = 0  # filled positions
+        self.positions: torch.Tensor | None = None  # (B, T) rotary positions of the current call
+        self.attn_mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool, or None when nothing is masked
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            self.keys = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.values = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class TextStream:
+    """Turns one row's token bytes into text pieces that are safe to show (see module docstring)."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, data: bytes, final: bool = False) -> str:
+        self.text += self.decoder.decode(data, final=final)
+        for stop in self.stops:
+            found = self.text.find(stop, max(0, self.emitted - len(stop)))
+            if found != -1:
+                self.text, self.stopped, final = self.text[:found], True, True
+        safe = len(self.text) if final else len(self.text) - self._held_back()
+        piece, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        return piece
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that could still grow into a stop string."""
+        for size in range(min(len(self.text), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+            tail = self.text[-size:]
+            if any(stop.startswith(tail) for stop in self.stops):
+                return size
+        return 0
+
+
+class Engine:
+    """Generates from one loaded model; safe to share, each call has its own cache and RNG."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = dtype
+        self.context = model.config.context
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text prompt as the start of a document, the way training data begins."""
+        return [self.tokenizer.doc_separator, *self.tokenizer.encode(text)]
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[str]:
+        """Complete each text prompt; returns the generated text of each (prompt not included)."""
+        texts = [""] * len(prompts)
+        for row, piece in self.stream([self.encode_prompt(p) for p in prompts], sampling):
+            texts[row] += piece
+        return texts
+
+    @torch.inference_mode()
+    def stream(self, prompts: list[list[int]], sampling: SamplingConfig) -> Iterator[tuple[int, str]]:
+        """Yield (row, text piece) as tokens arrive for a batch of token prompts."""
+        sampling.validate()
+        for prompt in prompts:
+            if not prompt:
+                raise UserError("a prompt must have at least one token")
+            if len(prompt) > self.context:
+                raise UserError(
+                    f"the prompt is {len(prompt)} tokens but the model's context is {self.context}; shorten it"
+                )
+        generator = torch.Generator(device=self.device)
+        if sampling.seed is None:
+            generator.seed()  # fresh randomness, without touching the global RNG
+        else:
+            generator.manual_seed(sampling.seed)
+        stop_ids = torch.tensor(
+            [self.tokenizer.special_ids[t] for t in (DOC_SEPARATOR, END_OF_TURN)] if sampling.stop_at_special else [],
+            dtype=torch.long,
+            device=self.device,
+        )
+        width = max(len(p) for p in prompts)
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=self.device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, width - len(prompt) :] = torch.tensor(prompt)
+            valid[row, width - len(prompt) :] = True
+        streams = [TextStream(sampling.stop) for _ in prompts]
+        active = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+
+        cache, logits = self._prefill(tokens, valid)
+        for _ in range(sampling.max_new_tokens):
+            next_token = self._sample(logits, sampling, generator)  # (B,)
+            ended = torch.isin(next_token, stop_ids) & active
+            for row in ended.nonzero().flatten().tolist():
+                active[row] = False
+                if piece := streams[row].push(b"", final=True):
+                    yield row, piece
+            for row in active.nonzero().flatten().tolist():
+                piece = streams[row].push(self.tokenizer.decode_bytes([int(next_token[row])]))
+                if piece:
+                    yield row, piece
+                if streams[row].stopped:
+                    active[row] = False
+            if not active.any():
+                return
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+            if cache.length + 1 > self.context:  # the window is full: keep the newest half
+                keep = self.context // 2
+                tokens, valid = tokens[:, -keep:], valid[:, -keep:]
+                cache, logits = self._prefill(tokens, valid)
+            else:
+                logits = self._decode(cache, next_token, valid)
+        for row in active.nonzero().flatten().tolist():
+            if piece := streams[row].push(b"", final=True):
+                yield row, piece
+
+    def _prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        """Fill a fresh cache with `tokens` (B, T); returns it and the logits of the last position."""
+        config = self.model.config
+        B, T = tokens.shape
+        cache = KVCache(config.n_layer, B, config.n_kv_head, self.context, config.head_dim)
+        cache.positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
+        cache.attn_mask = None
+        if not valid.all():  # causal and not padding; a pad query sees itself so no row is empty
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            eye = torch.eye(T, dtype=torch.bool, device=tokens.device)
+            cache.attn_mask = ((causal & valid[:, None, :]) | eye)[:, None]
+        with autocast(self.device, self.dtype):
+            logits = self.model(tokens, cache=cache)
+        cache.length = T
+        return cache, logits[:, -1]
+
+    def _decode(self, cache: KVCache, token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One step: feed one token per row, return the logits for the next."""
+        cache.positions = cache.positions[:, -1:] + 1
+        cache.attn_mask = None if valid.all() else valid[:, None, None, :]
+        with autocast(self.device, self.dtype):
+            logits = self.model(token[:, None], cache=cache)
+        cache.length += 1
+        return logits[:, -1]
+
+    def _sample(self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+        logits = logits[:, : self.tokenizer.n_vocab].float()
+        if sampling.temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / sampling.temperature
+        if sampling.top_k and sampling.top_k < logits.size(-1):
+            kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if sampling.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > sampling.top_p  # keep the first token always
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,132 @@
+"""Bits per byte: the number that compares runs, whatever their tokenizer.
+
+    python -m model.evaluate --checkpoint out/base --text FILE
+
+prints one JSON line: bits per byte over the whole file, the mean loss per token, and the token
+and byte counts. Bits per byte = total cross-entropy in nats over the scored tokens, divided by
+ln 2 and by the UTF-8 bytes those tokens stand for. Special tokens are never counted (they stand
+for no bytes), so a char model, a BPE model and GPT-2's tokenizer are measured on the same scale.
+
+Every token of the file is scored exactly once. The file is scored as one document (a document
+separator first, so its very first token is scored too) in windows of the model's context that
+advance by `--stride` tokens; each window scores only its tokens that no earlier window scored, so
+with the default stride of half a context every token after the first window has at least half a
+context of history. `--stride` equal to the context gives non-overlapping windows (faster, a
+little pessimistic; training's periodic evaluation uses those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.device import autocast, pick_device, pick_dtype
+from model.errors import UserError, run_cli
+from model.gpt import GPT
+
+
+@torch.inference_mode()
+def bits_per_byte(
+    model: GPT,
+    tokens: np.ndarray | list[int],
+    token_bytes: torch.Tensor,
+    *,
+    stride: int | None = None,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Score `tokens` (a document separator should come first) in strided windows; see module doc."""
+    context = model.config.context
+    stride = stride or context
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(np.asarray(tokens[: (max_tokens + 1) if max_tokens else None], dtype=np.int64))
+    token_bytes = token_bytes.to(device)
+    was_training = model.training
+    model.eval()
+    nats, nbytes, counted = 0.0, 0, 0
+    # Targets a..b-1 are scored by a window of inputs tokens[start : b-1] (at most a context long).
+    windows = []  # (start, length, index of the first scored position in the window)
+    for a in range(1, len(tokens), stride):
+        b = min(a + stride, len(tokens))
+        start = max(0, b - 1 - context)
+        windows.append((start, b - 1 - start, a - 1 - start))
+    for i in range(0, len(windows), batch_size):
+        group = windows[i : i + batch_size]
+        width = max(length for _, length, _ in group)
+        inputs = torch.zeros(len(group), width, dtype=torch.long)
+        targets = torch.full((len(group), width), -1, dtype=torch.long)
+        for row, (start, length, first) in enumerate(group):
+            inputs[row, :length] = tokens[start : start + length]
+            targets[row, first:length] = tokens[start + 1 + first : start + 1 + length]
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, dtype):
+            loss = model(inputs, targets, reduction="none")  # (B, T), 0 where target is -1
+        scored = targets >= 0
+        weights = token_bytes[targets.clamp(min=0)] * scored
+        counts = scored & (weights > 0)  # special tokens stand for no bytes and are not counted
+        nats += (loss * counts).sum().item()
+        nbytes += int(weights.sum())
+        counted += int(counts.sum())
+    model.train(was_training)
+    if nbytes == 0:
+        raise UserError("nothing to score: the text is empty")
+    return {
+        "bpb": nats / nbytes / math.log(2),
+        "loss": nats / max(counted, 1),
+        "tokens": counted,
+        "bytes": nbytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Bits per byte of a checkpoint over a text file, as one JSON line.")
+    parser.add_argument("--checkpoint", required=True, help="run folder (uses its latest checkpoint) or checkpoint folder")
+    parser.add_argument("--text", required=True, help="UTF-8 text file to score")
+    parser.add_argument("--stride", type=int, default=None, help="window advance in tokens (default: half the context)")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows scored at once")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="matmul precision")
+    args = parser.parse_args()
+
+    from data.sources import text_file_source
+    from model.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    path = Path(args.text)
+    if not path.is_file():
+        raise UserError(f"{path} is not a file")
+    text = "".join(piece for _, piece in text_file_source(path).pieces())
+    if not text:
+        raise UserError(f"{path} is empty")
+    device = pick_device(args.device)
+    model = checkpoint.load_model(device)
+    context = model.config.context
+    stride = args.stride or max(1, context // 2)
+    if not 1 <= stride <= context:
+        raise UserError(f"--stride must be between 1 and the context ({context})")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    tokenizer = checkpoint.load_tokenizer()
+    tokens = [tokenizer.doc_separator, *tokenizer.encode(text)]
+    result = bits_per_byte(
+        model,
+        tokens,
+        torch.tensor(tokenizer.token_byte_lengths()),
+        stride=stride,
+        batch_size=args.batch_size,
+        dtype=pick_dtype(device, args.dtype),
+    )
+    result.update(checkpoint=str(checkpoint.folder), text=str(path), stride=stride, context=context)
+    json.dump(result, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    run_cli(main)

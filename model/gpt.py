@@ -1,0 +1,223 @@
+"""The transformer: a decoder-only GPT that computes next-token logits, and nothing else.
+
+Design decisions (each one is what makes small models train better, and each maps weight for
+weight onto Hugging Face's Qwen3 architecture, so an export needs no retraining):
+- Rotary position embeddings (RoPE, Llama's "rotate half" layout) instead of learned positions:
+  attention depends only on relative distance, which generalises better and lets the generation
+  engine slide its window without re-learning positions.
+- RMSNorm before each sub-block (pre-norm), with a learned scale: cheaper than LayerNorm and just
+  as good; pre-norm keeps gradients healthy without warm-up tricks.
+- QK norm: an RMSNorm on each head's queries and keys before RoPE (as in Qwen3). It bounds the
+  attention logits, so higher learning rates (and Muon) stay stable.
+- SwiGLU MLP (gate, up, down projections): the gated MLP of Llama and Qwen; it beats a plain
+  GELU MLP at equal parameter count. (Squared ReLU is as good, but no standard HF model uses it.)
+- No biases anywhere: they cost time and do not help at this scale.
+- Grouped-query attention is available (`n_kv_head < n_head`) to shrink the KV cache.
+- Attention runs through `F.scaled_dot_product_attention`, which picks the fastest kernel.
+- Module names follow Qwen3's (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so the weights
+  file reads like theirs.
+
+The KV cache for generation lives in `model/engine.py`; this file only knows the cache interface:
+`cache.update(layer, k, v) -> (k, v)` plus `cache.positions` and `cache.attn_mask` for the call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    context: int = 256  # the longest sequence the model is trained on
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 4
+    head_dim: int = 0  # 0 means n_embd // n_head
+    mlp_hidden: int = 0  # 0 means 8/3 * n_embd rounded up to a multiple of 64 (SwiGLU's usual ratio)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.n_embd // self.n_head
+        if self.mlp_hidden == 0:
+            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.n_head % self.n_kv_head:
+            raise ValueError("n_head must be a multiple of n_kv_head")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for RoPE; positions beyond the table are computed on demand."""
+
+    def __init__(self, head_dim: int, theta: float, length: int):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._build(length)
+
+    def _build(self, length: int) -> None:
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim), Llama's rotate-half layout
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def prefix(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions 0..length-1 (the training path: no lookup, no host sync)."""
+        if length > self.cos.size(0):
+            self._build(length)
+        if self.cos.device != self.inv_freq.device:
+            self.cos, self.sin = self.cos.to(self.inv_freq.device), self.sin.to(self.inv_freq.device)
+        return self.cos[:length], self.sin[:length]
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) or (B, T) -> cos, sin broadcastable to (B, heads, T, head_dim)."""
+        if int(positions.max()) >= self.cos.size(0):
+            self._build(2 * int(positions.max()) + 1)
+        if self.cos.device != positions.device:
+            self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
+        cos, sin = self.cos[positions], self.sin[positions]
+        if positions.dim() == 2:  # per-row positions: (B, T, D) -> (B, 1, T, D)
+            return cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        gqa = self.n_kv_head != self.n_head
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = cache.update(self.layer, k, v)  # all cached keys/values so far, (B, Hkv, Tk, D)
+            mask = cache.attn_mask
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.context)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, 0.02), residual projections scaled down by depth, norms at 1."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, std=residual_std)
+            else:
+                nn.init.normal_(param, std=0.02)
+
+    def num_parameters(self, include_embedding: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        return total if include_embedding else total - self.embed_tokens.weight.numel()
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM estimate: 6N + 12 L T d."""
+        c = self.config
+        n = self.num_parameters(include_embedding=False)
+        return 6 * n + 12 * c.n_layer * c.context * c.n_head * c.head_dim
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache=None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab), or the cross-entropy loss when targets are given.
+
+        `reduction="none"` returns the per-token loss (B, T); targets of -1 are ignored.
+        """
+        B, T = idx.shape
+        cos, sin = self.rotary.prefix(T) if cache is None else self.rotary(cache.positions)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x).float()  # (B, T, vocab)
+        logits = self.lm_head(x).float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+        return loss if reduction == "mean" else loss.view(B, T)

@@ -1,0 +1,231 @@
+"""Text <-> token ids, and the special tokens every later stage relies on.
+
+Design decisions:
+- Every tokenizer is a `tiktoken.Encoding` underneath: tiktoken is fast (Rust, multi-threaded batch
+  encoding) and its byte-level BPE means any byte sequence round-trips exactly. Three kinds differ
+  only in their merge table ("ranks"):
+  - `bpe` (default): byte-level BPE trained on the training text. Training uses Hugging Face
+    `tokenizers` (seconds for megabytes; BPE training is not the point of this project), and the
+    learned merges are converted into tiktoken ranks.
+  - `char`: one token per character seen in the training text (nanoGPT's character model), with
+    the 256 single bytes as a fallback so unseen characters still round-trip.
+  - `gpt2`: tiktoken's GPT-2 encoding, when its files are cached or downloadable.
+- The special tokens are fixed here, once, for every kind: a document separator and the turn
+  markers a chat template needs, plus a few reserved slots so later features do not change ids.
+  They sit right after the ordinary tokens. Text typed by a user is always encoded as plain text
+  (`encode` never produces a special id), so typing "<|end|>" cannot forge a control token.
+- A tokenizer saves itself as two small files (`tokenizer.json` + `tokenizer.tiktoken`), so a
+  checkpoint carries its tokenizer and sampling never needs the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import tiktoken
+
+from model.errors import UserError
+
+# Pre-tokenization split (GPT-4's pattern, numbers in groups of at most two as in nanochat: a small
+# vocabulary should not spend merges on three-digit numbers).
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+CHAR_PATTERN = r"(?s:.)"  # one piece per character
+
+DOC_SEPARATOR = "<|endoftext|>"
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END_OF_TURN = "<|end|>"
+SPECIAL_TOKENS = (
+    DOC_SEPARATOR,
+    SYSTEM,
+    USER,
+    ASSISTANT,
+    END_OF_TURN,
+    "<|reserved_0|>",
+    "<|reserved_1|>",
+    "<|reserved_2|>",
+)
+KINDS = ("bpe", "char", "gpt2")
+FORMAT_VERSION = 1
+_SURROGATE_RUN = re.compile("([\udc80-\udcff]+)")
+
+
+class Tokenizer:
+    """A tiktoken encoding plus our special tokens; `kind` says how its ranks were made."""
+
+    def __init__(self, kind: str, pattern: str, ranks: dict[bytes, int]):
+        self.kind = kind
+        self.pattern = pattern
+        self.ranks = ranks
+        self.special_ids = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self._encoding = tiktoken.Encoding(
+            name=f"pocketgpt-{kind}",
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_ids,
+        )
+        self._byte_ids = [ranks[bytes([b])] for b in range(256)]
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.ranks) + len(SPECIAL_TOKENS)
+
+    @property
+    def doc_separator(self) -> int:
+        return self.special_ids[DOC_SEPARATOR]
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids; special-token strings in `text` are encoded as ordinary text."""
+        return self._encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._encoding.encode_ordinary_batch(texts, num_threads=4)
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Any bytes to ids, including bytes that are not valid UTF-8 (one byte token each)."""
+        ids: list[int] = []
+        for piece in _SURROGATE_RUN.split(data.decode("utf-8", errors="surrogateescape")):
+            if piece and "\udc80" <= piece[0] <= "\udcff":
+                ids.extend(self._byte_ids[ord(c) - 0xDC00] for c in piece)
+            elif piece:
+                ids.extend(self.encode(piece))
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self._encoding.decode_bytes(list(ids))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids to text; an incomplete UTF-8 sequence becomes U+FFFD (streaming uses decode_bytes)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id >= len(self.ranks)
+
+    def token_byte_lengths(self) -> list[int]:
+        """Bytes each id stands for; special tokens count 0, so bits per byte excludes them."""
+        lengths = [0] * self.n_vocab
+        for token, rank in self.ranks.items():
+            lengths[rank] = len(token)
+        return lengths
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash that changes whenever encoding would change (used as a cache key)."""
+        digest = hashlib.sha256(self.pattern.encode())
+        for token, rank in sorted(self.ranks.items(), key=lambda item: item[1]):
+            digest.update(token + b"\0" + str(rank).encode())
+        digest.update("\0".join(SPECIAL_TOKENS).encode())
+        return digest.hexdigest()[:16]
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "pattern": self.pattern,
+            "special_tokens": self.special_ids,
+            "n_vocab": self.n_vocab,
+        }
+        (folder / "tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n")
+        lines = (f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(self.ranks.items(), key=lambda i: i[1]))
+        (folder / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> Tokenizer:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "tokenizer.json").read_text())
+            ranks = {}
+            for line in (folder / "tokenizer.tiktoken").read_text().splitlines():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read the tokenizer in {folder}: {error}") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{folder}/tokenizer.json has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        tokenizer = cls(meta["kind"], meta["pattern"], ranks)
+        if meta["special_tokens"] != tokenizer.special_ids:
+            raise UserError(f"{folder}/tokenizer.json has other special tokens than this version of the code")
+        return tokenizer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Learn a byte-level BPE of `vocab_size` ids (special tokens included) from `texts`."""
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    if n_merges < 0:
+        raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} for a byte-level BPE")
+    learner = HFTokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + n_merges,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    learner.train_from_iterator(texts, trainer)
+    unmap = {char: byte for byte, char in _bytes_to_unicode().items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in json.loads(learner.to_str())["model"]["merges"]:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        token = bytes(unmap[c] for c in left + right)
+        ranks.setdefault(token, len(ranks))
+    return Tokenizer("bpe", SPLIT_PATTERN, ranks)
+
+
+def build_char(texts: Iterable[str]) -> Tokenizer:
+    """One token per character seen in `texts`; the 256 bytes cover everything else."""
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    ranks = {bytes([b]): b for b in range(256)}
+    for char in sorted(chars):
+        encoded = char.encode("utf-8")
+        # tiktoken merges pairwise, so a multi-byte character needs its prefixes as tokens too.
+        for end in range(2, len(encoded) + 1):
+            ranks.setdefault(encoded[:end], len(ranks))
+    return Tokenizer("char", CHAR_PATTERN, ranks)
+
+
+def load_gpt2() -> Tokenizer:
+    """tiktoken's GPT-2 merges (cached by tiktoken, downloaded on first use)."""
+    from tiktoken_ext import openai_public
+
+    try:
+        spec = openai_public.gpt2()
+    except Exception as error:  # tiktoken raises requests/OS errors of many kinds when offline
+        raise UserError(
+            "the gpt2 tokenizer files are neither cached nor downloadable "
+            f"({type(error).__name__}); go online once, point TIKTOKEN_CACHE_DIR at a cache, "
+            "or use --tokenizer bpe"
+        ) from None
+    return Tokenizer("gpt2", spec["pat_str"], spec["mergeable_ranks"])
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (how `tokenizers` spells bytes)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(char) for byte, char in zip(printable, chars)}

@@ -1,0 +1,24 @@
+"""Train a GPT on a text corpus: `python train.py` (built-in corpus, ~5 minutes on 2 CPU cores).
+
+The table of contents of a run: parse the flags (training/config.py), prepare the data once
+(data/prepare.py), build or load the model (model/), loop, evaluate and checkpoint
+(training/trainer.py), then print a sample from the trained model. Runs unchanged under
+`torchrun --nproc_per_node=N train.py ...`.
+"""
+
+from model.errors import run_cli
+
+
+def main() -> None:
+    from training.config import build_parser, typed_flags
+    from training.trainer import train
+
+    args = build_parser().parse_args()
+    trainer, metrics = train(typed_flags(args))
+    if trainer.dist.is_main and metrics:
+        print(f"done: step {metrics['step']}, val {metrics['val_bpb']:.4f} bits/byte; checkpoint in {trainer.out_dir}")
+        print(f"sample it: python sample.py --checkpoint {trainer.out_dir} --prompt 'The'")
+
+
+if __name__ == "__main__":
+    run_cli(main)

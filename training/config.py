@@ -1,0 +1,174 @@
+"""Every training knob in one dataclass, the named presets, and the command line built from them.
+
+A run's configuration is assembled in layers, later ones winning: the dataclass defaults, the
+chosen preset, the saved arguments of the run being resumed (with --resume), and finally the flags
+typed on the command line. Flags default to None in argparse precisely so that "typed" can be told
+apart from "default". The final config is saved in every checkpoint as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, fields
+
+from model.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "builtin"
+    val_data: str | None = None
+    text_column: str = "text"
+    max_bytes: int | None = None
+    tokenizer: str = "bpe"
+    vocab_size: int = 2048
+    # model
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 4
+    context: int = 256
+    tie_embeddings: bool = False
+    # optimisation
+    optimizer: str = "muon"
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-3
+    muon_lr: float = 0.02
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    cooldown: float = 0.4
+    grad_clip: float = 1.0
+    # budget
+    max_steps: int | None = None
+    max_minutes: float | None = 5.0
+    # evaluation and output
+    eval_interval: int = 200
+    eval_tokens: int = 65536
+    sample_tokens: int = 64
+    log_interval: int = 10
+    out_dir: str = "out/base"
+    resume: bool = False
+    init_from: str | None = None
+    # hardware and reproducibility
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    seed: int = 1337
+    preset: str = "cpu"
+    progress: bool = True
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "context", "batch_size", "grad_accum")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise UserError("--n-embd must be a multiple of --n-head, and --n-head a multiple of --n-kv-head")
+        if (self.n_embd // self.n_head) % 2:
+            raise UserError("the head size (n_embd / n_head) must be even for rotary embeddings")
+        if self.batch_size % self.grad_accum:
+            raise UserError("--batch-size must be a multiple of --grad-accum")
+        if self.max_steps is None and self.max_minutes is None:
+            raise UserError("give a budget: --max-steps or --max-minutes")
+        if (self.max_steps is not None and self.max_steps < 1) or (self.max_minutes is not None and self.max_minutes <= 0):
+            raise UserError("--max-steps and --max-minutes must be positive")
+        if min(self.lr, self.muon_lr) <= 0 or self.weight_decay < 0 or not 0 <= self.cooldown <= 1:
+            raise UserError("learning rates must be positive, weight decay >= 0, cooldown in [0, 1]")
+        if self.resume and self.init_from:
+            raise UserError("--resume continues a run; --init-from starts a new one: give one of them")
+
+
+PRESETS: dict[str, dict] = {
+    # For tests and a first look: seconds on any machine.
+    "tiny": dict(
+        vocab_size=512, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, context=64, batch_size=8,
+        max_steps=40, max_minutes=None, eval_interval=20, eval_tokens=4096, sample_tokens=24, warmup_steps=5,
+    ),
+    # The default: about five minutes on two laptop CPU cores.
+    "cpu": dict(),
+    # One modern GPU: nanoGPT's GPT-2 small shape (124M-class), bf16, compiled.
+    "gpu": dict(
+        vocab_size=32768, n_layer=12, n_embd=768, n_head=12, n_kv_head=12, context=1024, batch_size=64,
+        grad_accum=2, max_minutes=60.0, eval_interval=500, eval_tokens=1 << 20, compile=True,
+        muon_lr=0.02, lr=3e-3, warmup_steps=100,
+    ),
+}
+
+HELP = {
+    "data": "training text: builtin (offline default), tinyshakespeare (downloads), a .txt file, a folder, "
+    "a .jsonl/.parquet file, or a Hugging Face dataset name (owner/name[:config])",
+    "val_data": "separate validation text (default: the last 10%% of --data)",
+    "text_column": "field holding the text in .jsonl/.parquet files and hub datasets",
+    "max_bytes": "read at most this many bytes of training text (hub datasets default to 200 MB)",
+    "tokenizer": "bpe (trained on the data), char (one token per character) or gpt2 (tiktoken's GPT-2)",
+    "vocab_size": "vocabulary size of the bpe tokenizer, special tokens included",
+    "n_layer": "transformer blocks",
+    "n_embd": "width of the residual stream",
+    "n_head": "attention heads",
+    "n_kv_head": "key/value heads (fewer than --n-head = grouped-query attention)",
+    "context": "tokens per training window, the model's context length",
+    "tie_embeddings": "share the input embedding and the output head",
+    "optimizer": "muon (Muon for hidden matrices, AdamW for the rest) or adamw (AdamW for all)",
+    "batch_size": "sequences per optimizer step, summed over all processes",
+    "grad_accum": "micro-steps per optimizer step (splits the batch to save memory)",
+    "lr": "peak AdamW learning rate (embeddings, output head, norms; everything with --optimizer adamw)",
+    "muon_lr": "peak Muon learning rate for the hidden weight matrices",
+    "weight_decay": "decoupled weight decay of the matrices",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "cooldown": "final fraction of the budget over which the learning rate decays linearly to 0",
+    "grad_clip": "clip the gradient norm to this (0 = off)",
+    "max_steps": "stop after this many optimizer steps",
+    "max_minutes": "stop after this many minutes of training; the schedule ends exactly then",
+    "eval_interval": "evaluate, print a sample and save a checkpoint every this many steps",
+    "eval_tokens": "validation tokens scored at each evaluation during training",
+    "sample_tokens": "tokens in the sample printed at each evaluation (0 = none)",
+    "log_interval": "steps between lines in metrics.jsonl",
+    "out_dir": "run folder for checkpoints and metrics.jsonl",
+    "resume": "continue the run in --out-dir from its latest checkpoint",
+    "init_from": "start a new run from the weights (and tokenizer) of this checkpoint",
+    "device": "auto, cpu, cuda or cuda:N",
+    "dtype": "auto (bf16 where the hardware has it), bf16 or fp32",
+    "compile": "compile the model with torch.compile",
+    "seed": "random seed for initialisation and data order",
+    "preset": f"named defaults: {', '.join(PRESETS)} (cpu: ~5 minutes on 2 cores; tiny: seconds; gpu: GPT-2 small)",
+    "progress": "show progress bars (--no-progress for logs)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a GPT on a text corpus. `python train.py` trains the default model on the built-in corpus.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for field in fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not MISSING else None
+        kind = field.type.split(" |")[0] if isinstance(field.type, str) else field.type
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP[field.name]} (default: {default})")
+            continue
+        convert = {"int": int, "float": float, "str": str}[kind]
+        choices = {"preset": list(PRESETS), "tokenizer": ["bpe", "char", "gpt2"], "optimizer": ["muon", "adamw"], "dtype": ["auto", "bf16", "fp32"]}.get(field.name)
+        parser.add_argument(flag, type=convert, default=None, choices=choices, help=f"{HELP[field.name]} (default: {default})")
+    return parser
+
+
+def typed_flags(args: argparse.Namespace) -> dict:
+    """The flags the user actually gave."""
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def assemble(typed: dict, saved: dict | None = None) -> TrainConfig:
+    """defaults < preset < saved run arguments < typed flags."""
+    preset = typed.get("preset") or (saved or {}).get("preset") or "cpu"
+    values = {**PRESETS[preset], **(saved or {}), **typed, "preset": preset}
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in values.items() if k in known})
+    config.validate()
+    return config
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return asdict(config)

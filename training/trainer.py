@@ -1,0 +1,239 @@
+"""The training loop: prepare, build, step, evaluate, sample, checkpoint, report.
+
+Design decisions:
+- One program for one process or many (torchrun): the data for each step depends only on
+  (seed, step) (see data/loader.py), gradients are averaged by DDP, and only rank 0 evaluates,
+  prints and writes. The same flags give the same global batch either way.
+- Budgets: `--max-steps`, `--max-minutes`, or both (whichever ends first). The learning-rate
+  schedule follows the budget, so a time-limited run decays into its deadline.
+- Resume restores everything the next step depends on: weights, optimizer moments, step, elapsed
+  time and RNG state; the data order needs no state. So a resumed run continues with the same
+  losses it would have had.
+- Evaluation reports validation loss and bits per byte on a fixed slice of the validation tokens,
+  prints a short sample through the generation engine, appends to `metrics.jsonl` and saves a
+  checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data.loader import Batches
+from data.prepare import Prepared, prepare
+from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from model.device import autocast, pick_dtype
+from model.engine import Engine, SamplingConfig
+from model.errors import UserError
+from model.evaluate import bits_per_byte
+from model.gpt import GPT, ModelConfig
+from training import distributed
+from training.config import TrainConfig, to_dict
+from training.optim import build_optimizers, lr_factor, set_lr
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, base: Checkpoint | None, resuming: bool):
+        self.config = config
+        self.dist = distributed.setup(config.device)
+        self.device = self.dist.device
+        self.dtype = pick_dtype(self.device, config.dtype)
+        self.out_dir = Path(config.out_dir)
+        torch.manual_seed(config.seed)
+
+        self.data = self._prepare_data(base)
+        self.tokenizer = self.data.tokenizer
+        self.model = base.load_model(self.device) if base else GPT(self._model_config()).to(self.device)
+        if base and self.model.config.vocab_size < self.tokenizer.n_vocab:
+            raise UserError(f"{base.folder} has a smaller vocabulary than its tokenizer; the checkpoint is inconsistent")
+        self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda")
+        self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
+        if resuming:
+            self._restore(base)
+        self.train_model = self.model
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+        if self.dist.world > 1:
+            self.train_model = DistributedDataParallel(self.train_model)
+        context = self.model.config.context
+        try:
+            self.batches = Batches(self.data.tokens("train"), context, config.seed)
+        except ValueError:
+            raise UserError(f"the training text is shorter than one window of {context} tokens; use more text or a smaller --context") from None
+        self.val_tokens = self.data.tokens("val")
+        self.token_bytes = torch.tensor(self.tokenizer.token_byte_lengths())
+        self.rows_per_micro = config.batch_size // config.grad_accum // self.dist.world
+        if self.rows_per_micro * config.grad_accum * self.dist.world != config.batch_size:
+            raise UserError("--batch-size must be divisible by --grad-accum times the number of processes")
+        self.metrics: dict = {}
+
+    def _prepare_data(self, base: Checkpoint | None) -> Prepared:
+        c = self.config
+        tokenizer = base.load_tokenizer() if base else None
+
+        def run() -> Prepared:
+            return prepare(
+                c.data, val_data=c.val_data, text_column=c.text_column, tokenizer_kind=c.tokenizer,
+                vocab_size=c.vocab_size, tokenizer=tokenizer, max_bytes=c.max_bytes, progress=c.progress and self.dist.is_main,
+            )
+
+        if self.dist.is_main:
+            prepared = run()
+        self.dist.barrier()
+        return prepared if self.dist.is_main else run()
+
+    def _model_config(self) -> ModelConfig:
+        c = self.config
+        return ModelConfig(
+            vocab_size=self.data.tokenizer.n_vocab, context=c.context, n_layer=c.n_layer, n_embd=c.n_embd,
+            n_head=c.n_head, n_kv_head=c.n_kv_head, tie_embeddings=c.tie_embeddings,
+        )
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.load_trainer_state()
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
+        torch.set_rng_state(state["rng"])
+        self.metrics = checkpoint.meta.get("metrics", {})
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        c = self.config
+        self._announce()
+        bar = tqdm(total=1000, disable=not (c.progress and self.dist.is_main), bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
+        last_saved = self.step if c.resume else -1
+        start = time.perf_counter() - self.elapsed
+        while (progress := self._progress()) < 1:
+            factor = lr_factor(self.step, progress, c.warmup_steps, c.cooldown)
+            set_lr(self.optimizers, factor)
+            step_start = time.perf_counter()
+            loss = self._train_step()
+            self.step += 1
+            self.tokens_seen += c.batch_size * self.model.config.context
+            self.elapsed = time.perf_counter() - start
+            tokens_per_sec = c.batch_size * self.model.config.context / (time.perf_counter() - step_start)
+            bar.n = int(1000 * min(1.0, self._progress()))
+            bar.set_postfix_str(f" step {self.step} loss {loss:.3f} {tokens_per_sec:,.0f} tok/s", refresh=True)
+            if self.step % c.log_interval == 0:
+                self._log({"step": self.step, "time": round(self.elapsed, 2), "train_loss": loss, "lr_factor": factor, "tokens_per_sec": tokens_per_sec})
+            if c.eval_interval and self.step % c.eval_interval == 0 and self._progress() < 1:
+                self._evaluate_and_save(bar)
+                last_saved = self.step
+                start = time.perf_counter() - self.elapsed  # evaluation time does not count against training
+        if last_saved != self.step:
+            self._evaluate_and_save(bar)
+        bar.close()
+        self.dist.close()
+        return self.metrics
+
+    def _progress(self) -> float:
+        c = self.config
+        steps = self.step / c.max_steps if c.max_steps else 0.0
+        minutes = self.elapsed / 60 / c.max_minutes if c.max_minutes else 0.0
+        return max(steps, minutes)
+
+    def _train_step(self) -> float:
+        c = self.config
+        total = 0.0
+        for micro in range(c.grad_accum):
+            first = (micro * self.dist.world + self.dist.rank) * self.rows_per_micro
+            x, y = self.batches.get(self.step, range(first, first + self.rows_per_micro), c.batch_size, self.device)
+            sync = micro == c.grad_accum - 1 or self.dist.world == 1
+            context = contextlib.nullcontext() if sync else self.train_model.no_sync()
+            with context, autocast(self.device, self.dtype):
+                loss = self.train_model(x, y) / c.grad_accum
+            with context:
+                loss.backward()
+            total += loss.item()
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss = self.dist.mean(total)
+        if not math.isfinite(loss):
+            raise UserError(f"the loss became {loss} at step {self.step}; lower --lr / --muon-lr or use --dtype fp32")
+        return loss
+
+    def _evaluate_and_save(self, bar: tqdm) -> None:
+        if self.dist.is_main:
+            c = self.config
+            result = bits_per_byte(self.model, self.val_tokens, self.token_bytes, max_tokens=c.eval_tokens, dtype=self.dtype)
+            self.metrics = {"step": self.step, "val_loss": result["loss"], "val_bpb": result["bpb"], "time": round(self.elapsed, 2), "tokens_seen": self.tokens_seen}
+            self._log(self.metrics)
+            message = f"step {self.step}: val loss {result['loss']:.4f}, val {result['bpb']:.4f} bits/byte"
+            if c.sample_tokens:
+                engine = Engine(self.model, self.tokenizer, self.dtype)
+                sample = engine.generate([""], SamplingConfig(max_new_tokens=c.sample_tokens, seed=c.seed))[0]
+                self.model.train()
+                message += f"\n--- sample ---\n{sample.strip()}\n--------------"
+            bar.write(message)
+            self._save()
+        self.dist.barrier()
+
+    def _save(self) -> None:
+        meta = {
+            "train": to_dict(self.config),
+            "metrics": self.metrics,
+            "data": self.data.manifest,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_seconds": self.elapsed,
+            "chat": None,
+        }
+        state = {
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "tokens_seen": self.tokens_seen,
+            "rng": torch.get_rng_state(),
+        }
+        save_checkpoint(self.out_dir, self.step, self.model, self.tokenizer, meta, state)
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as file:
+                file.write(json.dumps(record) + "\n")
+
+    def _announce(self) -> None:
+        if not self.dist.is_main:
+            return
+        c, m = self.config, self.model.config
+        splits = self.data.manifest["splits"]
+        budget = " and ".join(filter(None, [c.max_steps and f"{c.max_steps} steps", c.max_minutes and f"{c.max_minutes:g} minutes"]))
+        print(
+            f"data: {self.data.manifest['source']}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
+            f"({self.tokenizer.kind} tokenizer, {self.tokenizer.n_vocab} ids)\n"
+            f"model: {self.model.num_parameters() / 1e6:.2f}M parameters, {m.n_layer} layers x {m.n_embd} wide, context {m.context}\n"
+            f"training: {c.optimizer}, batch {c.batch_size} x {m.context} tokens, {self.device.type} {str(self.dtype).removeprefix('torch.')}, "
+            f"{self.dist.world} process(es), budget {budget}, from step {self.step} -> {self.out_dir}",
+            flush=True,
+        )
+
+
+def train(typed: dict) -> tuple[Trainer, dict]:
+    """Assemble the config (see training/config.py), open any base checkpoint and run."""
+    from training.config import assemble
+
+    base, resuming, saved = None, bool(typed.get("resume")), None
+    if resuming:
+        out_dir = typed.get("out_dir") or assemble({k: v for k, v in typed.items() if k != "resume"}).out_dir
+        base = load_checkpoint(out_dir)
+        saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
+    config = assemble(typed, saved)
+    if config.init_from:
+        base = load_checkpoint(config.init_from)
+    if not resuming and (Path(config.out_dir) / "LATEST").exists():
+        raise UserError(f"{config.out_dir} already holds a run; use --resume to continue it or another --out-dir")
+    trainer = Trainer(config, base, resuming)
+    return trainer, trainer.run()
