@@ -130,7 +130,10 @@ class _Splitter:
         self.source, self.val_source = source, val_source
         self.split_at: int | None = None
         if val_source is None:
-            counted = (len(text) for _, text in tqdm(source.pieces(), desc="counting", unit="piece", disable=not progress, leave=False))
+            counted = (
+                len(text)
+                for _, text in tqdm(source.pieces(), desc="counting", unit="piece", disable=not progress, leave=False)
+            )
             self.split_at = int(sum(counted) * (1 - VAL_FRACTION))
 
     def pieces(self, split: str) -> Iterator[Piece]:
@@ -159,7 +162,9 @@ def _make_tokenizer(kind: str, vocab_size: int, splitter: _Splitter) -> Tokenize
     raise UserError(f"unknown tokenizer '{kind}'; choose bpe, char or gpt2")
 
 
-def _write_tokens(pieces: Iterator[Piece], tokenizer: Tokenizer, path: Path, dtype: str, progress: bool, split: str) -> dict:
+def _write_tokens(
+    pieces: Iterator[Piece], tokenizer: Tokenizer, path: Path, dtype: str, progress: bool, split: str
+) -> dict:
     """Encode pieces in batches and append them to `path`; returns token, char and byte counts."""
     counts = {"tokens": 0, "chars": 0, "bytes": 0}
     bar = tqdm(desc=f"tokenizing {split}", unit="char", unit_scale=True, disable=not progress, leave=False)
@@ -168,7 +173,7 @@ def _write_tokens(pieces: Iterator[Piece], tokenizer: Tokenizer, path: Path, dty
         size = 0
 
         def flush() -> None:
-            for (starts, text), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch])):
+            for (starts, text), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch]), strict=True):
                 if starts:
                     ids = [tokenizer.doc_separator, *ids]
                 out.write(np.asarray(ids, dtype=dtype).tobytes())

@@ -55,7 +55,9 @@ def open_source(spec: str, *, text_column: str = "text", cache_dir: Path, max_by
         from data.builtin import builtin_documents
 
         version = f"python-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
-        return Source(f"builtin ({version} documentation)", f"builtin:{version}", lambda: _documents(builtin_documents()))
+        return Source(
+            f"builtin ({version} documentation)", f"builtin:{version}", lambda: _documents(builtin_documents())
+        )
     if spec == "tinyshakespeare":
         return text_file_source(download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt"))
     path = Path(spec)
@@ -68,7 +70,9 @@ def open_source(spec: str, *, text_column: str = "text", cache_dir: Path, max_by
             return parquet_source(path, text_column)
         return text_file_source(path)
     if path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"{spec} does not exist; give a text file, a folder, a .jsonl or .parquet file, or a dataset name")
+        raise UserError(
+            f"{spec} does not exist; give a text file, a folder, a .jsonl or .parquet file, or a dataset name"
+        )
     return hub_source(spec, text_column, max_bytes or HF_DEFAULT_MAX_BYTES)
 
 
@@ -77,7 +81,9 @@ def text_file_source(path: Path) -> Source:
 
 
 def folder_source(folder: Path) -> Source:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and not p.name.startswith("."))
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise UserError(f"folder {folder} has no {'/'.join(TEXT_SUFFIXES)} files")
     fingerprint = hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
@@ -113,7 +119,9 @@ def parquet_source(path: Path, text_column: str) -> Source:
         except Exception as error:  # pyarrow raises its own hierarchy for damaged files
             raise UserError(f"{path} is not a readable Parquet file ({error})") from None
         if text_column not in table.schema_arrow.names:
-            raise UserError(f"{path} has no column '{text_column}' (columns: {table.schema_arrow.names}); use --text-column")
+            raise UserError(
+                f"{path} has no column '{text_column}' (columns: {table.schema_arrow.names}); use --text-column"
+            )
         for batch in table.iter_batches(columns=[text_column], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 if text:
@@ -157,9 +165,13 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
         return read
 
     if held_out:
-        validation = Source(f"{name} [{held_out}]", base + f":{held_out}", reader(held_out, lambda i: True, max_bytes // 10))
+        validation = Source(
+            f"{name} [{held_out}]", base + f":{held_out}", reader(held_out, lambda i: True, max_bytes // 10)
+        )
         return Source(f"{name} [train]", base, reader("train", lambda i: True, max_bytes), validation)
-    validation = Source(f"{name} [every 10th document]", base + ":holdout", reader("train", lambda i: i % 10 == 9, max_bytes // 10))
+    validation = Source(
+        f"{name} [every 10th document]", base + ":holdout", reader("train", lambda i: i % 10 == 9, max_bytes // 10)
+    )
     return Source(f"{name} [train]", base, reader("train", lambda i: i % 10 != 9, max_bytes), validation)
 
 

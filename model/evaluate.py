@@ -87,7 +87,9 @@ def bits_per_byte(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Bits per byte of a checkpoint over a text file, as one JSON line.")
-    parser.add_argument("--checkpoint", required=True, help="run folder (uses its latest checkpoint) or checkpoint folder")
+    parser.add_argument(
+        "--checkpoint", required=True, help="run folder (uses its latest checkpoint) or checkpoint folder"
+    )
     parser.add_argument("--text", required=True, help="UTF-8 text file to score")
     parser.add_argument("--stride", type=int, default=None, help="window advance in tokens (default: half the context)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows scored at once")

@@ -219,5 +219,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x).float()  # (B, T, vocab)
         logits = self.lm_head(x).float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
         return loss if reduction == "mean" else loss.view(B, T)

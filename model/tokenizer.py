@@ -151,7 +151,9 @@ class Tokenizer:
         except (OSError, ValueError) as error:
             raise UserError(f"cannot read the tokenizer in {folder}: {error}") from None
         if meta.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{folder}/tokenizer.json has format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+            raise UserError(
+                f"{folder}/tokenizer.json has format {meta.get('format_version')}, expected {FORMAT_VERSION}"
+            )
         tokenizer = cls(meta["kind"], meta["pattern"], ranks)
         if meta["special_tokens"] != tokenizer.special_ids:
             raise UserError(f"{folder}/tokenizer.json has other special tokens than this version of the code")
@@ -228,4 +230,4 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             chars.append(256 + extra)
             extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars)}
+    return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}

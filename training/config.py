@@ -72,7 +72,9 @@ class TrainConfig:
             raise UserError("--batch-size must be a multiple of --grad-accum")
         if self.max_steps is None and self.max_minutes is None:
             raise UserError("give a budget: --max-steps or --max-minutes")
-        if (self.max_steps is not None and self.max_steps < 1) or (self.max_minutes is not None and self.max_minutes <= 0):
+        if (self.max_steps is not None and self.max_steps < 1) or (
+            self.max_minutes is not None and self.max_minutes <= 0
+        ):
             raise UserError("--max-steps and --max-minutes must be positive")
         if min(self.lr, self.muon_lr) <= 0 or self.weight_decay < 0 or not 0 <= self.cooldown <= 1:
             raise UserError("learning rates must be positive, weight decay >= 0, cooldown in [0, 1]")
@@ -83,16 +85,39 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # For tests and a first look: seconds on any machine.
     "tiny": dict(
-        vocab_size=512, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, context=64, batch_size=8,
-        max_steps=40, max_minutes=None, eval_interval=20, eval_tokens=4096, sample_tokens=24, warmup_steps=5,
+        vocab_size=512,
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        n_kv_head=2,
+        context=64,
+        batch_size=8,
+        max_steps=40,
+        max_minutes=None,
+        eval_interval=20,
+        eval_tokens=4096,
+        sample_tokens=24,
+        warmup_steps=5,
     ),
     # The default: about five minutes on two laptop CPU cores.
     "cpu": dict(),
     # One modern GPU: nanoGPT's GPT-2 small shape (124M-class), bf16, compiled.
     "gpu": dict(
-        vocab_size=32768, n_layer=12, n_embd=768, n_head=12, n_kv_head=12, context=1024, batch_size=64,
-        grad_accum=2, max_minutes=60.0, eval_interval=500, eval_tokens=1 << 20, compile=True,
-        muon_lr=0.02, lr=3e-3, warmup_steps=100,
+        vocab_size=32768,
+        n_layer=12,
+        n_embd=768,
+        n_head=12,
+        n_kv_head=12,
+        context=1024,
+        batch_size=64,
+        grad_accum=2,
+        max_minutes=60.0,
+        eval_interval=500,
+        eval_tokens=1 << 20,
+        compile=True,
+        muon_lr=0.02,
+        lr=3e-3,
+        warmup_steps=100,
     ),
 }
 
@@ -147,11 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
         default = field.default if field.default is not MISSING else None
         kind = field.type.split(" |")[0] if isinstance(field.type, str) else field.type
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP[field.name]} (default: {default})")
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{HELP[field.name]} (default: {default})",
+            )
             continue
         convert = {"int": int, "float": float, "str": str}[kind]
-        choices = {"preset": list(PRESETS), "tokenizer": ["bpe", "char", "gpt2"], "optimizer": ["muon", "adamw"], "dtype": ["auto", "bf16", "fp32"]}.get(field.name)
-        parser.add_argument(flag, type=convert, default=None, choices=choices, help=f"{HELP[field.name]} (default: {default})")
+        choices = {
+            "preset": list(PRESETS),
+            "tokenizer": ["bpe", "char", "gpt2"],
+            "optimizer": ["muon", "adamw"],
+            "dtype": ["auto", "bf16", "fp32"],
+        }.get(field.name)
+        parser.add_argument(
+            flag, type=convert, default=None, choices=choices, help=f"{HELP[field.name]} (default: {default})"
+        )
     return parser
 
 

@@ -52,7 +52,9 @@ class Trainer:
         self.tokenizer = self.data.tokenizer
         self.model = base.load_model(self.device) if base else GPT(self._model_config()).to(self.device)
         if base and self.model.config.vocab_size < self.tokenizer.n_vocab:
-            raise UserError(f"{base.folder} has a smaller vocabulary than its tokenizer; the checkpoint is inconsistent")
+            raise UserError(
+                f"{base.folder} has a smaller vocabulary than its tokenizer; the checkpoint is inconsistent"
+            )
         self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda")
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
         if resuming:
@@ -66,7 +68,9 @@ class Trainer:
         try:
             self.batches = Batches(self.data.tokens("train"), context, config.seed)
         except ValueError:
-            raise UserError(f"the training text is shorter than one window of {context} tokens; use more text or a smaller --context") from None
+            raise UserError(
+                f"the training text is shorter than one window of {context} tokens; use more text or a smaller --context"
+            ) from None
         self.val_tokens = self.data.tokens("val")
         self.token_bytes = torch.tensor(self.tokenizer.token_byte_lengths())
         self.rows_per_micro = config.batch_size // config.grad_accum // self.dist.world
@@ -80,8 +84,14 @@ class Trainer:
 
         def run() -> Prepared:
             return prepare(
-                c.data, val_data=c.val_data, text_column=c.text_column, tokenizer_kind=c.tokenizer,
-                vocab_size=c.vocab_size, tokenizer=tokenizer, max_bytes=c.max_bytes, progress=c.progress and self.dist.is_main,
+                c.data,
+                val_data=c.val_data,
+                text_column=c.text_column,
+                tokenizer_kind=c.tokenizer,
+                vocab_size=c.vocab_size,
+                tokenizer=tokenizer,
+                max_bytes=c.max_bytes,
+                progress=c.progress and self.dist.is_main,
             )
 
         if self.dist.is_main:
@@ -92,8 +102,13 @@ class Trainer:
     def _model_config(self) -> ModelConfig:
         c = self.config
         return ModelConfig(
-            vocab_size=self.data.tokenizer.n_vocab, context=c.context, n_layer=c.n_layer, n_embd=c.n_embd,
-            n_head=c.n_head, n_kv_head=c.n_kv_head, tie_embeddings=c.tie_embeddings,
+            vocab_size=self.data.tokenizer.n_vocab,
+            context=c.context,
+            n_layer=c.n_layer,
+            n_embd=c.n_embd,
+            n_head=c.n_head,
+            n_kv_head=c.n_kv_head,
+            tie_embeddings=c.tie_embeddings,
         )
 
     def _restore(self, checkpoint: Checkpoint) -> None:
@@ -109,7 +124,11 @@ class Trainer:
     def run(self) -> dict:
         c = self.config
         self._announce()
-        bar = tqdm(total=1000, disable=not (c.progress and self.dist.is_main), bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
+        bar = tqdm(
+            total=1000,
+            disable=not (c.progress and self.dist.is_main),
+            bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
+        )
         last_saved = self.step if c.resume else -1
         start = time.perf_counter() - self.elapsed
         while (progress := self._progress()) < 1:
@@ -124,7 +143,15 @@ class Trainer:
             bar.n = int(1000 * min(1.0, self._progress()))
             bar.set_postfix_str(f" step {self.step} loss {loss:.3f} {tokens_per_sec:,.0f} tok/s", refresh=True)
             if self.step % c.log_interval == 0:
-                self._log({"step": self.step, "time": round(self.elapsed, 2), "train_loss": loss, "lr_factor": factor, "tokens_per_sec": tokens_per_sec})
+                self._log(
+                    {
+                        "step": self.step,
+                        "time": round(self.elapsed, 2),
+                        "train_loss": loss,
+                        "lr_factor": factor,
+                        "tokens_per_sec": tokens_per_sec,
+                    }
+                )
             if c.eval_interval and self.step % c.eval_interval == 0 and self._progress() < 1:
                 self._evaluate_and_save(bar)
                 last_saved = self.step
@@ -168,8 +195,16 @@ class Trainer:
     def _evaluate_and_save(self, bar: tqdm) -> None:
         if self.dist.is_main:
             c = self.config
-            result = bits_per_byte(self.model, self.val_tokens, self.token_bytes, max_tokens=c.eval_tokens, dtype=self.dtype)
-            self.metrics = {"step": self.step, "val_loss": result["loss"], "val_bpb": result["bpb"], "time": round(self.elapsed, 2), "tokens_seen": self.tokens_seen}
+            result = bits_per_byte(
+                self.model, self.val_tokens, self.token_bytes, max_tokens=c.eval_tokens, dtype=self.dtype
+            )
+            self.metrics = {
+                "step": self.step,
+                "val_loss": result["loss"],
+                "val_bpb": result["bpb"],
+                "time": round(self.elapsed, 2),
+                "tokens_seen": self.tokens_seen,
+            }
             self._log(self.metrics)
             message = f"step {self.step}: val loss {result['loss']:.4f}, val {result['bpb']:.4f} bits/byte"
             if c.sample_tokens:
@@ -210,7 +245,9 @@ class Trainer:
             return
         c, m = self.config, self.model.config
         splits = self.data.manifest["splits"]
-        budget = " and ".join(filter(None, [c.max_steps and f"{c.max_steps} steps", c.max_minutes and f"{c.max_minutes:g} minutes"]))
+        budget = " and ".join(
+            filter(None, [c.max_steps and f"{c.max_steps} steps", c.max_minutes and f"{c.max_minutes:g} minutes"])
+        )
         print(
             f"data: {self.data.manifest['source']}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
             f"({self.tokenizer.kind} tokenizer, {self.tokenizer.n_vocab} ids)\n"

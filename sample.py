@@ -1,0 +1,112 @@
+"""Generate text from a checkpoint, streamed to the terminal as it is produced.
+
+    python sample.py --prompt "ROMEO:"             # newest checkpoint under out/
+    python sample.py --checkpoint out/base --prompt-file prompt.txt --num-samples 3
+    echo "Once upon a time" | python sample.py --prompt -
+
+All generation goes through model/engine.py, the same engine the UI uses. Several samples are
+generated as one batch; the first streams live and the others follow when they are complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from model.errors import UserError, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Generate text from a trained checkpoint.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", help="run folder or checkpoint folder (default: the newest run under --out-root)"
+    )
+    parser.add_argument(
+        "--out-root", default="out", help="where to look for the newest run when --checkpoint is not given"
+    )
+    parser.add_argument("--prompt", default="", help="text to continue; '-' reads it from standard input")
+    parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 file ('-' for standard input)")
+    parser.add_argument("--num-samples", type=int, default=1, help="how many samples to generate (as one batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per sample")
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="randomness; 0 means greedy (always the likeliest token)"
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="sample only from the k likeliest tokens (0 = off)")
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the smallest set of tokens with this much probability (1 = off)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+    parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="matmul precision")
+    return parser
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    source = args.prompt_file or (args.prompt if args.prompt == "-" else None)
+    if source is None:
+        return args.prompt
+    if source == "-":
+        data = sys.stdin.buffer.read()
+        where = "standard input"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"prompt file {path} does not exist")
+        data, where = path.read_bytes(), str(path)
+    try:
+        return data.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError:
+        raise UserError(f"the prompt from {where} is not UTF-8 text") from None
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    from model.checkpoint import load_checkpoint, newest_run
+    from model.device import pick_device, pick_dtype
+    from model.engine import Engine, SamplingConfig
+
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    sampling.validate()
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    prompt = read_prompt(args)
+    checkpoint = load_checkpoint(args.checkpoint or newest_run(args.out_root))
+    device = pick_device(args.device)
+    engine = Engine(checkpoint.load_model(device), checkpoint.load_tokenizer(), pick_dtype(device, args.dtype))
+    tokens = engine.encode_prompt(prompt)
+    if len(tokens) > engine.context:
+        raise UserError(f"the prompt is {len(tokens)} tokens but the model's context is {engine.context}; shorten it")
+
+    texts = [""] * args.num_samples
+    out = sys.stdout
+    if args.num_samples > 1:
+        out.write("--- sample 1 ---\n")
+    out.write(prompt)
+    out.flush()
+    for row, piece in engine.stream([tokens] * args.num_samples, sampling):
+        texts[row] += piece
+        if row == 0:
+            out.write(piece)
+            out.flush()
+    out.write("\n")
+    for number in range(1, args.num_samples):
+        out.write(f"--- sample {number + 1} ---\n{prompt}{texts[number]}\n")
+    out.flush()
+
+
+if __name__ == "__main__":
+    run_cli(main)
