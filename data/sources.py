@@ -139,6 +139,7 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
     import datasets
 
     dataset_name, _, config = name.partition(":")
+    _check_hub_dataset(dataset_name)
     try:
         splits = datasets.load_dataset(dataset_name, config or None, streaming=True)
     except Exception as error:  # offline, unknown name, gated, bad config: datasets raises many types
@@ -173,6 +174,26 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
         f"{name} [every 10th document]", base + ":holdout", reader("train", lambda i: i % 10 == 9, max_bytes // 10)
     )
     return Source(f"{name} [train]", base, reader("train", lambda i: i % 10 != 9, max_bytes), validation)
+
+
+def _check_hub_dataset(name: str) -> None:
+    """Fail in a second with a clear reason, instead of `datasets`' half-minute of retries."""
+    if Path(name).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return  # a local dataset folder, or an offline user relying on the datasets cache
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        huggingface_hub.HfApi().dataset_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"there is no dataset '{name}' on the Hugging Face Hub (or it is private); check the name"
+        ) from None
+    except Exception as error:  # connection errors of several libraries
+        raise UserError(
+            f"cannot reach the Hugging Face Hub for dataset '{name}' ({type(error).__name__}); "
+            "go online, set HF_HUB_OFFLINE=1 to use a cached copy, or pass a local file or folder"
+        ) from None
 
 
 def download(url: str, destination: Path) -> Path:

@@ -102,7 +102,7 @@ def main() -> None:
 
     checkpoint = load_checkpoint(args.checkpoint)
     path = Path(args.text)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise UserError(f"{path} is not a file")
     text = "".join(piece for _, piece in text_file_source(path).pieces())
     if not text:

@@ -23,6 +23,7 @@ class TrainConfig:
     max_bytes: int | None = None
     tokenizer: str = "bpe"
     vocab_size: int = 2048
+    cache_dir: str | None = None
     # model
     n_layer: int = 4
     n_embd: int = 256
@@ -127,6 +128,7 @@ HELP = {
     "val_data": "separate validation text (default: the last 10%% of --data)",
     "text_column": "field holding the text in .jsonl/.parquet files and hub datasets",
     "max_bytes": "read at most this many bytes of training text (hub datasets default to 200 MB)",
+    "cache_dir": "where prepared token files are cached (default: data/cache in the project)",
     "tokenizer": "bpe (trained on the data), char (one token per character) or gpt2 (tiktoken's GPT-2)",
     "vocab_size": "vocabulary size of the bpe tokenizer, special tokens included",
     "n_layer": "transformer blocks",

@@ -39,6 +39,14 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.item() / self.world
 
+    def any(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any (so all ranks stop at the same step)."""
+        if self.world == 1:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() > 0
+
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.loader import Batches
-from data.prepare import Prepared, prepare
+from data.prepare import DEFAULT_CACHE, Prepared, prepare
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.device import autocast, pick_dtype
 from model.engine import Engine, SamplingConfig
@@ -77,6 +78,13 @@ class Trainer:
         if self.rows_per_micro * config.grad_accum * self.dist.world != config.batch_size:
             raise UserError("--batch-size must be divisible by --grad-accum times the number of processes")
         self.metrics: dict = {}
+        self.stop_requested = False
+
+    def request_stop(self, *_signal_args) -> None:
+        """Finish the current step, save a checkpoint and return (Ctrl-C and SIGTERM call this)."""
+        if self.stop_requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.stop_requested = True
 
     def _prepare_data(self, base: Checkpoint | None) -> Prepared:
         c = self.config
@@ -91,6 +99,7 @@ class Trainer:
                 vocab_size=c.vocab_size,
                 tokenizer=tokenizer,
                 max_bytes=c.max_bytes,
+                cache_dir=Path(c.cache_dir) if c.cache_dir else DEFAULT_CACHE,
                 progress=c.progress and self.dist.is_main,
             )
 
@@ -131,7 +140,8 @@ class Trainer:
         )
         last_saved = self.step if c.resume else -1
         start = time.perf_counter() - self.elapsed
-        while (progress := self._progress()) < 1:
+        previous_handlers = self._install_signal_handlers()
+        while (progress := self._progress()) < 1 and not self.dist.any(self.stop_requested):
             factor = lr_factor(self.step, progress, c.warmup_steps, c.cooldown)
             set_lr(self.optimizers, factor)
             step_start = time.perf_counter()
@@ -159,8 +169,23 @@ class Trainer:
         if last_saved != self.step:
             self._evaluate_and_save(bar)
         bar.close()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        if self.stop_requested and self.dist.is_main and self._progress() < 1:
+            print(f"stopped at step {self.step}; continue with: python train.py --resume --out-dir {self.out_dir}")
         self.dist.close()
         return self.metrics
+
+    def _install_signal_handlers(self) -> dict:
+        """Route Ctrl-C and SIGTERM to request_stop (only possible in the main thread)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, self.request_stop)
+        return previous
 
     def _progress(self) -> float:
         c = self.config

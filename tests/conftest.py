@@ -1,0 +1,64 @@
+"""Shared test fixtures: small corpora the tests write themselves, and a way to run the CLIs.
+
+Nothing here reads ../shared or the network: a user without either runs the same suite.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = (
+    "the a one every some river stone garden window letter morning evening lantern harbour village "
+    "quiet bright old young careful sudden gentle walks carries finds opens remembers builds watches "
+    "near under across beyond through with without and but so because while after before"
+).split()
+
+
+def make_text(n_sentences: int, seed: int = 0) -> str:
+    """Deterministic pseudo-English with some Unicode, paragraphs and numbers."""
+    rng = random.Random(seed)
+    sentences = []
+    for i in range(n_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+        sentence = " ".join(words).capitalize() + rng.choice([".", ".", "!", "?", "; café, naïve — ok."])
+        sentences.append(sentence + ("\n\n" if i % 7 == 6 else " "))
+    return "".join(sentences)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(make_text(3000), encoding="utf-8")
+    return path
+
+
+def run_script(
+    *args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run a project script with this interpreter, capturing text output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+TINY = ["--preset", "tiny", "--no-progress", "--max-steps", "30", "--sample-tokens", "8"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_file) -> Path:
+    """One tiny model trained through train.py, shared by the sampling and evaluation tests."""
+    base = tmp_path_factory.mktemp("run")
+    out = base / "out" / "tiny"
+    result = run_script(
+        "train.py", *TINY, "--data", str(corpus_file), "--out-dir", str(out), "--cache-dir", str(base / "cache")
+    )
+    assert result.returncode == 0, result.stderr
+    return out

@@ -1,0 +1,202 @@
+"""The command lines as a user meets them: the README quick start, sampling, evaluation, bad input.
+
+Every bad input must give a one-line `error: ...` on stderr, exit status 2, and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_script
+
+
+def assert_clean_error(result, pattern: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def quick_start_commands() -> list[list[str]]:
+    """The `python ...` commands of the README's quick start block."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- quick start -->", 1)[1].split("```", 2)[1]
+    commands = []
+    for line in block.splitlines():
+        for part in line.split("&&"):
+            words = part.split()
+            if words[:1] == ["python"] and words[1].endswith(".py"):
+                commands.append(words[1:])
+    return commands
+
+
+def test_readme_quick_start_runs_end_to_end_on_the_tiny_preset(tmp_path):
+    commands = quick_start_commands()
+    assert [c[0] for c in commands] == ["train.py", "sample.py"]
+    train, sample = commands
+    result = run_script(
+        str(ROOT / train[0]), *train[1:], "--preset", "tiny", "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "builtin" in result.stdout and "val" in result.stdout and "bits/byte" in result.stdout
+    assert (tmp_path / "out" / "base" / "LATEST").is_file()
+    result = run_script(
+        str(ROOT / sample[0]), *[w.strip("'\"") for w in sample[1:]], "--max-new-tokens", "20", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip()) > 0
+
+
+def test_sample_streams_reproducible_text(tiny_run):
+    args = [
+        "sample.py",
+        "--checkpoint",
+        str(tiny_run),
+        "--prompt",
+        "The river",
+        "--max-new-tokens",
+        "20",
+        "--seed",
+        "1",
+    ]
+    first, second = run_script(*args), run_script(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("The river")
+    several = run_script(*args[:-2], "--num-samples", "2", "--temperature", "0")
+    assert several.stdout.count("--- sample") == 2
+    piped = run_script(
+        "sample.py", "--checkpoint", str(tiny_run), "--prompt", "-", "--max-new-tokens", "5", stdin="Old stone"
+    )
+    assert piped.returncode == 0 and piped.stdout.startswith("Old stone")
+
+
+def test_sample_defaults_to_the_newest_run_under_out(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "out" / "mine")
+    result = run_script(str(ROOT / "sample.py"), "--max-new-tokens", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_evaluate_prints_bits_per_byte_as_json(tiny_run, corpus_file, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text(corpus_file.read_text()[:5000])
+    result = run_script("-m", "model.evaluate", "--checkpoint", str(tiny_run), "--text", str(text))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["bytes"] == len(text.read_bytes())
+    assert 0.5 < figures["bpb"] < 8
+    stride_full = run_script(
+        "-m", "model.evaluate", "--checkpoint", str(tiny_run), "--text", str(text), "--stride", "64"
+    )
+    assert json.loads(stride_full.stdout)["bytes"] == figures["bytes"]
+
+
+def test_help_explains_every_flag():
+    import sample
+    from training.config import build_parser
+
+    for parser in (build_parser(), sample.build_parser()):
+        undocumented = [a.option_strings for a in parser._actions if not a.help]
+        assert not undocumented
+    result = run_script("train.py", "--help")
+    assert result.returncode == 0 and "--max-minutes" in result.stdout and "--preset" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty.txt").write_text("")
+    (folder / "binary.txt").write_bytes(bytes(range(256)) * 10)
+    (folder / "latin1.txt").write_bytes("déjà vu ".encode("latin-1") * 100)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--data", "{bad}/missing.txt"], "does not exist"),
+        (["--data", "{bad}/empty.txt"], "no text"),
+        (["--data", "{bad}/binary.txt"], "binary"),
+        (["--data", "{bad}/latin1.txt"], "not UTF-8"),
+        (["--data", "nobody-here/no-such-dataset"], "Hugging Face"),
+        (["--n-layer", "0"], "at least 1"),
+        (["--max-steps", "-5"], "positive"),
+        (["--resume", "--out-dir", "{bad}/no-run"], "does not exist"),
+    ],
+)
+def test_train_rejects_bad_input_cleanly(bad_files, tmp_path, args, pattern):
+    args = [a.replace("{bad}", str(bad_files)) for a in args]
+    result = run_script(
+        "train.py",
+        "--preset",
+        "tiny",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out-dir",
+        str(tmp_path / "o"),
+        *args,
+        "--no-progress",
+    )
+    assert_clean_error(result, pattern)
+    assert not (tmp_path / "o" / "LATEST").exists()
+
+
+def test_unknown_flags_are_refused_by_argparse():
+    result = run_script("train.py", "--no-such-flag")
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--checkpoint", "{tmp}/missing"], "does not exist"),
+        (["--checkpoint", "{tmp}"], "not a checkpoint"),
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "2"], "top-p"),
+        (["--top-k", "-3"], "top-k"),
+        (["--max-new-tokens", "0"], "max new tokens"),
+        (["--num-samples", "0"], "num-samples"),
+        (["--prompt", "word " * 400], "context"),
+        (["--prompt-file", "{tmp}/nope.txt"], "does not exist"),
+    ],
+)
+def test_sample_rejects_bad_input_cleanly(tiny_run, tmp_path, args, pattern):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--checkpoint" not in args:
+        args = ["--checkpoint", str(tiny_run), *args]
+    assert_clean_error(run_script("sample.py", *args), pattern)
+
+
+def test_incomplete_and_incompatible_checkpoints_are_refused(tiny_run, tmp_path):
+    folder = next(tiny_run.glob("step-*"))
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(folder, incomplete)
+    (incomplete / "model.safetensors").unlink()
+    assert_clean_error(run_script("sample.py", "--checkpoint", str(incomplete)), "model.safetensors is missing")
+    future = tmp_path / "future"
+    shutil.copytree(folder, future)
+    meta = json.loads((future / "checkpoint.json").read_text())
+    (future / "checkpoint.json").write_text(json.dumps({**meta, "version": 2}))
+    assert_clean_error(run_script("sample.py", "--checkpoint", str(future)), "version 2")
+    result = run_script(str(ROOT / "sample.py"), cwd=tmp_path)
+    assert_clean_error(result, "no checkpoint found")
+
+
+def test_evaluate_rejects_bad_input_cleanly(tiny_run, bad_files):
+    assert_clean_error(
+        run_script("-m", "model.evaluate", "--checkpoint", str(tiny_run), "--text", str(bad_files / "none.txt")),
+        "not a file",
+    )
+    assert_clean_error(
+        run_script("-m", "model.evaluate", "--checkpoint", str(tiny_run), "--text", str(bad_files / "empty.txt")),
+        "empty",
+    )
+    assert_clean_error(
+        run_script("-m", "model.evaluate", "--checkpoint", str(tiny_run), "--text", str(bad_files / "binary.txt")),
+        "binary",
+    )

@@ -1,0 +1,171 @@
+"""Preparing corpora in every source format, the cache, the split, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data.prepare import prepare
+from data.sources import download, hub_source, open_source
+from model.errors import UserError
+from tests.conftest import make_text
+
+
+def documents(source) -> list[str]:
+    """A source's pieces regrouped into whole documents."""
+    docs: list[str] = []
+    for starts, text in source.pieces():
+        if starts:
+            docs.append("")
+        docs[-1] += text
+    return docs
+
+
+def prepared_text(prepared, split: str) -> str:
+    return prepared.tokenizer.decode(np.asarray(prepared.tokens(split)))
+
+
+def test_text_file_splits_last_ten_percent_for_validation(tmp_path):
+    text = make_text(400)
+    (tmp_path / "c.txt").write_text(text)
+    prepared = prepare(str(tmp_path / "c.txt"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    cut = int(len(text) * 0.9)
+    assert prepared_text(prepared, "train") == "<|endoftext|>" + text[:cut]
+    assert prepared_text(prepared, "val") == "<|endoftext|>" + text[cut:]
+    manifest = json.loads((prepared.folder / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["chars"] == cut
+    assert manifest["tokenizer"]["kind"] == "char"
+
+
+def test_preparation_is_cached_and_reused(tmp_path):
+    (tmp_path / "c.txt").write_text(make_text(300))
+    first = prepare(str(tmp_path / "c.txt"), vocab_size=300, cache_dir=tmp_path / "cache", progress=False)
+    mtime = (first.folder / "train.bin").stat().st_mtime_ns
+    second = prepare(str(tmp_path / "c.txt"), vocab_size=300, cache_dir=tmp_path / "cache", progress=False)
+    assert second.folder == first.folder and (second.folder / "train.bin").stat().st_mtime_ns == mtime
+    other = prepare(str(tmp_path / "c.txt"), vocab_size=320, cache_dir=tmp_path / "cache", progress=False)
+    assert other.folder != first.folder  # another tokenizer, another entry
+    expected = np.array(first.tokens("train"))
+    (first.folder / "train.bin").write_bytes(b"\0\0")  # damage the entry: it is rebuilt, not trusted
+    rebuilt = prepare(str(tmp_path / "c.txt"), vocab_size=300, cache_dir=tmp_path / "cache", progress=False)
+    assert np.array_equal(np.asarray(rebuilt.tokens("train")), expected)
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+def test_folder_jsonl_and_parquet_sources_give_the_same_documents(tmp_path):
+    docs = [make_text(30, seed=i) for i in range(6)]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, doc in enumerate(docs):
+        (folder / f"{i:02d}.txt").write_text(doc)
+    (folder / "skip.bin").write_bytes(b"\0\1")  # not a text suffix: ignored
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    pq.write_table(pa.table({"content": docs, "id": list(range(6))}), tmp_path / "d.parquet")
+    for spec in (folder, tmp_path / "d.jsonl", tmp_path / "d.parquet"):
+        source = open_source(str(spec), text_column="content", cache_dir=tmp_path)
+        assert documents(source) == docs, spec
+    prepared = prepare(
+        str(tmp_path / "d.jsonl"),
+        text_column="content",
+        tokenizer_kind="char",
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
+    assert prepared_text(prepared, "train").count("<|endoftext|>") == 6  # the split cuts into the sixth
+
+
+def test_hub_dataset_loader_streams_a_local_dataset_repository(tmp_path):
+    """`datasets` treats a local folder of Parquet files like a hub repo: the same code path online."""
+    repo = tmp_path / "owner_dataset" / "data"
+    repo.mkdir(parents=True)
+    train_docs = [make_text(10, seed=i) for i in range(20)]
+    pq.write_table(pa.table({"text": train_docs}), repo / "train-00000-of-00001.parquet")
+    source = hub_source(str(repo.parent), "text", max_bytes=10**9)
+    train = [text for _, text in source.pieces()]
+    held_out = [text for _, text in source.validation.pieces()]
+    assert held_out == train_docs[9::10]
+    assert train == [d for i, d in enumerate(train_docs) if i % 10 != 9]
+    pq.write_table(pa.table({"text": ["validation text"]}), repo / "validation-00000-of-00001.parquet")
+    source = hub_source(str(repo.parent), "text", max_bytes=10**9)
+    assert [text for _, text in source.validation.pieces()] == ["validation text"]
+    capped = hub_source(str(repo.parent), "text", max_bytes=1)
+    assert len(list(capped.pieces())) == 1
+
+
+def test_separate_validation_file(tmp_path):
+    (tmp_path / "train.txt").write_text(make_text(200))
+    (tmp_path / "val.txt").write_text("held out text only")
+    prepared = prepare(
+        str(tmp_path / "train.txt"),
+        val_data=str(tmp_path / "val.txt"),
+        tokenizer_kind="char",
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
+    assert prepared_text(prepared, "val") == "<|endoftext|>held out text only"
+
+
+def test_bom_and_crlf_are_normalised(tmp_path):
+    (tmp_path / "w.txt").write_bytes("\ufeff".encode() + b"line one\r\nline two\r\n" * 50)
+    source = open_source(str(tmp_path / "w.txt"), cache_dir=tmp_path)
+    text = "".join(t for _, t in source.pieces())
+    assert text == "line one\nline two\n" * 50
+
+
+def test_large_files_stream_in_pieces_without_changing_the_text(tmp_path):
+    text = make_text(30000)  # a few MB: several 1 MB pieces
+    (tmp_path / "big.txt").write_text(text)
+    pieces = list(open_source(str(tmp_path / "big.txt"), cache_dir=tmp_path).pieces())
+    assert len(pieces) > 1 and "".join(t for _, t in pieces) == text
+    assert [s for s, _ in pieces] == [True] + [False] * (len(pieces) - 1)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "no text"),
+        (b"\x00\x01\x02binary", "binary"),
+        ("café".encode("latin-1") * 100, "not UTF-8"),
+    ],
+)
+def test_bad_text_files_are_refused_clearly(tmp_path, content, message):
+    (tmp_path / "bad.txt").write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        prepare(str(tmp_path / "bad.txt"), cache_dir=tmp_path / "c", progress=False)
+    assert not list((tmp_path / "c").glob("*")) or not list((tmp_path / "c").glob("*/manifest.json"))
+
+
+def test_missing_sources_and_bad_jsonl_are_refused(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        open_source(str(tmp_path / "missing.txt"), cache_dir=tmp_path)
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        list(open_source(str(tmp_path / "broken.jsonl"), cache_dir=tmp_path).pieces())
+    (tmp_path / "nocol.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(UserError, match="--text-column"):
+        list(open_source(str(tmp_path / "nocol.jsonl"), cache_dir=tmp_path).pieces())
+
+
+def test_download_is_atomic_and_cached(tmp_path):
+    remote = tmp_path / "remote.txt"
+    remote.write_text("downloaded corpus")
+    target = download(remote.as_uri(), tmp_path / "cache" / "corpus.txt")
+    assert target.read_text() == "downloaded corpus"
+    remote.write_text("changed")
+    assert download(remote.as_uri(), target).read_text() == "downloaded corpus"  # cached
+    with pytest.raises(UserError, match="could not download"):
+        download((tmp_path / "nowhere.txt").as_uri(), tmp_path / "cache" / "other.txt")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["corpus.txt"]
+
+
+def test_builtin_corpus_is_real_documentation():
+    from data.builtin import builtin_documents
+
+    documents = builtin_documents()
+    text = "".join(documents)
+    assert len(text) > 500_000
+    assert "assert" in text and "Module json" in text

@@ -1,0 +1,86 @@
+"""Tokenizer contracts: exact round trips, special tokens never forged by text, save/load."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, SPECIAL_TOKENS, Tokenizer, build_char, train_bpe
+from tests.conftest import make_text
+
+UNICODE_SAMPLES = [
+    "",
+    "plain ascii",
+    "naïve café — “quotes” and ‘apostrophes’",
+    "日本語のテキストと中文",
+    "emoji 😀👍🏽 and flags 🇳🇿, ZWJ 👨‍👩‍👧",
+    "tabs\tand\r\nCRLF\nnew lines\n\n",
+    "numbers 1234567890 3.14159",
+    "mixed <|end|> <|user|> text that looks special",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers() -> list[Tokenizer]:
+    text = make_text(2000)
+    return [train_bpe([text], 400), build_char([text])]
+
+
+def test_bpe_learns_the_requested_vocabulary_and_compresses():
+    text = make_text(2000)
+    tokenizer = train_bpe([text], 400)
+    assert tokenizer.n_vocab == 400
+    assert len(tokenizer.encode(text)) < len(text.encode()) / 2.5  # merges really compress
+
+
+def test_unicode_round_trips(tokenizers):
+    for tokenizer in tokenizers:
+        for text in UNICODE_SAMPLES:
+            assert tokenizer.decode(tokenizer.encode(text)) == text, (tokenizer.kind, text)
+
+
+def test_arbitrary_bytes_round_trip(tokenizers):
+    rng = random.Random(0)
+    for tokenizer in tokenizers:
+        for length in (1, 7, 100, 5000):
+            data = bytes(rng.randrange(256) for _ in range(length))
+            assert tokenizer.decode_bytes(tokenizer.encode_bytes(data)) == data
+        data = "valid ✓ then invalid".encode() + b"\xff\xfe\xc3" + "and valid again é".encode()
+        assert tokenizer.decode_bytes(tokenizer.encode_bytes(data)) == data
+
+
+def test_special_token_text_is_encoded_as_plain_text(tokenizers):
+    for tokenizer in tokenizers:
+        ids = tokenizer.encode(f"{DOC_SEPARATOR} hi {END_OF_TURN}")
+        assert not any(tokenizer.is_special(i) for i in ids)
+        assert tokenizer.decode(ids) == f"{DOC_SEPARATOR} hi {END_OF_TURN}"
+
+
+def test_special_tokens_are_reserved_after_the_ordinary_ones(tokenizers):
+    for tokenizer in tokenizers:
+        assert list(tokenizer.special_ids) == list(SPECIAL_TOKENS)
+        assert sorted(tokenizer.special_ids.values()) == list(
+            range(tokenizer.n_vocab - len(SPECIAL_TOKENS), tokenizer.n_vocab)
+        )
+        assert tokenizer.decode([tokenizer.doc_separator]) == DOC_SEPARATOR
+        lengths = tokenizer.token_byte_lengths()
+        assert all(lengths[i] == 0 for i in tokenizer.special_ids.values())
+        assert all(lengths[i] >= 1 for i in range(tokenizer.n_vocab - len(SPECIAL_TOKENS)))
+
+
+def test_char_tokenizer_gives_one_token_per_seen_character():
+    tokenizer = build_char(["abc é"])
+    assert len(tokenizer.encode("abcé é")) == 6
+    assert len(tokenizer.encode("ß")) == 2  # unseen: falls back to its two UTF-8 bytes
+
+
+def test_save_and_load_give_the_same_encoding(tokenizers, tmp_path):
+    for tokenizer in tokenizers:
+        folder = tmp_path / tokenizer.kind
+        folder.mkdir()
+        tokenizer.save(folder)
+        loaded = Tokenizer.load(folder)
+        assert loaded.fingerprint == tokenizer.fingerprint
+        text = make_text(50, seed=5)
+        assert loaded.encode(text) == tokenizer.encode(text)
