@@ -3,9 +3,12 @@
     python sample.py --prompt "ROMEO:"             # newest checkpoint under out/
     python sample.py --checkpoint out/base --prompt-file prompt.txt --num-samples 3
     echo "Once upon a time" | python sample.py --prompt -
+    python sample.py --chat                         # talk to it; scripted: printf 'hi\n' | python sample.py --chat
 
 All generation goes through model/engine.py, the same engine the UI uses. Several samples are
 generated as one batch; the first streams live and the others follow when they are complete.
+`--chat` renders the conversation with model/chat_template.py, exactly as the UI does; when
+standard input is not a terminal, each line is one user message and each reply is printed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="chat: read user messages, print the model's replies")
+    parser.add_argument("--system", default="", help="system prompt for --chat")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="matmul precision")
     return parser
@@ -83,10 +88,13 @@ def main() -> None:
     sampling.validate()
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    prompt = read_prompt(args)
     checkpoint = load_checkpoint(args.checkpoint or newest_run(args.out_root))
     device = pick_device(args.device)
     engine = Engine(checkpoint.load_model(device), checkpoint.load_tokenizer(), pick_dtype(device, args.dtype))
+    if args.chat:
+        chat(engine, checkpoint.meta, sampling, args.system)
+        return
+    prompt = read_prompt(args)
     tokens = engine.encode_prompt(prompt)
     if len(tokens) > engine.context:
         raise UserError(f"the prompt is {len(tokens)} tokens but the model's context is {engine.context}; shorten it")
@@ -106,6 +114,40 @@ def main() -> None:
     for number in range(1, args.num_samples):
         out.write(f"--- sample {number + 1} ---\n{prompt}{texts[number]}\n")
     out.flush()
+
+
+def chat(engine, meta: dict, sampling, system: str) -> None:
+    """A conversation in the terminal (or scripted through a pipe), one user message per line."""
+    from model.chat_template import stream_reply, template_for
+
+    template = template_for(meta, engine.tokenizer)
+    interactive = sys.stdin.isatty()
+    messages = [{"role": "system", "content": system}] if system else []
+    if interactive:
+        print(f"chatting with a {'chat' if template.name == 'turns' else 'base'} model; Ctrl-D to quit")
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt, pieces = stream_reply(engine, template, messages, sampling)
+        if prompt.dropped:
+            print(
+                f"(the {prompt.dropped} oldest messages no longer fit the context and were left out)", file=sys.stderr
+            )
+        if interactive:
+            print("model> ", end="", flush=True)
+        reply = ""
+        for piece in pieces:
+            piece = piece if reply else piece.lstrip()
+            reply += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply})
 
 
 if __name__ == "__main__":

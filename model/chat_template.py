@@ -1,0 +1,120 @@
+"""How a conversation becomes tokens: the one chat format used by fine-tuning, `sample.py --chat`
+and the UI, so what a model was trained on is exactly what it sees when people talk to it.
+
+Two templates, chosen by what the checkpoint records (`checkpoint.json` -> "chat"):
+- `turns` (chat models, fine-tuned on conversations): every message is
+  `<|role|>content<|end|>` with the reserved special tokens, after a document separator. The
+  reply is generated after `<|assistant|>` and ends at `<|end|>`. The special tokens cannot be
+  typed (user text is always encoded as plain text), so a user cannot forge a turn.
+- `transcript` (base models, trained only on a corpus): a plain-text play script,
+  "User:\n...\n\nAssistant:\n...", which a model of almost any corpus continues sensibly.
+  The reply ends where the model starts the next "User:" turn.
+
+`render` also returns a loss mask (1 on the assistant's tokens, including its end-of-turn) for
+supervised fine-tuning. `fit` drops the oldest turns (never the system prompt) until the prompt
+leaves room to reply within the model's context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from model.engine import Engine, SamplingConfig
+from model.errors import UserError
+from model.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, Tokenizer
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Rendered:
+    ids: list[int]
+    mask: list[int]  # 1 where the token is part of an assistant reply (what SFT learns)
+    dropped: int = 0  # messages left out to fit the context
+
+
+class ChatTemplate:
+    name = ""
+    stop: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
+        """Tokens and loss mask of `messages` ([{"role", "content"}]); optionally open a reply."""
+        ids, mask = [self.tokenizer.doc_separator], [0]
+        for message in messages:
+            role, content = message["role"], message["content"]
+            if role not in ROLES:
+                raise UserError(f"unknown chat role '{role}'; use system, user or assistant")
+            head, body, tail = self._message(role, content)
+            learn = int(role == "assistant")
+            ids += head + body + tail
+            mask += [0] * len(head) + [learn] * (len(body) + len(tail))
+        if add_generation_prompt:
+            head = self._reply_prefix()
+            ids += head
+            mask += [0] * len(head)
+        return Rendered(ids, mask)
+
+    def fit(self, messages: list[dict], budget: int) -> Rendered:
+        """The generation prompt for `messages`, dropping the oldest turns until it fits `budget`."""
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system) :]
+        for start in range(len(turns)):
+            rendered = self.render(system + turns[start:], add_generation_prompt=True)
+            if len(rendered.ids) <= budget:
+                return replace(rendered, dropped=start)
+        raise UserError("the last message alone is longer than the model's context; send a shorter one")
+
+    def _message(self, role: str, content: str) -> tuple[list[int], list[int], list[int]]:
+        raise NotImplementedError
+
+    def _reply_prefix(self) -> list[int]:
+        raise NotImplementedError
+
+
+class TurnsTemplate(ChatTemplate):
+    name = "turns"
+    markers = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+    def _message(self, role, content):
+        special = self.tokenizer.special_ids
+        return [special[self.markers[role]]], self.tokenizer.encode(content), [special[END_OF_TURN]]
+
+    def _reply_prefix(self):
+        return [self.tokenizer.special_ids[ASSISTANT]]
+
+
+class TranscriptTemplate(ChatTemplate):
+    name = "transcript"
+    speakers = {"system": "", "user": "User:\n", "assistant": "Assistant:\n"}
+    stop = ("\nUser:",)
+
+    def _message(self, role, content):
+        encode = self.tokenizer.encode
+        return encode(self.speakers[role]), encode(content.strip()), encode("\n\n")
+
+    def _reply_prefix(self):
+        return self.tokenizer.encode(self.speakers["assistant"])
+
+
+TEMPLATES = {t.name: t for t in (TurnsTemplate, TranscriptTemplate)}
+
+
+def template_for(meta: dict, tokenizer: Tokenizer) -> ChatTemplate:
+    """The template a checkpoint was trained with: `turns` for chat models, else `transcript`."""
+    chat = meta.get("chat") or {}
+    return TEMPLATES[chat.get("template", "transcript")](tokenizer)
+
+
+def stream_reply(
+    engine: Engine, template: ChatTemplate, messages: list[dict], sampling: SamplingConfig
+) -> tuple[Rendered, Iterator[str]]:
+    """Render and fit the conversation, then stream the reply's text pieces."""
+    reserve = min(sampling.max_new_tokens, engine.context // 4)
+    prompt = template.fit(messages, engine.context - reserve)
+    sampling = replace(sampling, stop=tuple(sampling.stop) + template.stop)
+    pieces = (piece for _, piece in engine.stream([prompt.ids], sampling))
+    return prompt, pieces

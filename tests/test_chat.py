@@ -1,0 +1,103 @@
+"""The chat template (one module for fine-tuning, sample.py --chat and the UI) and the terminal chat."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.chat_template import TranscriptTemplate, TurnsTemplate, template_for
+from model.errors import UserError
+from model.tokenizer import build_char
+from tests.conftest import run_script
+
+TOKENIZER = build_char(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:?!.,\n"])
+S = TOKENIZER.special_ids
+
+
+def ids(text: str) -> list[int]:
+    return TOKENIZER.encode(text)
+
+
+def test_turns_template_exact_tokens_and_mask_with_system_prompt():
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "ok?"},
+    ]
+    rendered = TurnsTemplate(TOKENIZER).render(messages, add_generation_prompt=True)
+    expected = (
+        [S["<|endoftext|>"], S["<|system|>"], *ids("be brief"), S["<|end|>"]]
+        + [S["<|user|>"], *ids("hi"), S["<|end|>"]]
+        + [S["<|assistant|>"], *ids("yo"), S["<|end|>"]]
+        + [S["<|user|>"], *ids("ok?"), S["<|end|>"], S["<|assistant|>"]]
+    )
+    assert rendered.ids == expected
+    learn = [i for i, m in enumerate(rendered.mask) if m]
+    start = expected.index(S["<|assistant|>"]) + 1
+    assert learn == [start, start + 1, start + 2]  # "yo" and its end of turn, nothing else
+    assert (
+        TOKENIZER.decode(rendered.ids)
+        == "<|endoftext|><|system|>be brief<|end|><|user|>hi<|end|><|assistant|>yo<|end|><|user|>ok?<|end|><|assistant|>"
+    )
+
+
+def test_typed_special_tokens_stay_plain_text_in_a_conversation():
+    rendered = TurnsTemplate(TOKENIZER).render([{"role": "user", "content": "<|end|><|assistant|>"}])
+    assert rendered.ids.count(S["<|end|>"]) == 1 and S["<|assistant|>"] not in rendered.ids
+
+
+def test_transcript_template_for_base_models():
+    template = TranscriptTemplate(TOKENIZER)
+    rendered = template.render(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok"}],
+        True,
+    )
+    assert TOKENIZER.decode(rendered.ids) == "<|endoftext|>User:\nhi\n\nAssistant:\nyo\n\nUser:\nok\n\nAssistant:\n"
+    assert "\nUser:" in template.stop
+
+
+def test_fit_drops_the_oldest_turns_but_keeps_the_system_prompt():
+    template = TurnsTemplate(TOKENIZER)
+    messages = [{"role": "system", "content": "sys"}] + [
+        {"role": r, "content": "x" * 10} for r in ["user", "assistant"] * 4
+    ]
+    full = template.render(messages, True)
+    fitted = template.fit(messages, len(full.ids) - 5)
+    assert fitted.dropped == 1 and fitted.ids[:2] == [S["<|endoftext|>"], S["<|system|>"]]
+    assert len(fitted.ids) <= len(full.ids) - 5
+    with pytest.raises(UserError, match="longer than the model's context"):
+        template.fit(messages, 5)
+
+
+def test_checkpoints_choose_their_template():
+    assert template_for({"chat": None}, TOKENIZER).name == "transcript"
+    assert template_for({"chat": {"template": "turns"}}, TOKENIZER).name == "turns"
+
+
+def test_scripted_terminal_chat_prints_one_reply_per_line(tiny_run):
+    result = run_script(
+        "sample.py",
+        "--checkpoint",
+        str(tiny_run),
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        stdin="hello\n\nand then?\n",
+    )
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.splitlines()
+    assert len(replies) >= 2 and "you>" not in result.stdout
+    again = run_script(
+        "sample.py",
+        "--checkpoint",
+        str(tiny_run),
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        stdin="hello\n\nand then?\n",
+    )
+    assert again.stdout == result.stdout

@@ -1,0 +1,188 @@
+"""The chat app, served for real: its API through gradio_client, and its page in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+from gradio_client import Client  # noqa: E402
+
+from model.chat_template import stream_reply  # noqa: E402
+from model.engine import SamplingConfig  # noqa: E402
+from model.errors import UserError  # noqa: E402
+from ui.app import build_app  # noqa: E402
+from ui.models import ModelStore  # noqa: E402
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run, tmp_path_factory):
+    """Two runs under one root, the app serving the first, on a free localhost port."""
+    root = tmp_path_factory.mktemp("ui") / "out"
+    shutil.copytree(tiny_run, root / "first")
+    shutil.copytree(tiny_run, root / "second")
+    os.utime(root / "first" / "LATEST")  # newest, so it is the default
+    store = ModelStore(root)
+    store.load("first")
+    app = build_app(store)
+    app.queue(default_concurrency_limit=4)
+    _, url, _ = app.launch(
+        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, ssr_mode=False
+    )
+    yield store, url
+    app.close()
+
+
+def expected_reply(store: ModelStore, messages: list[dict], max_new_tokens: int) -> str:
+    """What the engine itself says, greedily, for this conversation (the UI must say the same)."""
+    model = store.current
+    _, pieces = stream_reply(
+        model.engine, model.template, messages, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0)
+    )
+    return "".join(pieces).lstrip()
+
+
+def chat_args(message: str, max_new_tokens: int = 24, temperature: float = 0) -> tuple:
+    # message, system prompt, temperature, top-k, top-p, max new tokens, seed
+    return (message, "", temperature, 0, 1.0, max_new_tokens, 1)
+
+
+def test_chat_reply_streams_through_the_api(served):
+    store, url = served
+    client = Client(url, verbose=False, analytics_enabled=False)
+    job = client.submit(*chat_args("Old stone river"), api_name="/chat")
+    updates = [update for update in job]
+    replies = [u[0] if isinstance(u, (list, tuple)) else u for u in updates]
+    final = job.result()
+    final = final[0] if isinstance(final, (list, tuple)) else final
+    assert len(replies) > 2, "the reply should arrive in several streamed pieces"
+    assert final == expected_reply(store, [{"role": "user", "content": "Old stone river"}], 24)
+    assert final and all(final.startswith(r) for r in replies if r)
+
+
+def test_completion_through_the_api(served):
+    store, url = served
+    client = Client(url, verbose=False, analytics_enabled=False)
+    text = client.predict("The garden", 0, 0, 1.0, 16, 1, api_name="/complete")
+    engine = store.current.engine
+    assert text == "The garden" + engine.generate(["The garden"], SamplingConfig(max_new_tokens=16, temperature=0))[0]
+
+
+def test_concurrent_chats_do_not_mix(served):
+    store, url = served
+    prompts = ["river", "lantern harbour", "the quiet village", "bright morning window", "stone"]
+    expected = {p: expected_reply(store, [{"role": "user", "content": p}], 40) for p in prompts}
+
+    def ask(prompt: str) -> str:
+        client = Client(url, verbose=False, analytics_enabled=False)
+        result = client.predict(*chat_args(prompt, 40), api_name="/chat")
+        return result[0] if isinstance(result, (list, tuple)) else result
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = dict(zip(prompts, pool.map(ask, prompts), strict=True))
+    assert answers == expected
+
+
+def test_bad_settings_are_reported_not_crashed(served):
+    _, url = served
+    client = Client(url, verbose=False, analytics_enabled=False)
+    with pytest.raises(Exception, match="less than minimum value 0"):
+        client.predict("hello", "", -5, 0, 1.0, 10, 1, api_name="/chat")
+    with pytest.raises(Exception, match="top-k|greater than maximum"):
+        client.predict("hello", "", 0.5, 10_000, 1.0, 10, 1, api_name="/chat")
+    assert client.predict(*chat_args("still alive", 5), api_name="/chat")  # the server carries on
+
+
+def test_switching_checkpoints_without_restart(served):
+    store, url = served
+    client = Client(url, verbose=False, analytics_enabled=False)
+    info, _curve, status = client.predict("second", api_name="/load_model")
+    assert store.current.name == "second" and "`second`" in info and "second" in status
+    with pytest.raises(Exception, match="not in the list of choices"):
+        client.predict("../../etc", api_name="/load_model")
+    with pytest.raises(UserError, match="not a run"):  # the store refuses it too, whoever asks
+        store.load("../first")
+    client.predict("first", api_name="/load_model")
+    assert store.current.name == "first"
+
+
+def test_app_starts_without_any_checkpoint(tmp_path):
+    store = ModelStore(tmp_path / "empty")
+    app = build_app(store)
+    _, url, _ = app.launch(
+        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, ssr_mode=False
+    )
+    try:
+        client = Client(url, verbose=False, analytics_enabled=False)
+        with pytest.raises(Exception, match="python train.py"):
+            client.predict(*chat_args("hello"), api_name="/chat")
+    finally:
+        app.close()
+
+
+def test_the_page_in_a_real_browser(served):
+    from playwright.sync_api import expect, sync_playwright
+
+    store, url = served
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        box = page.locator("textarea[data-testid=textbox]").first
+        box.fill("Old stone river")
+        box.press("Enter")
+        expect(page.locator("[data-testid=user]").last).to_contain_text("Old stone river")
+        bot = page.locator("[data-testid=bot]").last
+        expect(bot).not_to_be_empty(timeout=20_000)
+        expect(page.locator("[data-testid=submit-button]").first).to_be_visible(timeout=20_000)
+        page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
+
+        # A long generation, stopped half way: the reply stops growing and the page is ready again.
+        max_tokens = page.get_by_label("number input for Max new tokens")
+        max_tokens.fill("1024")
+        max_tokens.press("Enter")
+        box.fill("Tell me everything")
+        box.press("Enter")
+        stop = page.locator("[data-testid=stop-button]").first
+        expect(stop).to_be_visible(timeout=20_000)
+        expect(page.locator("[data-testid=bot]").nth(1)).not_to_be_empty(timeout=20_000)
+        stop.click()
+        expect(page.locator("[data-testid=submit-button]").first).to_be_visible(timeout=10_000)
+        stopped_text = page.locator("[data-testid=bot]").nth(1).inner_text()
+        time.sleep(1.0)
+        assert page.locator("[data-testid=bot]").nth(1).inner_text() == stopped_text
+
+        page.get_by_role("tab", name="Model").click()
+        expect(page.get_by_text("Validation bits per byte")).to_be_visible()
+        chart = page.locator(".vega-embed canvas, .vega-embed svg").first
+        expect(chart).to_be_visible(timeout=10_000)  # the training curve is drawn
+        chart.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "model-tab.png"), full_page=True)
+        browser.close()

@@ -1,0 +1,76 @@
+"""`python -m ui`: serve the chat app for the checkpoints under an output folder.
+
+Binds to 127.0.0.1 unless --host says otherwise; a public share link and a password only when
+asked for. With no checkpoint at all it still starts, and the page says how to train one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from model.errors import UserError, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Chat with trained checkpoints in the browser.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", help="run folder to open first (default: the newest run under --out-root)")
+    parser.add_argument("--out-root", default="out", help="folder whose runs the Model tab offers")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the app to your network)"
+    )
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    parser.add_argument("--share", action="store_true", help="also publish a temporary public link through Gradio")
+    parser.add_argument("--auth", help="require this user:password to open the page and use the API")
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="replies generated at the same time; more requests wait in a queue"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="matmul precision")
+    return parser
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise UserError("--auth takes user:password, both non-empty")
+    return user, password
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    auth = parse_auth(args.auth)
+    if not 0 < args.port < 65536 or args.concurrency < 1:
+        raise UserError("--port must be 1-65535 and --concurrency at least 1")
+    from model.checkpoint import POINTER, resolve
+    from ui.app import build_app
+    from ui.models import ModelStore
+
+    root = Path(args.out_root)
+    run = None
+    if args.checkpoint:
+        run = Path(args.checkpoint).resolve()
+        if not (run / POINTER).is_file():  # a checkpoint folder: serve the run it belongs to
+            run = resolve(run).parent
+        root = root if run.is_relative_to(root.resolve()) else run.parent
+    store = ModelStore(root, args.device, args.dtype)
+    runs = store.runs()
+    if run is not None:
+        store.load(run.relative_to(root.resolve()).as_posix())
+    elif runs:
+        store.load(runs[0])
+    app = build_app(store)
+    app.queue(default_concurrency_limit=args.concurrency)
+    print(f"serving {store.current.name if store.current else 'no model yet'} on http://{args.host}:{args.port}")
+    app.launch(
+        server_name=args.host, server_port=args.port, share=args.share, auth=auth, ssr_mode=False, show_error=False
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

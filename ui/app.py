@@ -1,0 +1,173 @@
+"""The Gradio app: Chat, Complete and Model tabs around one shared, switchable model.
+
+Design decisions:
+- Generation functions are plain (synchronous) generators: Gradio runs them in worker threads, so
+  the event loop never blocks, and each request has its own engine call (its own KV cache and
+  RNG), so concurrent chats never mix. The queue's concurrency limit is a flag.
+- Settings live in a sidebar shared by the Chat and Complete tabs; values arriving through the
+  API are validated by the same `SamplingConfig.validate` as the CLI and reported with `gr.Error`
+  (a message on the page, never a stack trace).
+- The conversation is rendered by model/chat_template.py, the same code as `sample.py --chat`
+  and fine-tuning; when it outgrows the context the oldest turns are dropped and the page says so.
+- Air-gapped: analytics off, no share link unless asked for, no server-side rendering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gradio as gr
+
+from model.chat_template import stream_reply
+from model.engine import SamplingConfig
+from model.errors import UserError
+from ui.models import LoadedModel, ModelStore
+
+TRAIN_HINT = "No trained model found under `{root}/`. Train one with `python train.py`, then reload this page."
+EXAMPLES = {
+    "builtin": ["What does the assert statement do?", "Explain the for statement.", "What is a lambda?"],
+    "shakespeare": ["Good morrow, my lord.", "What news from Verona?", "Speak, what hast thou seen?"],
+    "other": ["Hello! Who are you?", "Tell me a story.", "What do you know about the sea?"],
+}
+
+
+def example_prompts(model: LoadedModel | None) -> list[str]:
+    source = ((model.checkpoint.meta.get("data") or {}).get("source", "") if model else "").lower()
+    for key in ("builtin", "shakespeare"):
+        if key in source:
+            return EXAMPLES[key]
+    return EXAMPLES["other"]
+
+
+def text_of(content) -> str:
+    """Gradio 6 message content is a string or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content or "")
+
+
+def sampling_from(temperature, top_k, top_p, max_new_tokens, seed) -> SamplingConfig:
+    try:
+        sampling = SamplingConfig(
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_k=int(top_k),
+            top_p=float(top_p),
+            seed=None if seed is None or int(seed) < 0 else int(seed),
+        )
+        sampling.validate()
+    except (TypeError, ValueError, UserError) as error:
+        raise gr.Error(f"Bad generation setting: {error}") from None
+    return sampling
+
+
+def build_app(store: ModelStore) -> gr.Blocks:
+    def current() -> LoadedModel:
+        if store.current is None:
+            raise gr.Error(TRAIN_HINT.format(root=store.root))
+        return store.current
+
+    def chat(message: str, history: list[dict], system: str, *settings) -> Iterator[tuple[str, str]]:
+        model, sampling = current(), sampling_from(*settings)
+        messages = [{"role": "system", "content": system}] if system and system.strip() else []
+        messages += [
+            {"role": m["role"], "content": text_of(m["content"])}
+            for m in history
+            if m.get("role") in ("user", "assistant")
+        ]
+        messages.append({"role": "user", "content": text_of(message)})
+        try:
+            prompt, pieces = stream_reply(model.engine, model.template, messages, sampling)
+        except UserError as error:
+            raise gr.Error(str(error)) from None
+        notice = ""
+        if prompt.dropped:
+            notice = f"⚠️ The {prompt.dropped} oldest messages no longer fit the model's context ({model.engine.context} tokens) and were left out of what it sees."
+        reply = ""
+        yield reply, notice
+        for piece in pieces:
+            reply += piece
+            yield reply.lstrip(), notice
+
+    def complete(prompt: str, *settings) -> Iterator[str]:
+        model, sampling = current(), sampling_from(*settings)
+        tokens = model.engine.encode_prompt(prompt or "")
+        if len(tokens) > model.engine.context:
+            raise gr.Error(
+                f"The prompt is {len(tokens)} tokens; the model's context is {model.engine.context}. Shorten it."
+            )
+        text = prompt or ""
+        yield text
+        for _, piece in model.engine.stream([tokens], sampling):
+            text += piece
+            yield text
+
+    def switch(name: str):
+        try:
+            model = store.load(name)
+        except UserError as error:
+            raise gr.Error(str(error)) from None
+        return model.describe(), model.curve(), status(model)
+
+    def refresh():
+        runs = store.runs()
+        return gr.Dropdown(choices=runs, value=store.current.name if store.current else None)
+
+    def status(model: LoadedModel | None) -> str:
+        return f"**Model:** `{model.name}`" if model else TRAIN_HINT.format(root=store.root)
+
+    model = store.current
+    with gr.Blocks(title="pocketgpt", analytics_enabled=False, fill_height=True) as app:
+        with gr.Sidebar(label="Settings", open=True):
+            status_box = gr.Markdown(status(model))
+            temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature (0 = greedy)")
+            top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
+            top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p (1 = off)")
+            max_new_tokens = gr.Slider(1, 1024, value=200, step=1, label="Max new tokens")
+            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+        settings = [temperature, top_k, top_p, max_new_tokens, seed]
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                notice = gr.Markdown("")
+                system = gr.Textbox(
+                    label="System prompt", placeholder="Optional instructions for the model", lines=1, render=False
+                )
+                gr.ChatInterface(
+                    chat,
+                    additional_inputs=[system, *settings],
+                    additional_inputs_accordion="System prompt",
+                    additional_outputs=[notice],
+                    examples=[[e] for e in example_prompts(model)],
+                    run_examples_on_click=True,
+                    cache_examples=False,
+                    api_name="chat",
+                    analytics_enabled=False,
+                    fill_height=True,
+                )
+            with gr.Tab("Complete", id="complete"):
+                prompt = gr.Textbox(label="Text to continue", lines=4, placeholder="Once upon a time")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary")
+                    stop = gr.Button("Stop", variant="stop")
+                output = gr.Textbox(label="Text", lines=12, interactive=False)
+                event = go.click(complete, [prompt, *settings], output, api_name="complete")
+                stop.click(None, None, None, cancels=[event])
+            with gr.Tab("Model", id="model") as model_tab:
+                with gr.Row():
+                    picker = gr.Dropdown(
+                        choices=store.runs(), value=model.name if model else None, label="Checkpoint", scale=4
+                    )
+                    rescan = gr.Button("Rescan", scale=1)
+                info = gr.Markdown(model.describe() if model else TRAIN_HINT.format(root=store.root))
+                curve = gr.LinePlot(
+                    model.curve() if model else None, x="step", y="value", color="series", label="Training curve"
+                )
+                picker.change(switch, picker, [info, curve, status_box], api_name="load_model")
+                rescan.click(refresh, None, picker, api_visibility="private")
+                # A plot drawn while its tab is hidden has no size: draw it when the tab opens.
+                model_tab.select(
+                    lambda: store.current.curve() if store.current else None, None, curve, api_visibility="private"
+                )
+    return app

@@ -1,0 +1,102 @@
+"""The checkpoints the UI can serve: found under one folder, loaded one at a time, shared by all.
+
+Only runs found under the configured folder can be loaded (a name from the browser is looked up in
+that list, never used as a path), so the page cannot be made to read files elsewhere. Switching
+models swaps one reference under a lock; replies already streaming finish on the model they
+started with.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.chat_template import ChatTemplate, template_for
+from model.checkpoint import POINTER, Checkpoint, load_checkpoint
+from model.device import pick_device, pick_dtype
+from model.engine import Engine
+from model.errors import UserError
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    run_dir: Path
+    checkpoint: Checkpoint
+    engine: Engine
+    template: ChatTemplate
+
+    @property
+    def is_chat_model(self) -> bool:
+        return self.template.name == "turns"
+
+    def describe(self) -> str:
+        meta, config = self.checkpoint.meta, self.checkpoint.model_config
+        metrics = meta.get("metrics") or {}
+        tokenizer = self.engine.tokenizer
+        bpb = f"{metrics['val_bpb']:.4f}" if "val_bpb" in metrics else "not evaluated"
+        rows = [
+            ("Kind", "chat model (turn tokens)" if self.is_chat_model else "base model (plain transcript for chat)"),
+            ("Parameters", f"{self.engine.model.num_parameters() / 1e6:.2f} M"),
+            ("Layers x width", f"{config.n_layer} x {config.n_embd}, {config.n_head} heads"),
+            ("Context", f"{config.context} tokens"),
+            ("Tokenizer", f"{tokenizer.kind}, {tokenizer.n_vocab:,} ids"),
+            ("Corpus", (meta.get("data") or {}).get("source", "unknown")),
+            ("Tokens trained on", f"{meta.get('tokens_seen', 0):,}"),
+            ("Validation bits per byte", bpb),
+        ]
+        header = f"| Run | `{self.name}` (step {meta['step']:,}) |\n|---|---|\n"
+        return header + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+    def curve(self):
+        """Training loss and validation bits per byte by step (a DataFrame for gr.LinePlot)."""
+        import pandas as pd
+
+        points = []
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "train_loss" in record:
+                points.append(
+                    {"step": record["step"], "value": record["train_loss"], "series": "train loss (nats/token)"}
+                )
+            if "val_bpb" in record:
+                points.append({"step": record["step"], "value": record["val_bpb"], "series": "validation bits/byte"})
+        return pd.DataFrame(points, columns=["step", "value", "series"])
+
+
+class ModelStore:
+    def __init__(self, root: Path, device: str = "auto", dtype: str = "auto"):
+        self.root = Path(root)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.current: LoadedModel | None = None
+        self._lock = threading.Lock()
+
+    def runs(self) -> list[str]:
+        """Names of the runs under the root, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p.parent for p in self.root.rglob(POINTER) if p.is_file()]
+        found.sort(key=lambda run: (run / POINTER).stat().st_mtime, reverse=True)
+        return [run.relative_to(self.root).as_posix() for run in found]
+
+    def load(self, name: str) -> LoadedModel:
+        if name not in self.runs():
+            raise UserError(f"'{name}' is not a run under {self.root}")
+        run_dir = self.root / name
+        checkpoint = load_checkpoint(run_dir)
+        tokenizer = checkpoint.load_tokenizer()
+        model = checkpoint.load_model(self.device)
+        loaded = LoadedModel(
+            name, run_dir, checkpoint, Engine(model, tokenizer, self.dtype), template_for(checkpoint.meta, tokenizer)
+        )
+        with self._lock:
+            self.current = loaded
+        return loaded
