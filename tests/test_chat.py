@@ -75,6 +75,11 @@ def test_checkpoints_choose_their_template():
 
 
 def test_scripted_terminal_chat_prints_one_reply_per_line(tiny_run):
+    """Each stdin line is a user turn; each reply is what the shared engine and template give."""
+    from model.chat_template import stream_reply
+    from model.checkpoint import load_checkpoint
+    from model.engine import Engine, SamplingConfig
+
     result = run_script(
         "sample.py",
         "--checkpoint",
@@ -87,17 +92,14 @@ def test_scripted_terminal_chat_prints_one_reply_per_line(tiny_run):
         stdin="hello\n\nand then?\n",
     )
     assert result.returncode == 0, result.stderr
-    replies = result.stdout.splitlines()
-    assert len(replies) >= 2 and "you>" not in result.stdout
-    again = run_script(
-        "sample.py",
-        "--checkpoint",
-        str(tiny_run),
-        "--chat",
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "12",
-        stdin="hello\n\nand then?\n",
-    )
-    assert again.stdout == result.stdout
+    checkpoint = load_checkpoint(tiny_run)
+    engine = Engine(checkpoint.load_model(), checkpoint.load_tokenizer())
+    template = template_for(checkpoint.meta, engine.tokenizer)
+    messages, expected = [], ""
+    for line in ("hello", "and then?"):
+        messages.append({"role": "user", "content": line})
+        _, pieces = stream_reply(engine, template, messages, SamplingConfig(max_new_tokens=12, temperature=0))
+        reply = "".join(pieces).lstrip()
+        messages.append({"role": "assistant", "content": reply})
+        expected += reply + "\n"
+    assert result.stdout == expected
