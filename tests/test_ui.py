@@ -18,7 +18,7 @@ from gradio_client import Client  # noqa: E402
 from model.chat_template import stream_reply  # noqa: E402
 from model.engine import SamplingConfig  # noqa: E402
 from model.errors import UserError  # noqa: E402
-from ui.app import build_app  # noqa: E402
+from ui.app import build_app, example_prompts  # noqa: E402
 from ui.models import ModelStore  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -155,8 +155,10 @@ def test_the_page_in_a_real_browser(served):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(url)
+        expect(page.get_by_text(example_prompts(store.current)[0])).to_be_visible()  # the app is mounted
         box = page.locator("textarea[data-testid=textbox]").first
         box.fill("Old stone river")
+        expect(box).to_have_value("Old stone river")
         box.press("Enter")
         expect(page.locator("[data-testid=user]").last).to_contain_text("Old stone river")
         bot = page.locator("[data-testid=bot]").last
@@ -169,6 +171,7 @@ def test_the_page_in_a_real_browser(served):
         max_tokens.fill("1024")
         max_tokens.press("Enter")
         box.fill("Tell me everything")
+        expect(box).to_have_value("Tell me everything")
         box.press("Enter")
         stop = page.locator("[data-testid=stop-button]").first
         expect(stop).to_be_visible(timeout=20_000)
