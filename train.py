@@ -17,7 +17,10 @@ def main() -> None:
     trainer, metrics = train(typed_flags(args))
     if trainer.dist.is_main and metrics:
         print(f"done: step {metrics['step']}, val {metrics['val_bpb']:.4f} bits/byte; checkpoint in {trainer.out_dir}")
-        print(f"sample it: python sample.py --checkpoint {trainer.out_dir} --prompt 'The'")
+        if trainer.chat_info:
+            print(f"chat with it: python sample.py --checkpoint {trainer.out_dir} --chat   (or: python -m ui)")
+        else:
+            print(f"sample it: python sample.py --checkpoint {trainer.out_dir} --prompt 'The'")
 
 
 if __name__ == "__main__":

@@ -30,38 +30,52 @@ def builtin_documents() -> tuple[str, ...]:
 
 
 def topic_documents() -> Iterator[str]:
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some distributions split the docs out of the standard library
-        return
-    for name in sorted(topics):
-        yield f"{name}\n\n{topics[name].strip()}\n"
+    for name, text in topics():
+        yield f"{name}\n\n{text}\n"
 
 
 def docstring_documents() -> Iterator[str]:
+    for sections in module_docstrings():
+        yield "\n\n".join(f"{title}\n\n{text}" for title, text in sections) + "\n"
+
+
+def topics() -> list[tuple[str, str]]:
+    """(topic name, text) of the language reference topics, sorted by name."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions split the docs out of the standard library
+        return []
+    return [(name, topics[name].strip()) for name in sorted(topics)]
+
+
+@functools.cache
+def module_docstrings() -> tuple[list[tuple[str, str]], ...]:
+    """Per standard-library module: [(title, docstring)], titles "Module x" or "x.Class.method"."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    modules = []
     for path in sorted(stdlib.rglob("*.py")):
         relative = path.relative_to(stdlib)
         if relative.parts[0] in SKIPPED_PACKAGES or "tests" in relative.parts:
             continue
         module = ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
-        if document := _module_document(path, module):
-            yield document
+        if sections := _module_sections(path, module):
+            modules.append(sections)
+    return tuple(modules)
 
 
-def _module_document(path: Path, module: str) -> str | None:
+def _module_sections(path: Path, module: str) -> list[tuple[str, str]]:
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, OSError):
-        return None
+        return []
     sections = []
     if (docstring := ast.get_docstring(tree)) and len(docstring) >= MIN_DOCSTRING_CHARS:
-        sections.append(f"Module {module}\n\n{docstring}")
+        sections.append((f"Module {module}", docstring))
     for node, qualified in _definitions(tree, module):
         docstring = ast.get_docstring(node)
         if docstring and len(docstring) >= MIN_DOCSTRING_CHARS:
-            sections.append(f"{qualified}\n\n{docstring}")
-    return "\n\n".join(sections) + "\n" if sections else None
+            sections.append((qualified, docstring))
+    return sections
 
 
 def _definitions(tree: ast.AST, prefix: str):

@@ -27,3 +27,44 @@ class Batches:
         if device.type == "cuda":
             batch = batch.pin_memory().to(device, non_blocking=True)
         return batch[:, :-1], batch[:, 1:]
+
+
+class ConversationBatches:
+    """One conversation per row, padded to the longest in the batch; loss only on assistant tokens.
+
+    Rows are not packed with several conversations: attention would cross from one into the next,
+    and a model would learn answers that depend on the conversation before them, which is never
+    there when someone chats. Padding goes after the text, where causal attention cannot see it,
+    and to the batch's longest row rather than the full context, so little compute is wasted.
+    A conversation longer than the context is cut to it (and reported by the caller). Rows for a
+    step are drawn from (seed, step), like `Batches`.
+    """
+
+    def __init__(self, rendered: list[tuple[list[int], list[int]]], context: int, seed: int):
+        self.rows = []
+        for ids, mask in rendered:
+            ids, mask = torch.tensor(ids[: context + 1]), torch.tensor(mask[: context + 1], dtype=torch.bool)
+            self.rows.append((ids[:-1], torch.where(mask[1:], ids[1:], -1)))
+        self.context, self.seed = context, seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, step: int, rows: range, global_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = np.random.default_rng([self.seed, step])
+        picks = generator.integers(0, len(self.rows), size=global_rows)[rows.start : rows.stop]
+        return self._pad([self.rows[i] for i in picks], device)
+
+    def in_order(self, batch_size: int, device: torch.device):
+        """Every conversation once, for validation."""
+        for start in range(0, len(self.rows), batch_size):
+            yield self._pad(self.rows[start : start + batch_size], device)
+
+    @staticmethod
+    def _pad(rows: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(inputs) for inputs, _ in rows)
+        inputs = torch.zeros(len(rows), width, dtype=torch.long)
+        targets = torch.full((len(rows), width), -1, dtype=torch.long)
+        for row, (x, y) in enumerate(rows):
+            inputs[row, : len(x)], targets[row, : len(y)] = x, y
+        return inputs.to(device), targets.to(device)

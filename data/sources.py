@@ -139,7 +139,7 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
     import datasets
 
     dataset_name, _, config = name.partition(":")
-    _check_hub_dataset(dataset_name)
+    check_hub_dataset(dataset_name)
     try:
         splits = datasets.load_dataset(dataset_name, config or None, streaming=True)
     except Exception as error:  # offline, unknown name, gated, bad config: datasets raises many types
@@ -176,7 +176,7 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
     return Source(f"{name} [train]", base, reader("train", lambda i: i % 10 != 9, max_bytes), validation)
 
 
-def _check_hub_dataset(name: str) -> None:
+def check_hub_dataset(name: str) -> None:
     """Fail in a second with a clear reason, instead of `datasets`' half-minute of retries."""
     if Path(name).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
         return  # a local dataset folder, or an offline user relying on the datasets cache

@@ -32,6 +32,28 @@ from model.gpt import GPT
 
 
 @torch.inference_mode()
+def score(model: GPT, batches, token_bytes: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict:
+    """Loss and bits per byte over (inputs, targets) batches; targets of -1 are not scored."""
+    device = next(model.parameters()).device
+    token_bytes = token_bytes.to(device)
+    was_training = model.training
+    model.eval()
+    nats, nbytes, counted = 0.0, 0, 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, dtype):
+            loss = model(inputs, targets, reduction="none")  # (B, T), 0 where the target is -1
+        weights = token_bytes[targets.clamp(min=0)] * (targets >= 0)
+        counts = weights > 0  # special tokens stand for no bytes and are not counted
+        nats += (loss * counts).sum().item()
+        nbytes += int(weights.sum())
+        counted += int(counts.sum())
+    model.train(was_training)
+    if nbytes == 0:
+        raise UserError("nothing to score: the text is empty")
+    return {"bpb": nats / nbytes / math.log(2), "loss": nats / max(counted, 1), "tokens": counted, "bytes": nbytes}
+
+
 def bits_per_byte(
     model: GPT,
     tokens: np.ndarray | list[int],
@@ -45,44 +67,26 @@ def bits_per_byte(
     """Score `tokens` (a document separator should come first) in strided windows; see module doc."""
     context = model.config.context
     stride = stride or context
-    device = next(model.parameters()).device
     tokens = torch.as_tensor(np.asarray(tokens[: (max_tokens + 1) if max_tokens else None], dtype=np.int64))
-    token_bytes = token_bytes.to(device)
-    was_training = model.training
-    model.eval()
-    nats, nbytes, counted = 0.0, 0, 0
     # Targets a..b-1 are scored by a window of inputs tokens[start : b-1] (at most a context long).
     windows = []  # (start, length, index of the first scored position in the window)
     for a in range(1, len(tokens), stride):
         b = min(a + stride, len(tokens))
         start = max(0, b - 1 - context)
         windows.append((start, b - 1 - start, a - 1 - start))
-    for i in range(0, len(windows), batch_size):
-        group = windows[i : i + batch_size]
-        width = max(length for _, length, _ in group)
-        inputs = torch.zeros(len(group), width, dtype=torch.long)
-        targets = torch.full((len(group), width), -1, dtype=torch.long)
-        for row, (start, length, first) in enumerate(group):
-            inputs[row, :length] = tokens[start : start + length]
-            targets[row, first:length] = tokens[start + 1 + first : start + 1 + length]
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast(device, dtype):
-            loss = model(inputs, targets, reduction="none")  # (B, T), 0 where target is -1
-        scored = targets >= 0
-        weights = token_bytes[targets.clamp(min=0)] * scored
-        counts = scored & (weights > 0)  # special tokens stand for no bytes and are not counted
-        nats += (loss * counts).sum().item()
-        nbytes += int(weights.sum())
-        counted += int(counts.sum())
-    model.train(was_training)
-    if nbytes == 0:
-        raise UserError("nothing to score: the text is empty")
-    return {
-        "bpb": nats / nbytes / math.log(2),
-        "loss": nats / max(counted, 1),
-        "tokens": counted,
-        "bytes": nbytes,
-    }
+
+    def batches():
+        for i in range(0, len(windows), batch_size):
+            group = windows[i : i + batch_size]
+            width = max(length for _, length, _ in group)
+            inputs = torch.zeros(len(group), width, dtype=torch.long)
+            targets = torch.full((len(group), width), -1, dtype=torch.long)
+            for row, (start, length, first) in enumerate(group):
+                inputs[row, :length] = tokens[start : start + length]
+                targets[row, first:length] = tokens[start + 1 + first : start + 1 + length]
+            yield inputs, targets
+
+    return score(model, batches(), token_bytes, dtype)
 
 
 def main() -> None:

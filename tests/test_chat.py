@@ -41,6 +41,28 @@ def test_turns_template_exact_tokens_and_mask_with_system_prompt():
     )
 
 
+def test_turns_template_single_turn_without_system_prompt_decodes_back():
+    messages = [{"role": "user", "content": "Where is it?"}, {"role": "assistant", "content": "Here."}]
+    rendered = TurnsTemplate(TOKENIZER).render(messages)
+    expected = [
+        S["<|endoftext|>"],
+        S["<|user|>"],
+        *ids("Where is it?"),
+        S["<|end|>"],
+        S["<|assistant|>"],
+        *ids("Here."),
+        S["<|end|>"],
+    ]
+    assert rendered.ids == expected
+    assert rendered.mask == [0] * (len(expected) - len(ids("Here.")) - 1) + [1] * (len(ids("Here.")) + 1)
+    decoded = TOKENIZER.decode(rendered.ids)
+    parts = decoded.removeprefix("<|endoftext|>").split("<|end|>")[:-1]
+    assert [(p.split("|>")[0] + "|>", p.split("|>", 1)[1]) for p in parts] == [
+        ("<|user|>", "Where is it?"),
+        ("<|assistant|>", "Here."),
+    ]
+
+
 def test_typed_special_tokens_stay_plain_text_in_a_conversation():
     rendered = TurnsTemplate(TOKENIZER).render([{"role": "user", "content": "<|end|><|assistant|>"}])
     assert rendered.ids.count(S["<|end|>"]) == 1 and S["<|assistant|>"] not in rendered.ids

@@ -24,6 +24,8 @@ class TrainConfig:
     tokenizer: str = "bpe"
     vocab_size: int = 2048
     cache_dir: str | None = None
+    chat_data: str | None = None
+    messages_column: str = "messages"
     # model
     n_layer: int = 4
     n_embd: int = 256
@@ -102,6 +104,8 @@ PRESETS: dict[str, dict] = {
     ),
     # The default: about five minutes on two laptop CPU cores.
     "cpu": dict(),
+    # Chat fine-tuning (chosen automatically with --chat-data): a few minutes.
+    "chat": dict(max_minutes=3.0, warmup_steps=10, eval_interval=100, sample_tokens=48),
     # One modern GPU: nanoGPT's GPT-2 small shape (124M-class), bf16, compiled.
     "gpu": dict(
         vocab_size=32768,
@@ -128,6 +132,9 @@ HELP = {
     "val_data": "separate validation text (default: the last 10%% of --data)",
     "text_column": "field holding the text in .jsonl/.parquet files and hub datasets",
     "max_bytes": "read at most this many bytes of training text (hub datasets default to 200 MB)",
+    "chat_data": 'fine-tune for chat on conversations: builtin, a .jsonl of {"messages": [...]}, or a '
+    "Hugging Face dataset name (needs --init-from a trained model)",
+    "messages_column": "column holding the messages in hub chat datasets and .jsonl files",
     "cache_dir": "where prepared token files are cached (default: data/cache in the project)",
     "tokenizer": "bpe (trained on the data), char (one token per character) or gpt2 (tiktoken's GPT-2)",
     "vocab_size": "vocabulary size of the bpe tokenizer, special tokens included",
@@ -159,7 +166,8 @@ HELP = {
     "dtype": "auto (bf16 where the hardware has it), bf16 or fp32",
     "compile": "compile the model with torch.compile",
     "seed": "random seed for initialisation and data order",
-    "preset": f"named defaults: {', '.join(PRESETS)} (cpu: ~5 minutes on 2 cores; tiny: seconds; gpu: GPT-2 small)",
+    "preset": f"named defaults: {', '.join(PRESETS)} (cpu: ~5 minutes on 2 cores; tiny: seconds; "
+    "chat: fine-tuning, the default with --chat-data; gpu: GPT-2 small)",
     "progress": "show progress bars (--no-progress for logs)",
 }
 
@@ -201,7 +209,8 @@ def typed_flags(args: argparse.Namespace) -> dict:
 
 def assemble(typed: dict, saved: dict | None = None) -> TrainConfig:
     """defaults < preset < saved run arguments < typed flags."""
-    preset = typed.get("preset") or (saved or {}).get("preset") or "cpu"
+    chat = typed.get("chat_data") or (saved or {}).get("chat_data")
+    preset = typed.get("preset") or (saved or {}).get("preset") or ("chat" if chat else "cpu")
     values = {**PRESETS[preset], **(saved or {}), **typed, "preset": preset}
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in values.items() if k in known})

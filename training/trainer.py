@@ -21,19 +21,22 @@ import json
 import math
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.loader import Batches
+from data.conversations import load_conversations
+from data.loader import Batches, ConversationBatches
 from data.prepare import DEFAULT_CACHE, Prepared, prepare
+from model.chat_template import TurnsTemplate, stream_reply
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model.device import autocast, pick_dtype
 from model.engine import Engine, SamplingConfig
 from model.errors import UserError
-from model.evaluate import bits_per_byte
+from model.evaluate import bits_per_byte, score
 from model.gpt import GPT, ModelConfig
 from training import distributed
 from training.config import TrainConfig, to_dict
@@ -49,8 +52,13 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         torch.manual_seed(config.seed)
 
-        self.data = self._prepare_data(base)
-        self.tokenizer = self.data.tokenizer
+        self.chat = bool(config.chat_data)
+        if self.chat and base is None:
+            raise UserError("chat fine-tuning starts from a trained model: add --init-from out/base (or --resume)")
+        self.data = None if self.chat else self._prepare_data(base)
+        self.tokenizer = base.load_tokenizer() if self.chat else self.data.tokenizer
+        self.data_info = base.meta.get("data") if self.chat else self.data.manifest
+        self.chat_info = base.meta.get("chat") if base else None
         self.model = base.load_model(self.device) if base else GPT(self._model_config()).to(self.device)
         if base and self.model.config.vocab_size < self.tokenizer.n_vocab:
             raise UserError(
@@ -66,13 +74,16 @@ class Trainer:
         if self.dist.world > 1:
             self.train_model = DistributedDataParallel(self.train_model)
         context = self.model.config.context
-        try:
-            self.batches = Batches(self.data.tokens("train"), context, config.seed)
-        except ValueError:
-            raise UserError(
-                f"the training text is shorter than one window of {context} tokens; use more text or a smaller --context"
-            ) from None
-        self.val_tokens = self.data.tokens("val")
+        if self.chat:
+            self.batches, self.val_batches = self._conversation_batches(context)
+        else:
+            try:
+                self.batches = Batches(self.data.tokens("train"), context, config.seed)
+            except ValueError:
+                raise UserError(
+                    f"the training text is shorter than one window of {context} tokens; use more text or a smaller --context"
+                ) from None
+            self.val_tokens = self.data.tokens("val")
         self.token_bytes = torch.tensor(self.tokenizer.token_byte_lengths())
         self.rows_per_micro = config.batch_size // config.grad_accum // self.dist.world
         if self.rows_per_micro * config.grad_accum * self.dist.world != config.batch_size:
@@ -107,6 +118,48 @@ class Trainer:
             prepared = run()
         self.dist.barrier()
         return prepared if self.dist.is_main else run()
+
+    def _conversation_batches(self, context: int) -> tuple[ConversationBatches, ConversationBatches]:
+        """Load, check, render and pack the conversations; report everything skipped or cut."""
+        c = self.config
+        conversations = load_conversations(c.chat_data, c.messages_column)
+        template = TurnsTemplate(self.tokenizer)
+        problems = list(conversations.problems)
+        batches = []
+        for split, items in (("train", conversations.train), ("val", conversations.val)):
+            rendered = []
+            for number, conversation in enumerate(items, start=1):
+                r = template.render(conversation)
+                if len(r.ids) > context + 1:
+                    if not any(r.mask[1 : context + 1]):
+                        problems.append(
+                            f"{split} conversation {number}: no assistant reply within the context; skipped"
+                        )
+                        continue
+                    problems.append(
+                        f"{split} conversation {number}: {len(r.ids)} tokens, cut to the context of {context}"
+                    )
+                rendered.append((r.ids, r.mask))
+            if not rendered:
+                raise UserError(f"no usable {split} conversations in {conversations.description}")
+            batches.append(ConversationBatches(rendered, context, c.seed))
+        self.chat_info = {
+            "template": template.name,
+            "data": conversations.description,
+            "conversations": len(conversations.train),
+        }
+        self.sample_question = conversations.val[0][0 if conversations.val[0][0]["role"] == "user" else 1]["content"]
+        if self.dist.is_main:
+            print(
+                f"chat data: {conversations.description}: {len(conversations.train):,} train / {len(conversations.val):,} val conversations"
+            )
+            if problems:
+                print(f"warning: {len(problems)} conversation(s) skipped or cut:")
+                for problem in problems[:20]:
+                    print(f"  {problem}")
+                if len(problems) > 20:
+                    print(f"  ... and {len(problems) - 20} more")
+        return batches[0], batches[1]
 
     def _model_config(self) -> ModelConfig:
         c = self.config
@@ -220,9 +273,12 @@ class Trainer:
     def _evaluate_and_save(self, bar: tqdm) -> None:
         if self.dist.is_main:
             c = self.config
-            result = bits_per_byte(
-                self.model, self.val_tokens, self.token_bytes, max_tokens=c.eval_tokens, dtype=self.dtype
-            )
+            if self.chat:  # loss and bits per byte of the held-out assistant replies
+                result = score(self.model, self.val_batches.in_order(16, self.device), self.token_bytes, self.dtype)
+            else:
+                result = bits_per_byte(
+                    self.model, self.val_tokens, self.token_bytes, max_tokens=c.eval_tokens, dtype=self.dtype
+                )
             self.metrics = {
                 "step": self.step,
                 "val_loss": result["loss"],
@@ -233,22 +289,31 @@ class Trainer:
             self._log(self.metrics)
             message = f"step {self.step}: val loss {result['loss']:.4f}, val {result['bpb']:.4f} bits/byte"
             if c.sample_tokens:
-                engine = Engine(self.model, self.tokenizer, self.dtype)
-                sample = engine.generate([""], SamplingConfig(max_new_tokens=c.sample_tokens, seed=c.seed))[0]
-                self.model.train()
-                message += f"\n--- sample ---\n{sample.strip()}\n--------------"
+                message += f"\n--- sample ---\n{self._sample().strip()}\n--------------"
             bar.write(message)
             self._save()
         self.dist.barrier()
+
+    def _sample(self) -> str:
+        engine = Engine(self.model, self.tokenizer, self.dtype)
+        sampling = SamplingConfig(max_new_tokens=self.config.sample_tokens, seed=self.config.seed)
+        if self.chat:
+            messages = [{"role": "user", "content": self.sample_question}]
+            _, pieces = stream_reply(engine, TurnsTemplate(self.tokenizer), messages, replace(sampling, temperature=0))
+            text = f"user: {self.sample_question}\nmodel: {''.join(pieces)}"
+        else:
+            text = engine.generate([""], sampling)[0]
+        self.model.train()
+        return text
 
     def _save(self) -> None:
         meta = {
             "train": to_dict(self.config),
             "metrics": self.metrics,
-            "data": self.data.manifest,
+            "data": self.data_info,
             "tokens_seen": self.tokens_seen,
             "elapsed_seconds": self.elapsed,
-            "chat": None,
+            "chat": self.chat_info,
         }
         state = {
             "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
@@ -269,13 +334,17 @@ class Trainer:
         if not self.dist.is_main:
             return
         c, m = self.config, self.model.config
-        splits = self.data.manifest["splits"]
+
         budget = " and ".join(
             filter(None, [c.max_steps and f"{c.max_steps} steps", c.max_minutes and f"{c.max_minutes:g} minutes"])
         )
+        if not self.chat:
+            splits = self.data.manifest["splits"]
+            print(
+                f"data: {self.data.manifest['source']}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
+                f"({self.tokenizer.kind} tokenizer, {self.tokenizer.n_vocab} ids)"
+            )
         print(
-            f"data: {self.data.manifest['source']}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
-            f"({self.tokenizer.kind} tokenizer, {self.tokenizer.n_vocab} ids)\n"
             f"model: {self.model.num_parameters() / 1e6:.2f}M parameters, {m.n_layer} layers x {m.n_embd} wide, context {m.context}\n"
             f"training: {c.optimizer}, batch {c.batch_size} x {m.context} tokens, {self.device.type} {str(self.dtype).removeprefix('torch.')}, "
             f"{self.dist.world} process(es), budget {budget}, from step {self.step} -> {self.out_dir}",

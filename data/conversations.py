@@ -1,0 +1,167 @@
+"""Conversations for chat fine-tuning: where they come from, and which ones are fit to learn from.
+
+`--chat-data SOURCE` takes:
+    builtin             the offline set generated from the built-in corpus (data/builtin_chat.py)
+    file.jsonl          one {"messages": [{"role": ..., "content": ...}, ...]} per line (OpenAI style)
+    owner/name[:conf]   a Hugging Face dataset with a messages column (`--messages-column`), streamed
+
+A conversation is kept only if it is well formed: a list of messages, each with a role of
+system/user/assistant and non-empty text content; a system message only first; user and
+assistant turns alternating, starting with the user; at least one assistant reply. A trailing
+user message (no reply to learn) is dropped. Anything else is skipped and reported with its line
+number (or row index), never half-used; if nothing usable is left, that is an error.
+Conversations longer than the model's context are truncated by the packer (data/loader.py),
+which reports them too.
+
+Validation: the dataset's own validation split where a hub dataset has one; otherwise the last 10%
+of the conversations (at least one).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import UserError
+
+Conversation = list[dict]
+
+
+@dataclass
+class ConversationSet:
+    description: str
+    train: list[Conversation]
+    val: list[Conversation]
+    problems: list[str] = field(default_factory=list)  # "line 7: empty content", one per skipped conversation
+
+
+def load_conversations(
+    spec: str, messages_column: str = "messages", max_conversations: int | None = None
+) -> ConversationSet:
+    if spec == "builtin":
+        from data.builtin_chat import builtin_conversations
+
+        rows = [(f"conversation {i + 1}", c) for i, c in enumerate(builtin_conversations())]
+        return _checked("builtin chat set", rows, None)
+    path = Path(spec)
+    if path.suffix == ".jsonl" or path.exists():
+        if not path.is_file():
+            raise UserError(f"{spec} does not exist; give a .jsonl file of conversations, builtin, or a dataset name")
+        return _checked(str(path), _jsonl_rows(path, messages_column), None)
+    return _hub_conversations(spec, messages_column, max_conversations)
+
+
+class BrokenJSON(str):
+    """Stands in for the messages of a line that could not be read; its text is the problem."""
+
+
+def check(messages: object) -> tuple[Conversation | None, str | None]:
+    """A cleaned conversation, or None and the reason it cannot be used."""
+    if isinstance(messages, BrokenJSON):
+        return None, str(messages)
+    if not isinstance(messages, list) or not messages:
+        return None, "no messages list"
+    cleaned = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            return None, f"message {index + 1} has no role"
+        role, content = message["role"], _text(message.get("content"))
+        if role not in ("system", "user", "assistant"):
+            return None, f"message {index + 1} has unknown role '{role}'"
+        if not content.strip():
+            return None, f"message {index + 1} has empty content"
+        cleaned.append({"role": role, "content": content})
+    system = cleaned[:1] if cleaned[0]["role"] == "system" else []
+    turns = cleaned[len(system) :]
+    if any(m["role"] == "system" for m in turns):
+        return None, "a system message may only come first"
+    if turns and turns[-1]["role"] == "user":
+        turns = turns[:-1]  # nothing to learn from an unanswered message
+    for index, message in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            return None, f"turns do not alternate user/assistant ({message['role']} where {expected} belongs)"
+    if not turns:
+        return None, "no assistant reply"
+    return system + turns, None
+
+
+def _checked(description: str, rows, val_rows) -> ConversationSet:
+    good, problems = [], []
+    for where, messages in rows:
+        conversation, problem = check(messages)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        else:
+            good.append(conversation)
+    if val_rows is None:
+        if len(good) < 2:
+            raise UserError(
+                f"{description} has {len(good)} usable conversation(s); at least 2 are needed (one to validate on)"
+            )
+        cut = len(good) - max(1, len(good) // 10)
+        return ConversationSet(description, good[:cut], good[cut:], problems)
+    val = [c for c in (check(m)[0] for _, m in val_rows) if c]
+    if not good or not val:
+        raise UserError(f"{description} has no usable conversations in its train or validation split")
+    return ConversationSet(description, good, val, problems)
+
+
+def _jsonl_rows(path: Path, column: str):
+    with open(path, encoding="utf-8-sig") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield f"{path} line {number}", BrokenJSON(f"broken JSON ({error.msg})")
+                continue
+            if not isinstance(row, dict) or column not in row:
+                yield f"{path} line {number}", BrokenJSON(f"no '{column}' field (name it with --messages-column)")
+                continue
+            yield f"{path} line {number}", row[column]
+
+
+def _hub_conversations(name: str, column: str, limit: int | None) -> ConversationSet:
+    import datasets
+
+    from data.sources import check_hub_dataset
+
+    dataset_name, _, config = name.partition(":")
+    check_hub_dataset(dataset_name)
+    try:
+        splits = datasets.load_dataset(dataset_name, config or None, streaming=True)
+    except Exception as error:  # offline, unknown, gated: datasets raises many types
+        raise UserError(
+            f"cannot load the Hugging Face dataset '{dataset_name}' ({type(error).__name__}); check the name and your connection"
+        ) from None
+    train_split = next((s for s in ("train", "train_sft") if s in splits), None)
+    if train_split is None:
+        raise UserError(f"dataset '{dataset_name}' has no train split (it has {list(splits)})")
+    limit = limit or 100_000
+
+    def rows(split: str, count: int):
+        for index, row in enumerate(splits[split]):
+            if index >= count:
+                return
+            if column not in row:
+                raise UserError(f"dataset '{dataset_name}' has no '{column}' column; name it with --messages-column")
+            yield f"{dataset_name} [{split}] row {index}", row[column]
+
+    held_out = next((s for s in ("validation", "test", "test_sft") if s in splits), None)
+    if held_out is None:
+        return _checked(f"{name} [{train_split}]", list(rows(train_split, limit)), None)
+    return _checked(
+        f"{name} [{train_split}]", list(rows(train_split, limit)), list(rows(held_out, max(1, limit // 10)))
+    )
+
+
+def _text(content: object) -> str:
+    """Content as text: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""

@@ -1,0 +1,170 @@
+"""Chat fine-tuning: conversations in, a model that answers through the UI's code path out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data.conversations import check, load_conversations
+from model.chat_template import stream_reply
+from model.engine import SamplingConfig
+from model.errors import UserError
+from tests.conftest import run_script
+from ui.models import ModelStore
+
+PAIRS = [
+    ("What colour is the river?", "The river is green."),
+    ("Who keeps the lantern?", "The old harbour keeper."),
+    ("Where is the garden?", "Beyond the stone window."),
+    ("When does the village wake?", "Every bright morning."),
+]
+
+
+def conversation(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture(scope="module")
+def chat_run(tiny_run, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sft")
+    lines = [json.dumps(conversation(q, a)) for _ in range(6) for q, a in PAIRS]
+    lines += ['{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}', "not json"]
+    (folder / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    out = folder / "out" / "chat"
+    result = run_script(
+        "train.py",
+        "--init-from",
+        str(tiny_run),
+        "--chat-data",
+        str(folder / "qa.jsonl"),
+        "--out-dir",
+        str(out),
+        "--max-steps",
+        "150",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--muon-lr",
+        "0.02",
+        "--eval-interval",
+        "0",
+        "--no-progress",
+        "--sample-tokens",
+        "0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "qa.jsonl line 25: message 1 has empty content" in result.stdout
+    assert "qa.jsonl line 26: broken JSON" in result.stdout
+    return out
+
+
+def test_a_fine_tuned_tiny_model_answers_through_the_ui_code_path(chat_run):
+    store = ModelStore(chat_run.parent)
+    model = store.load(chat_run.name)
+    assert model.is_chat_model and model.checkpoint.meta["chat"]["template"] == "turns"
+    for question, answer in PAIRS:
+        _, pieces = stream_reply(
+            model.engine,
+            model.template,
+            [{"role": "user", "content": question}],
+            SamplingConfig(max_new_tokens=40, temperature=0),
+        )
+        assert "".join(pieces) == answer  # the right answer, and nothing after its end of turn
+
+
+def test_the_checkpoint_keeps_the_pretraining_corpus_and_records_the_chat_data(chat_run, tiny_run):
+    chat = json.loads(next(chat_run.glob("step-*/checkpoint.json")).read_text())
+    base = json.loads(next(tiny_run.glob("step-*/checkpoint.json")).read_text())
+    assert chat["data"] == base["data"]
+    assert chat["chat"]["data"].endswith("qa.jsonl") and chat["chat"]["conversations"] == 22
+
+
+@pytest.mark.parametrize(
+    "messages, problem",
+    [
+        ([], "no messages"),
+        ([{"content": "hi"}], "no role"),
+        ([{"role": "robot", "content": "hi"}], "unknown role"),
+        ([{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}], "empty content"),
+        ([{"role": "assistant", "content": "x"}], "do not alternate"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+            "do not alternate",
+        ),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only come first"),
+        ([{"role": "user", "content": "unanswered"}], "no assistant reply"),
+    ],
+)
+def test_malformed_conversations_are_named(messages, problem):
+    conversation_, reason = check(messages)
+    assert conversation_ is None and problem in reason
+
+
+def test_well_formed_conversations_pass_and_lose_an_unanswered_last_message():
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "left unanswered"},
+    ]
+    cleaned, problem = check(messages)
+    assert problem is None and [m["content"] for m in cleaned] == ["s", "hi", "yo"]
+
+
+def test_files_without_usable_conversations_are_errors(tmp_path, tiny_run):
+    (tmp_path / "bad.jsonl").write_text('{"messages": []}\nnot json\n{"text": "wrong field"}\n')
+    with pytest.raises(UserError, match="0 usable conversation"):
+        load_conversations(str(tmp_path / "bad.jsonl"))
+    result = run_script(
+        "train.py",
+        "--init-from",
+        str(tiny_run),
+        "--chat-data",
+        str(tmp_path / "bad.jsonl"),
+        "--out-dir",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "usable conversation" in result.stderr
+    result = run_script("train.py", "--chat-data", "builtin", "--out-dir", str(tmp_path / "o2"))
+    assert result.returncode == 2 and "--init-from" in result.stderr
+    result = run_script(
+        "train.py",
+        "--init-from",
+        str(tiny_run),
+        "--chat-data",
+        str(tmp_path / "none.jsonl"),
+        "--out-dir",
+        str(tmp_path / "o3"),
+    )
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_builtin_chat_set_asks_about_the_corpus_several_ways():
+    from data.builtin import builtin_documents
+    from data.builtin_chat import builtin_conversations
+
+    conversations = builtin_conversations()
+    corpus = "".join(builtin_documents())
+    assert len(conversations) > 1000
+    about_assert = [c for c in conversations if "assert statement" in c[-2]["content"]]
+    assert len({c[-2]["content"] for c in about_assert}) >= 3  # phrased several ways
+    answers = [m["content"] for c in conversations[:300] for m in c if m["role"] == "assistant"]
+    from_corpus = [a for a in answers if a.rstrip(".").removesuffix(" ...")[:60] in " ".join(corpus.split())]
+    assert len(from_corpus) > 0.8 * len(answers)
+    assert any(len(c) >= 4 for c in conversations)  # multi-turn
+    assert any(c[0]["content"] in ("Hello!", "Hi") for c in conversations)  # greetings
+    assert any(c[0]["role"] == "system" for c in conversations)
+    assert all(check(c)[1] is None for c in conversations)
+
+
+def test_resuming_a_chat_run_keeps_it_a_chat_run(chat_run, tmp_path):
+    run = tmp_path / "chat"
+    shutil.copytree(chat_run, run)
+    result = run_script("train.py", "--resume", "--out-dir", str(run), "--max-steps", "160", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads(next(run.glob("step-*/checkpoint.json")).read_text())
+    assert meta["step"] == 160 and meta["chat"]["template"] == "turns"
