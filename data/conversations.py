@@ -19,10 +19,10 @@ of the conversations (at least one).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.sources import read_jsonl
 from model.errors import UserError
 
 Conversation = list[dict]
@@ -109,19 +109,14 @@ def _checked(description: str, rows, val_rows) -> ConversationSet:
 
 
 def _jsonl_rows(path: Path, column: str):
-    with open(path, encoding="utf-8-sig") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield f"{path} line {number}", BrokenJSON(f"broken JSON ({error.msg})")
-                continue
-            if not isinstance(row, dict) or column not in row:
-                yield f"{path} line {number}", BrokenJSON(f"no '{column}' field (name it with --messages-column)")
-                continue
-            yield f"{path} line {number}", row[column]
+    for number, row, problem in read_jsonl(path):
+        where = f"{path} line {number}"
+        if problem:
+            yield where, BrokenJSON(f"broken JSON ({problem})")
+        elif not isinstance(row, dict) or column not in row:
+            yield where, BrokenJSON(f"no '{column}' field (name it with --messages-column)")
+        else:
+            yield where, row[column]
 
 
 def _hub_conversations(name: str, column: str, limit: int | None) -> ConversationSet:

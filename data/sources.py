@@ -95,17 +95,24 @@ def folder_source(folder: Path) -> Source:
     return Source(f"{folder} ({len(files)} files)", fingerprint, read)
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, object, str | None]]:
+    """(line number, parsed row, None) per non-empty line, or (number, None, why) if it is not JSON."""
+    with open(path, encoding="utf-8-sig") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line), None
+            except json.JSONDecodeError as error:
+                yield number, None, error.msg
+
+
 def jsonl_source(path: Path, text_column: str) -> Source:
     def read() -> Iterator[Piece]:
-        with open(path, encoding="utf-8-sig") as file:
-            for number, line in enumerate(file, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{path} line {number} is not valid JSON ({error.msg})") from None
-                yield True, _text_field(row, text_column, f"{path} line {number}")
+        for number, row, problem in read_jsonl(path):
+            if problem:
+                raise UserError(f"{path} line {number} is not valid JSON ({problem})")
+            yield True, _text_field(row, text_column, f"{path} line {number}")
 
     return Source(f"{path} [{text_column}]", f"{_file_fingerprint(path)}:{text_column}", read)
 
