@@ -13,7 +13,8 @@ Design decisions:
 - Streaming is UTF-8 safe: bytes go through an incremental decoder, so half a character is never
   emitted, and text that might be the start of a stop sequence is held back until it is decided.
 - Sampling knobs: temperature (0 = greedy), top-k, top-p, a seed for reproducibility, stop strings,
-  and stopping at the end-of-turn / document-separator tokens.
+  and stopping at the end-of-turn / document-separator tokens. No other special token is ever
+  sampled (turn markers or reserved tokens inside generated text would mean nothing).
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ class Engine:
             dtype=torch.long,
             device=self.device,
         )
+        # The only special tokens generation may produce are those that end it.
+        banned = [i for i in self.tokenizer.special_ids.values() if i not in stop_ids.tolist()]
         width = max(len(p) for p in prompts)
         tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
         valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=self.device)
@@ -154,6 +157,7 @@ class Engine:
 
         cache, logits = self._prefill(tokens, valid)
         for _ in range(sampling.max_new_tokens):
+            logits[:, banned] = float("-inf")
             next_token = self._sample(logits, sampling, generator)  # (B,)
             ended = torch.isin(next_token, stop_ids) & active
             for row in ended.nonzero().flatten().tolist():

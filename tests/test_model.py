@@ -38,7 +38,8 @@ def reference_greedy(model: GPT, prompt: list[int], steps: int) -> list[int]:
         if len(sequence) - start > context:
             start = len(sequence) - context // 2
         with torch.no_grad():
-            logits = model(torch.tensor([sequence[start:]]))[0, -1, : TOKENIZER.n_vocab]
+            logits = model(torch.tensor([sequence[start:]]))[0, -1, : TOKENIZER.n_vocab].clone()
+        logits[list(TOKENIZER.special_ids.values())] = float("-inf")  # generation never emits them
         out.append(int(logits.argmax()))
         sequence.append(out[-1])
     return out
@@ -82,6 +83,19 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_stops():
         ["ab"], SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=10, top_p=0.9, seed=7, stop=(stop,))
     )
     assert stopped[0] == text[: text.find(stop)]
+
+
+def test_generation_never_emits_special_tokens_except_the_ones_that_stop_it():
+    model = tiny_model()
+    special = list(TOKENIZER.special_ids.values())
+    with torch.no_grad():  # ordinary tokens all score 0, so some special token is the likeliest
+        ordinary = [i for i in range(TOKENIZER.n_vocab) if i not in special]
+        model.lm_head.weight[ordinary] = 0
+        prompt = torch.tensor([[TOKENIZER.doc_separator, *TOKENIZER.encode("ab")]])
+        assert int(model(prompt)[0, -1].argmax()) in special
+    engine = Engine(model, TOKENIZER)
+    text = engine.generate(["ab"], SamplingConfig(max_new_tokens=20, temperature=0, stop_at_special=False))[0]
+    assert "<|" not in text and len(text) == 20
 
 
 def test_streaming_never_splits_a_character():
