@@ -4,6 +4,7 @@
     builtin             the offline set generated from the built-in corpus (data/builtin_chat.py)
     file.jsonl          one {"messages": [{"role": ..., "content": ...}, ...]} per line (OpenAI style)
     owner/name[:conf]   a Hugging Face dataset with a messages column (`--messages-column`), streamed
+                        (a local folder laid out as a dataset repository works too)
 
 A conversation is kept only if it is well formed: a list of messages, each with a role of
 system/user/assistant and non-empty text content; a system message only first; user and
@@ -45,11 +46,11 @@ def load_conversations(
         rows = [(f"conversation {i + 1}", c) for i, c in enumerate(builtin_conversations())]
         return _checked("builtin chat set", rows, None)
     path = Path(spec)
-    if path.suffix == ".jsonl" or path.exists():
-        if not path.is_file():
-            raise UserError(f"{spec} does not exist; give a .jsonl file of conversations, builtin, or a dataset name")
+    if path.is_file():
         return _checked(str(path), _jsonl_rows(path, messages_column), None)
-    return _hub_conversations(spec, messages_column, max_conversations)
+    if path.suffix or (not path.is_dir() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1)):
+        raise UserError(f"{spec} does not exist; give a .jsonl file of conversations, builtin, or a dataset name")
+    return _hub_conversations(spec, messages_column, max_conversations)  # a hub name, or a local dataset folder
 
 
 class BrokenJSON(str):

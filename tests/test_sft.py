@@ -168,3 +168,22 @@ def test_resuming_a_chat_run_keeps_it_a_chat_run(chat_run, tmp_path):
     assert result.returncode == 0, result.stderr
     meta = json.loads(next(run.glob("step-*/checkpoint.json")).read_text())
     assert meta["step"] == 160 and meta["chat"]["template"] == "turns"
+
+
+def test_hub_chat_dataset_loader_reads_a_local_dataset_repository(tmp_path):
+    """`datasets` treats a local folder of Parquet files like a hub repo: the code path online users take."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "owner_chat" / "data"
+    repo.mkdir(parents=True)
+    rows = [conversation(q, a)["messages"] for q, a in PAIRS] * 3
+    rows.append([{"role": "user", "content": "no reply"}])
+    pq.write_table(pa.table({"messages": rows}), repo / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"messages": rows[:2]}), repo / "test-00000-of-00001.parquet")
+    loaded = load_conversations(str(repo.parent))
+    assert len(loaded.train) == 12 and len(loaded.val) == 2
+    assert loaded.train[1] == conversation(*PAIRS[1])["messages"]
+    assert len(loaded.problems) == 1 and "row 12: no assistant reply" in loaded.problems[0]
+    with pytest.raises(UserError, match="--messages-column"):
+        load_conversations(str(repo.parent), messages_column="conversation")
