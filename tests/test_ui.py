@@ -176,11 +176,12 @@ def test_the_page_in_a_real_browser(served):
         stop = page.locator("[data-testid=stop-button]").first
         expect(stop).to_be_visible(timeout=20_000)
         expect(page.locator("[data-testid=bot]").nth(1)).not_to_be_empty(timeout=20_000)
-        stop.click()
+        stop.click(force=True, timeout=5_000)  # Gradio's progress text overlays the button while streaming
         expect(page.locator("[data-testid=submit-button]").first).to_be_visible(timeout=10_000)
         stopped_text = page.locator("[data-testid=bot]").nth(1).inner_text()
         time.sleep(1.0)
         assert page.locator("[data-testid=bot]").nth(1).inner_text() == stopped_text
+        assert len(stopped_text) < 1000  # 1,024 tokens of this corpus would be about 3,000 characters
 
         page.get_by_role("tab", name="Model").click()
         expect(page.get_by_text("Validation bits per byte")).to_be_visible()
