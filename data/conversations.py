@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.sources import read_jsonl
+from data.sources import missing_local_path, read_jsonl
+from model.chat_template import message_text
 from model.errors import UserError
 
 Conversation = list[dict]
@@ -48,7 +49,7 @@ def load_conversations(
     path = Path(spec)
     if path.is_file():
         return _checked(str(path), _jsonl_rows(path, messages_column), None)
-    if path.suffix or (not path.is_dir() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1)):
+    if missing_local_path(spec):
         raise UserError(f"{spec} does not exist; give a .jsonl file of conversations, builtin, or a dataset name")
     return _hub_conversations(spec, messages_column, max_conversations)  # a hub name, or a local dataset folder
 
@@ -67,7 +68,7 @@ def check(messages: object) -> tuple[Conversation | None, str | None]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             return None, f"message {index + 1} has no role"
-        role, content = message["role"], _text(message.get("content"))
+        role, content = message["role"], message_text(message.get("content"))
         if role not in ("system", "user", "assistant"):
             return None, f"message {index + 1} has unknown role '{role}'"
         if not content.strip():
@@ -152,12 +153,3 @@ def _hub_conversations(name: str, column: str, limit: int | None) -> Conversatio
     return _checked(
         f"{name} [{train_split}]", list(rows(train_split, limit)), list(rows(held_out, max(1, limit // 10)))
     )
-
-
-def _text(content: object) -> str:
-    """Content as text: a string, or a list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""

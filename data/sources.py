@@ -69,11 +69,19 @@ def open_source(spec: str, *, text_column: str = "text", cache_dir: Path, max_by
         if path.suffix == ".parquet":
             return parquet_source(path, text_column)
         return text_file_source(path)
-    if path.suffix or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if missing_local_path(spec):
         raise UserError(
             f"{spec} does not exist; give a text file, a folder, a .jsonl or .parquet file, or a dataset name"
         )
     return hub_source(spec, text_column, max_bytes or HF_DEFAULT_MAX_BYTES)
+
+
+def missing_local_path(spec: str) -> bool:
+    """True for a spec that names a local file or folder that is not there, rather than a hub
+    dataset (hub names are `name` or `owner/name[:config]`: no suffix, no leading . / ~)."""
+    if Path(spec).exists():
+        return False
+    return bool(Path(spec).suffix) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
 def text_file_source(path: Path) -> Source:

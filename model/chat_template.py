@@ -103,6 +103,16 @@ class TranscriptTemplate(ChatTemplate):
 TEMPLATES = {t.name: t for t in (TurnsTemplate, TranscriptTemplate)}
 
 
+def message_text(content: object) -> str:
+    """A message's content as text: a string, or a list of {"type": "text", "text": ...} parts
+    (the OpenAI and Gradio 6 forms); anything else has no text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
 def template_for(meta: dict, tokenizer: Tokenizer) -> ChatTemplate:
     """The template a checkpoint was trained with: `turns` for chat models, else `transcript`."""
     chat = meta.get("chat") or {}

@@ -145,7 +145,9 @@ class Engine:
             device=self.device,
         )
         # The only special tokens generation may produce are those that end it.
-        banned = [i for i in self.tokenizer.special_ids.values() if i not in stop_ids.tolist()]
+        banned = torch.tensor(
+            [i for i in self.tokenizer.special_ids.values() if i not in stop_ids.tolist()], device=self.device
+        )
         width = max(len(p) for p in prompts)
         tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
         valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=self.device)

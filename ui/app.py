@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from model.chat_template import stream_reply
+from model.chat_template import message_text, stream_reply
 from model.engine import SamplingConfig
 from model.errors import UserError
 from ui.models import LoadedModel, ModelStore
@@ -37,15 +37,6 @@ def example_prompts(model: LoadedModel | None) -> list[str]:
         if key in source:
             return EXAMPLES[key]
     return EXAMPLES["other"]
-
-
-def text_of(content) -> str:
-    """Gradio 6 message content is a string or a list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content or "")
 
 
 def sampling_from(temperature, top_k, top_p, max_new_tokens, seed) -> SamplingConfig:
@@ -73,11 +64,11 @@ def build_app(store: ModelStore) -> gr.Blocks:
         model, sampling = current(), sampling_from(*settings)
         messages = [{"role": "system", "content": system}] if system and system.strip() else []
         messages += [
-            {"role": m["role"], "content": text_of(m["content"])}
+            {"role": m["role"], "content": message_text(m["content"])}
             for m in history
             if m.get("role") in ("user", "assistant")
         ]
-        messages.append({"role": "user", "content": text_of(message)})
+        messages.append({"role": "user", "content": message_text(message)})
         try:
             prompt, pieces = stream_reply(model.engine, model.template, messages, sampling)
         except UserError as error:
