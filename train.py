@@ -17,6 +17,11 @@ def main() -> None:
     trainer, metrics = train(typed_flags(args))
     if trainer.dist.is_main and metrics:
         print(f"done: step {metrics['step']}, val {metrics['val_bpb']:.4f} bits/byte; checkpoint in {trainer.out_dir}")
+        best = trainer.best
+        if best and best["step"] != metrics["step"]:
+            print(
+                f"the best evaluation was step {best['step']} ({best['val_bpb']:.4f} bits/byte): sampling uses that one"
+            )
         if trainer.chat_info:
             print(f"chat with it: python sample.py --checkpoint {trainer.out_dir} --chat   (or: python -m ui)")
         else:

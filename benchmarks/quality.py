@@ -1,12 +1,13 @@
-"""Quality per minute: train a preset on a corpus a few times, score each run, report medians.
+"""Quality per minute: train with a time budget a few times, score each run, report medians.
 
-    python -m benchmarks.quality --corpus ../shared/data/tinyshakespeare.txt --runs 3
+    python -m benchmarks.quality --corpus ../shared/data/tinyshakespeare.txt --max-minutes 1.5 5 --runs 3
 
 Splits the corpus nanoGPT's way (first 90% of the characters to train, last 10% to validate),
-trains `train.py` once per seed with the given preset and budget, scores every run with
-`python -m model.evaluate` over the whole validation text, and writes the figures as JSON and as a
-Markdown table to `--out` (default `benchmarks/results/`). Runs are sequential: on a 2-core
-machine anything running alongside a run changes its result.
+trains `train.py` once per seed and budget, scores every run with `python -m model.evaluate` over
+the whole validation text, and writes the figures as JSON and a Markdown table to `--out`
+(default `benchmarks/results/`). Each run also keeps its validation curve (bits per byte against
+training seconds, from metrics.jsonl) for the plot. Runs are sequential: on a 2-core machine
+anything running alongside a run changes its result.
 """
 
 from __future__ import annotations
@@ -30,15 +31,93 @@ def run(cmd: list[str]) -> str:
     return result.stdout
 
 
+def split_corpus(corpus: Path, folder: Path) -> tuple[Path, Path]:
+    """First 90% of the characters to train.txt, the last 10% to val.txt."""
+    text = corpus.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    train, val = folder / "train.txt", folder / "val.txt"
+    train.write_text(text[:cut], encoding="utf-8")
+    val.write_text(text[cut:], encoding="utf-8")
+    return train, val
+
+
+def train_and_score(train: Path, val: Path, out: Path, seed: int, flags: list[str]) -> dict:
+    """One training run with `flags`, scored on all of `val`; figures plus the validation curve."""
+    start = time.perf_counter()
+    log = run(
+        ["train.py", "--data", str(train), "--val-data", str(val), "--out-dir", str(out), "--seed", str(seed)]
+        + ["--no-progress", "--sample-tokens", "0", "--cache-dir", str(out.parent / "cache"), *flags]
+    )
+    wall = time.perf_counter() - start
+    figures = json.loads(run(["-m", "model.evaluate", "--checkpoint", str(out), "--text", str(val)]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "val_bpb" in r][-1]
+    model_line = next(line for line in log.splitlines() if line.startswith("model:"))
+    return {
+        "seed": seed,
+        "bpb": figures["bpb"],
+        "wall_seconds": round(wall, 1),
+        "train_seconds": final["time"],
+        "steps": final["step"],
+        "tokens_per_sec": final.get("tokens_per_sec"),
+        "mfu": final.get("mfu"),
+        "model": model_line.removeprefix("model: "),
+        "curve": [[r["time"], r["val_bpb"]] for r in records if "val_bpb" in r],
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    return {
+        "median_bpb": statistics.median(r["bpb"] for r in runs),
+        "median_wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
+        "median_mfu": statistics.median(r["mfu"] or 0 for r in runs),
+        "median_tokens_per_sec": statistics.median(r["tokens_per_sec"] or 0 for r in runs),
+    }
+
+
+def measure(corpus: Path, budgets: list[float], runs: int, flags: list[str], work: Path) -> list[dict]:
+    """For each budget in minutes, `runs` seeds; returns one summary per budget."""
+    train, val = split_corpus(corpus, work)
+    results = []
+    for minutes in budgets:
+        budget_runs = []
+        for seed in range(1, runs + 1):
+            out = work / f"budget{minutes:g}-seed{seed}"
+            result = train_and_score(train, val, out, seed, ["--max-minutes", f"{minutes:g}", *flags])
+            result["checkpoint"] = str(out)
+            budget_runs.append(result)
+            print(
+                f"{minutes:g} min, seed {seed}: {result['bpb']:.4f} bits/byte, {result['steps']} steps, "
+                f"{result['wall_seconds']:.0f} s wall, MFU {result['mfu'] or 0:.0%}",
+                flush=True,
+            )
+        results.append({"minutes": minutes, "runs": budget_runs, **summarise(budget_runs)})
+    return results
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| budget (min) | model | runs | steps | MFU | val bits/byte (each) | median |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for budget in results:
+        each = ", ".join(f"{r['bpb']:.3f}" for r in budget["runs"])
+        steps = ", ".join(str(r["steps"]) for r in budget["runs"])
+        rows.append(
+            f"| {budget['minutes']:g} | {budget['runs'][0]['model']} | {len(budget['runs'])} | {steps} | "
+            f"{budget['median_mfu']:.0%} | {each} | **{budget['median_bpb']:.3f}** |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--corpus", required=True, help="UTF-8 text file to train and validate on")
-    parser.add_argument("--runs", type=int, default=3, help="runs (seeds 1..N); medians are reported")
-    parser.add_argument("--preset", default="cpu", help="train.py preset")
-    parser.add_argument("--max-minutes", type=float, help="training budget (default: the preset's)")
-    parser.add_argument("--max-steps", type=int, help="step budget (default: the preset's)")
+    parser.add_argument("--max-minutes", type=float, nargs="+", default=[1.5, 5.0], help="training budgets")
+    parser.add_argument("--runs", type=int, default=3, help="runs (seeds 1..N) per budget; medians are reported")
+    parser.add_argument("--train-flags", default="", help="extra train.py flags, e.g. '--preset tiny --max-steps 10'")
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results"), help="folder for quality.json and quality.md"
     )
@@ -46,60 +125,13 @@ def main() -> None:
     corpus = Path(args.corpus)
     if not corpus.is_file() or args.runs < 1:
         sys.exit(f"error: {corpus} is not a file, or --runs is below 1")
-
-    budget = [f"--max-minutes={args.max_minutes}"] * (args.max_minutes is not None) + [
-        f"--max-steps={args.max_steps}"
-    ] * (args.max_steps is not None)
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        text = corpus.read_text(encoding="utf-8")
-        cut = int(len(text) * 0.9)
-        train, val = Path(tmp) / "train.txt", Path(tmp) / "val.txt"
-        train.write_text(text[:cut], encoding="utf-8")
-        val.write_text(text[cut:], encoding="utf-8")
-        for seed in range(1, args.runs + 1):
-            out = Path(tmp) / f"run{seed}"
-            start = time.perf_counter()
-            run(
-                [
-                    "train.py",
-                    "--preset",
-                    args.preset,
-                    "--data",
-                    str(train),
-                    "--val-data",
-                    str(val),
-                    "--out-dir",
-                    str(out),
-                    "--seed",
-                    str(seed),
-                    "--no-progress",
-                    "--cache-dir",
-                    str(Path(tmp) / "cache"),
-                    *budget,
-                ]
-            )
-            wall = time.perf_counter() - start
-            figures = json.loads(run(["-m", "model.evaluate", "--checkpoint", str(out), "--text", str(val)]))
-            meta = json.loads(next(out.glob("step-*/checkpoint.json")).read_text())
-            results.append({"seed": seed, "bpb": figures["bpb"], "wall_seconds": wall, "steps": meta["step"]})
-            print(f"seed {seed}: {figures['bpb']:.4f} bits/byte, {meta['step']} steps, {wall:.1f} s", flush=True)
-
-    summary = {
-        "corpus": str(corpus),
-        "preset": args.preset,
-        "budget": budget or "preset default",
-        "runs": results,
-        "median_bpb": statistics.median(r["bpb"] for r in results),
-        "median_wall_seconds": statistics.median(r["wall_seconds"] for r in results),
-    }
+        results = measure(corpus, args.max_minutes, args.runs, args.train_flags.split(), Path(tmp))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
-    rows = "\n".join(f"| {r['seed']} | {r['steps']} | {r['wall_seconds']:.1f} | {r['bpb']:.4f} |" for r in results)
-    table = f"| seed | steps | wall (s) | val bits/byte |\n|---|---|---|---|\n{rows}\n| **median** | | {summary['median_wall_seconds']:.1f} | **{summary['median_bpb']:.4f}** |\n"
-    (out_dir / "quality.md").write_text(f"Preset `{args.preset}` on `{corpus.name}` (last 10% held out)\n\n{table}")
-    print(table)
+    (out_dir / "quality.json").write_text(json.dumps({"corpus": str(corpus), "budgets": results}, indent=2) + "\n")
+    (out_dir / "quality.md").write_text(f"`{corpus.name}`, last 10% held out\n\n{table(results)}")
+    print(table(results))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The checkpoint format: the one place that knows how a model is laid out on disk.
 
 A run folder (`out/NAME/`) holds `metrics.jsonl`, a `LATEST` file naming the newest complete
-checkpoint, and that checkpoint's folder `step-NNNNNNN/`:
+checkpoint (what `--resume` continues), a `BEST` file naming the one with the lowest validation
+loss so far (what sampling, evaluation, the UI and `--init-from` load: a run that trains past its
+best point keeps it), and those checkpoints' folders `step-NNNNNNN/`:
 
     model.safetensors      the weights (safetensors: loading never executes code, unlike pickle)
     checkpoint.json        format and version, model config, training arguments, latest metrics,
@@ -37,6 +39,7 @@ from model.tokenizer import Tokenizer
 FORMAT = "pocketgpt-checkpoint"
 VERSION = 1
 POINTER = "LATEST"
+BEST = "BEST"
 
 
 @dataclass
@@ -72,9 +75,15 @@ class Checkpoint:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: GPT, tokenizer: Tokenizer, meta: dict, trainer_state: dict | None = None
+    run_dir: Path,
+    step: int,
+    model: GPT,
+    tokenizer: Tokenizer,
+    meta: dict,
+    trainer_state: dict | None = None,
+    best: bool = False,
 ) -> Path:
-    """Write a complete checkpoint for `step` under `run_dir` and point LATEST at it."""
+    """Write a complete checkpoint for `step` under `run_dir`, point LATEST (and BEST if `best`) at it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
@@ -96,30 +105,37 @@ def save_checkpoint(
         _fsync(path)
     os.replace(tmp, run_dir / name)
     _write_atomically(run_dir / POINTER, name + "\n")
+    if best:
+        _write_atomically(run_dir / BEST, name + "\n")
+    keep = {name, (run_dir / BEST).read_text().strip() if (run_dir / BEST).is_file() else name}
     for old in run_dir.glob("step-*"):
-        if old.name != name:
+        if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
     return run_dir / name
 
 
-def resolve(path: Path | str) -> Path:
-    """A run folder (follow LATEST) or a checkpoint folder -> the checkpoint folder."""
+def resolve(path: Path | str, latest: bool = False) -> Path:
+    """A run folder (follow BEST, or LATEST if `latest` or there is no BEST) or a checkpoint folder."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint folder {path} does not exist; train one with `python train.py`")
-    if (path / POINTER).is_file():
-        target = path / (path / POINTER).read_text().strip()
+    pointer = POINTER if latest or not (path / BEST).is_file() else BEST
+    if (path / pointer).is_file():
+        target = path / (path / pointer).read_text().strip()
         if not target.is_dir():
-            raise UserError(f"{path / POINTER} names {target.name}, which is missing; the run folder is damaged")
+            raise UserError(f"{path / pointer} names {target.name}, which is missing; the run folder is damaged")
         return target
     if (path / "checkpoint.json").is_file():
         return path
     raise UserError(f"{path} is not a checkpoint: it has neither {POINTER} nor checkpoint.json")
 
 
-def load_checkpoint(path: Path | str) -> Checkpoint:
-    """Open and verify a checkpoint (format, version, checksums) without loading weights yet."""
-    folder = resolve(path)
+def load_checkpoint(path: Path | str, latest: bool = False) -> Checkpoint:
+    """Open and verify a checkpoint (format, version, checksums) without loading weights yet.
+
+    A run folder opens its best checkpoint, or with `latest` its newest (to resume training).
+    """
+    folder = resolve(path, latest)
     try:
         meta = json.loads((folder / "checkpoint.json").read_text())
     except (OSError, ValueError) as error:

@@ -9,6 +9,7 @@ optimizer state stay in fp32 either way; autocast only changes the precision of 
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import torch
@@ -53,3 +54,25 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of a square `size` matmul in `dtype` on `device`, measured now (best of 3 timings).
+
+    Model FLOPs utilisation (MFU) is quoted against this figure, measured in the same process as the
+    training it describes, so it reflects the machine as it is (its threads, clocks and neighbours).
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for attempt in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if attempt:  # the first round warms up
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * repeats / best

@@ -13,6 +13,8 @@ weight onto Hugging Face's Qwen3 architecture, so an export needs no retraining)
   GELU MLP at equal parameter count. (Squared ReLU is as good, but no standard HF model uses it.)
 - No biases anywhere: they cost time and do not help at this scale.
 - Grouped-query attention is available (`n_kv_head < n_head`) to shrink the KV cache.
+- Residual dropout (off by default) for runs that see their data many times; Qwen3 has no such
+  layer, which is fine: dropout is training-only and the exported model computes the same thing.
 - Attention runs through `F.scaled_dot_product_attention`, which picks the fastest kernel.
 - Module names follow Qwen3's (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so the weights
   file reads like theirs.
@@ -44,6 +46,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    dropout: float = 0.0  # residual dropout while training (a data-limited run's regulariser); never at inference
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -159,10 +162,12 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
+        self.dropout = config.dropout
 
     def forward(self, x, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        drop = self.dropout if self.training else 0.0
+        x = x + F.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache), drop)
+        return x + F.dropout(self.mlp(self.post_attention_layernorm(x)), drop)
 
 
 class GPT(nn.Module):

@@ -15,16 +15,51 @@ def test_quality_benchmark_trains_scores_and_writes_medians(corpus_file, tmp_pat
         str(corpus_file),
         "--runs",
         "2",
-        "--preset",
-        "tiny",
-        "--max-steps",
-        "10",
+        "--train-flags",
+        "--preset tiny --max-steps 10",
+        "--max-minutes",
+        "1",
         "--out",
         str(tmp_path),
     )
     assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "quality.json").read_text())
-    assert [r["seed"] for r in summary["runs"]] == [1, 2] and all(r["steps"] == 10 for r in summary["runs"])
-    low, high = sorted(r["bpb"] for r in summary["runs"])
-    assert summary["median_bpb"] == (low + high) / 2 and 0 < low <= high < 8
-    assert f"{summary['median_bpb']:.4f}" in (tmp_path / "quality.md").read_text()
+    (budget,) = json.loads((tmp_path / "quality.json").read_text())["budgets"]
+    assert [r["seed"] for r in budget["runs"]] == [1, 2] and all(r["steps"] == 10 for r in budget["runs"])
+    low, high = sorted(r["bpb"] for r in budget["runs"])
+    assert budget["median_bpb"] == (low + high) / 2 and 0 < low <= high < 8
+    assert all(0 < r["mfu"] < 1.5 and r["curve"][-1][0] > 0 for r in budget["runs"])
+    assert f"{budget['median_bpb']:.3f}" in (tmp_path / "quality.md").read_text()
+
+
+def test_the_suite_writes_json_markdown_and_a_plot_with_every_figure(corpus_file, tmp_path):
+    result = run_script(
+        "-m",
+        "benchmarks",
+        "--corpus",
+        str(corpus_file),
+        "--quick",
+        "--runs",
+        "1",
+        "--budgets",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert "GFLOP/s" in figures["machine"] and 0 < figures["mfu"] < 1.5
+    generation = figures["generation"]
+    assert generation["bytes_per_second_within_context"] > 0 and generation["bytes_per_second_past_context"] > 0
+    assert generation["tokens_past_context"] == 4 * generation["context"] and generation["first_token_ms"] > 0
+    assert generation["prompt_bytes"] <= 1000
+    data = figures["data"]
+    assert data["bpe_seconds_0.1MB"] > 0 and data["bpe_seconds_1MB"] > 0 and data["prepare_seconds_1MB"] > 0
+    assert 50 < data["prepare_peak_mb_1MB"] < 4096
+    table = (tmp_path / "benchmarks.md").read_text()
+    assert f"{figures['quality'][0]['median_bpb']:.3f}" in table and "time to first token" in table
+    assert (tmp_path / "loss_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_suite_input_is_one_line():
+    result = run_script("-m", "benchmarks", "--corpus", "no/such/file.txt")
+    assert result.returncode != 0 and result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr

@@ -161,7 +161,6 @@ def test_unknown_flags_are_refused_by_argparse():
         (["--top-k", "-3"], "top-k"),
         (["--max-new-tokens", "0"], "max new tokens"),
         (["--num-samples", "0"], "num-samples"),
-        (["--prompt", "word " * 400], "context"),
         (["--prompt-file", "{tmp}/nope.txt"], "does not exist"),
     ],
 )
@@ -170,6 +169,12 @@ def test_sample_rejects_bad_input_cleanly(tiny_run, tmp_path, args, pattern):
     if "--checkpoint" not in args:
         args = ["--checkpoint", str(tiny_run), *args]
     assert_clean_error(run_script("sample.py", *args), pattern)
+
+
+def test_a_prompt_longer_than_the_context_is_cut_to_its_newest_tokens_with_a_note(tiny_run):
+    result = run_script("sample.py", "--checkpoint", str(tiny_run), "--prompt", "word " * 400, "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert "the model sees its last 64" in result.stderr and result.stdout.startswith("word " * 400)
 
 
 def test_incomplete_and_incompatible_checkpoints_are_refused(tiny_run, tmp_path):

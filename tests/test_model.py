@@ -63,6 +63,28 @@ def test_kv_cache_generation_equals_full_recomputation_also_past_the_context():
     assert engine_tokens(engine, [prompt], steps) == [expected]
 
 
+def test_the_fused_decode_step_computes_what_the_model_computes():
+    model = tiny_model(context=32, n_kv_head=2)  # grouped-query attention: 4 query heads, 2 key/value heads
+    engine = Engine(model, TOKENIZER)
+    tokens = torch.randint(0, TOKENIZER.n_vocab, (2, 20))
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        for t in (1, 7, 19):
+            cache, _ = engine._prefill(tokens[:, :t], valid[:, :t])
+            step = engine._decode(cache, tokens[:, t], valid[:, : t + 1])
+            full = model(tokens[:, : t + 1])[:, -1]
+            assert (step - full).abs().max() < 1e-4, t
+            assert cache.length == t + 1
+
+
+def test_a_prompt_longer_than_the_context_is_conditioned_on_its_newest_tokens():
+    model = tiny_model(context=16)
+    engine = Engine(model, TOKENIZER)
+    prompt = [TOKENIZER.doc_separator, *TOKENIZER.encode("a long prompt, longer than the window")]
+    assert len(prompt) > 16
+    assert engine_tokens(engine, [prompt], 10) == engine_tokens(engine, [prompt[-16:]], 10)
+
+
 def test_a_batch_of_different_prompts_matches_each_prompt_alone():
     model = tiny_model(context=64)
     engine = Engine(model, TOKENIZER)

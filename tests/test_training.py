@@ -71,6 +71,10 @@ def test_checkpoint_round_trip_restores_weights_config_and_tokenizer(corpus_file
     assert checkpoint.model_config == trainer.model.config
     assert checkpoint.load_tokenizer().fingerprint == trainer.tokenizer.fingerprint
     assert checkpoint.meta["train"]["max_steps"] == 10 and checkpoint.meta["metrics"]["val_bpb"] == metrics["val_bpb"]
+    assert 0 < metrics["mfu"] < 1.5 and metrics["tokens_per_sec"] > 0  # utilisation is reported with the metrics
+    assert all(
+        0 < r["mfu"] < 1.5 for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "train_loss" in r
+    )
     assert sorted(p.name for p in checkpoint.folder.iterdir()) == [
         "checkpoint.json",
         "model.safetensors",
@@ -78,6 +82,45 @@ def test_checkpoint_round_trip_restores_weights_config_and_tokenizer(corpus_file
         "tokenizer.tiktoken",
         "trainer.safetensors",
     ]
+
+
+def test_the_best_checkpoint_is_kept_and_loaded_for_inference_while_resume_takes_the_latest(tmp_path):
+    from model.checkpoint import save_checkpoint
+    from model.gpt import GPT, ModelConfig
+    from model.tokenizer import build_char
+
+    model, tokenizer, run = (
+        GPT(ModelConfig(vocab_size=300, n_layer=1, n_embd=16, n_head=2, n_kv_head=2)),
+        build_char(["ab"]),
+        tmp_path / "run",
+    )
+    for step, best in ((1, True), (2, False), (3, False)):
+        save_checkpoint(run, step, model, tokenizer, {"metrics": {"step": step}}, {"step": step}, best=best)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-0000001", "step-0000003"]  # step 2 was neither
+    assert load_checkpoint(run).step == 1 and load_checkpoint(run, latest=True).step == 3
+    save_checkpoint(run, 4, model, tokenizer, {"metrics": {"step": 4}}, {"step": 4}, best=True)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-0000004"]
+    assert load_checkpoint(run).step == 4 == load_checkpoint(run, latest=True).step
+
+
+def test_a_run_points_best_at_its_lowest_evaluation(corpus_file, tmp_path):
+    trainer, metrics = train(flags(corpus_file, tmp_path, "run", max_steps=40, eval_interval=5))
+    evaluations = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "val_bpb" in r]
+    lowest = min(evaluations, key=lambda r: r["val_bpb"])
+    assert load_checkpoint(tmp_path / "run").step == lowest["step"] == trainer.best["step"]
+    assert load_checkpoint(tmp_path / "run", latest=True).step == 40
+
+
+def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
+    laptop = 420e9  # FLOP/s, the reference machine's bf16 matmul peak
+    sizes = [assemble({"max_minutes": m}, peak_flops=laptop) for m in (1.5, 5, 60)]
+    assert sizes[0].n_layer <= sizes[1].n_layer < sizes[2].n_layer
+    assert all(c.n_embd == 64 * c.n_layer and c.n_head == c.n_layer for c in sizes)
+    assert assemble({"max_minutes": 60}, peak_flops=1e15).n_layer == 12  # a big GPU: capped at GPT-2 small
+    assert assemble({"max_minutes": 5, "n_layer": 7}, peak_flops=laptop).n_layer == 7
+    saved = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_kv_head": 2}
+    assert assemble({"max_minutes": 60}, saved=saved, peak_flops=laptop).n_embd == 96  # a resumed run keeps its shape
+    assert assemble({"max_minutes": 60, "preset": "tiny"}, peak_flops=laptop).n_embd == 64  # other presets are fixed
 
 
 def test_damaged_or_foreign_checkpoints_are_refused(corpus_file, tmp_path):

@@ -18,6 +18,7 @@ from gradio_client import Client  # noqa: E402
 from model.chat_template import stream_reply  # noqa: E402
 from model.engine import SamplingConfig  # noqa: E402
 from model.errors import UserError  # noqa: E402
+from tests.conftest import TINY, run_script  # noqa: E402
 from ui.app import build_app, example_prompts  # noqa: E402
 from ui.models import ModelStore  # noqa: E402
 
@@ -42,11 +43,28 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_run, tmp_path_factory):
-    """Two runs under one root, the app serving the first, on a free localhost port."""
+def served(tiny_run, corpus_file, tmp_path_factory):
+    """Three runs under one root, the app serving the first, on a free localhost port.
+
+    "wide" is a 4 x 256 model: slow enough per token that a long reply is still streaming when the
+    browser test presses stop (the tiny model writes 4,096 tokens in about two seconds).
+    """
     root = tmp_path_factory.mktemp("ui") / "out"
     shutil.copytree(tiny_run, root / "first")
     shutil.copytree(tiny_run, root / "second")
+    wide = ["--n-layer", "4", "--n-embd", "256", "--n-head", "4", "--n-kv-head", "4", "--context", "256"]
+    result = run_script(
+        "train.py",
+        *TINY,
+        *wide,
+        "--data",
+        str(corpus_file),
+        "--out-dir",
+        str(root / "wide"),
+        "--cache-dir",
+        str(root.parent / "cache"),
+    )
+    assert result.returncode == 0, result.stderr
     os.utime(root / "first" / "LATEST")  # newest, so it is the default
     store = ModelStore(root)
     store.load("first")
@@ -180,8 +198,9 @@ def test_the_page_in_a_real_browser(served):
         page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
 
         # A long generation, stopped once it is streaming: the reply is cut short and stops growing.
+        store.load("wide")  # as if another user had switched models: the page now talks to the wide one
         max_tokens = page.get_by_label("number input for Max new tokens")
-        max_tokens.fill("1024")
+        max_tokens.fill("4096")
         max_tokens.press("Enter")
         box.fill("Tell me everything")
         expect(box).to_have_value("Tell me everything")
@@ -198,8 +217,9 @@ def test_the_page_in_a_real_browser(served):
             {"role": "assistant", "content": first_reply},
             {"role": "user", "content": "Tell me everything"},
         ]
-        whole = " ".join(full_reply(store, conversation, 1024).split())
+        whole = " ".join(full_reply(store, conversation, 4096).split())
         assert whole.startswith(stopped) and len(stopped) < len(whole)  # a strict prefix: it was stopped
+        store.load("first")
 
         page.get_by_role("tab", name="Model").click()
         expect(page.get_by_text("Validation bits per byte")).to_be_visible()

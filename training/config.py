@@ -12,6 +12,7 @@ import argparse
 from dataclasses import MISSING, asdict, dataclass, fields
 
 from model.errors import UserError
+from training.budget import sized_for_budget
 
 
 @dataclass
@@ -33,14 +34,16 @@ class TrainConfig:
     n_kv_head: int = 4
     context: int = 256
     tie_embeddings: bool = False
+    dropout: float = 0.0
     # optimisation
     optimizer: str = "muon"
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
+    embed_lr: float = 0.01
     muon_lr: float = 0.02
     weight_decay: float = 0.0
-    warmup_steps: int = 20
+    warmup_steps: int = 5
     cooldown: float = 0.4
     grad_clip: float = 1.0
     # budget
@@ -79,8 +82,10 @@ class TrainConfig:
             self.max_minutes is not None and self.max_minutes <= 0
         ):
             raise UserError("--max-steps and --max-minutes must be positive")
-        if min(self.lr, self.muon_lr) <= 0 or self.weight_decay < 0 or not 0 <= self.cooldown <= 1:
+        if min(self.lr, self.muon_lr, self.embed_lr) <= 0 or self.weight_decay < 0 or not 0 <= self.cooldown <= 1:
             raise UserError("learning rates must be positive, weight decay >= 0, cooldown in [0, 1]")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run; --init-from starts a new one: give one of them")
 
@@ -102,10 +107,10 @@ PRESETS: dict[str, dict] = {
         sample_tokens=24,
         warmup_steps=5,
     ),
-    # The default: about five minutes on two laptop CPU cores.
+    # The default: five minutes, the model sized for the budget and the machine (training/budget.py).
     "cpu": dict(),
     # Chat fine-tuning (chosen automatically with --chat-data): a few minutes.
-    "chat": dict(max_minutes=3.0, warmup_steps=10, eval_interval=100, sample_tokens=48),
+    "chat": dict(max_minutes=3.0, batch_size=32, warmup_steps=10, eval_interval=100, sample_tokens=48),
     # One modern GPU: nanoGPT's GPT-2 small shape (124M-class), bf16, compiled.
     "gpu": dict(
         vocab_size=32768,
@@ -144,10 +149,12 @@ HELP = {
     "n_kv_head": "key/value heads (fewer than --n-head = grouped-query attention)",
     "context": "tokens per training window, the model's context length",
     "tie_embeddings": "share the input embedding and the output head",
+    "dropout": "residual dropout while training (helps when the run sees its data many times)",
     "optimizer": "muon (Muon for hidden matrices, AdamW for the rest) or adamw (AdamW for all)",
     "batch_size": "sequences per optimizer step, summed over all processes",
     "grad_accum": "micro-steps per optimizer step (splits the batch to save memory)",
     "lr": "peak AdamW learning rate (embeddings, output head, norms; everything with --optimizer adamw)",
+    "embed_lr": "peak AdamW learning rate of the token embedding (each row is updated rarely, so it can take a large one)",
     "muon_lr": "peak Muon learning rate for the hidden weight matrices",
     "weight_decay": "decoupled weight decay of the matrices",
     "warmup_steps": "steps of linear learning-rate warm-up",
@@ -207,11 +214,17 @@ def typed_flags(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
-def assemble(typed: dict, saved: dict | None = None) -> TrainConfig:
-    """defaults < preset < saved run arguments < typed flags."""
+def assemble(typed: dict, saved: dict | None = None, peak_flops: float | None = None) -> TrainConfig:
+    """defaults < preset < size for the budget < saved run arguments < typed flags.
+
+    The budget sizing (training/budget.py) applies to the default `cpu` preset when the peak FLOP/s
+    of the machine is known; tests and callers that pass no peak get the preset's own sizes.
+    """
     chat = typed.get("chat_data") or (saved or {}).get("chat_data")
     preset = typed.get("preset") or (saved or {}).get("preset") or ("chat" if chat else "cpu")
-    values = {**PRESETS[preset], **(saved or {}), **typed, "preset": preset}
+    minutes = {"max_minutes": TrainConfig.max_minutes, **PRESETS[preset], **typed}["max_minutes"]
+    sized = sized_for_budget(minutes, peak_flops) if preset == "cpu" and peak_flops and minutes and not saved else {}
+    values = {**PRESETS[preset], **sized, **(saved or {}), **typed, "preset": preset}
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in values.items() if k in known})
     config.validate()

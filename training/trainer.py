@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import replace
@@ -33,18 +34,19 @@ from data.loader import Batches, ConversationBatches
 from data.prepare import DEFAULT_CACHE, Prepared, prepare
 from model.chat_template import TurnsTemplate, stream_reply
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from model.device import autocast, pick_dtype
+from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
 from model.engine import Engine, SamplingConfig
 from model.errors import UserError
 from model.evaluate import bits_per_byte, score
 from model.gpt import GPT, ModelConfig
 from training import distributed
+from training.budget import describe
 from training.config import TrainConfig, to_dict
 from training.optim import build_optimizers, lr_factor, set_lr
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, base: Checkpoint | None, resuming: bool):
+    def __init__(self, config: TrainConfig, base: Checkpoint | None, resuming: bool, peak_flops: float | None = None):
         self.config = config
         self.dist = distributed.setup(config.device)
         self.device = self.dist.device
@@ -89,7 +91,10 @@ class Trainer:
         if self.rows_per_micro * config.grad_accum * self.dist.world != config.batch_size:
             raise UserError("--batch-size must be divisible by --grad-accum times the number of processes")
         self.metrics: dict = {}
+        self.best: dict = base.meta.get("best", {}) if resuming else {}  # step and val_bpb of the best evaluation
         self.stop_requested = False
+        self.peak_flops = peak_flops or matmul_peak_flops(self.device, self.dtype)
+        self.step_rates: list[float] = []  # tokens per second of each step of this session
 
     def request_stop(self, *_signal_args) -> None:
         """Finish the current step, save a checkpoint and return (Ctrl-C and SIGTERM call this)."""
@@ -171,6 +176,7 @@ class Trainer:
             n_head=c.n_head,
             n_kv_head=c.n_kv_head,
             tie_embeddings=c.tie_embeddings,
+            dropout=c.dropout,
         )
 
     def _restore(self, checkpoint: Checkpoint) -> None:
@@ -203,6 +209,7 @@ class Trainer:
             self.tokens_seen += c.batch_size * self.model.config.context
             self.elapsed = time.perf_counter() - start
             tokens_per_sec = c.batch_size * self.model.config.context / (time.perf_counter() - step_start)
+            self.step_rates.append(tokens_per_sec)
             bar.n = int(1000 * min(1.0, self._progress()))
             bar.set_postfix_str(f" step {self.step} loss {loss:.3f} {tokens_per_sec:,.0f} tok/s", refresh=True)
             if self.step % c.log_interval == 0:
@@ -213,6 +220,7 @@ class Trainer:
                         "train_loss": loss,
                         "lr_factor": factor,
                         "tokens_per_sec": tokens_per_sec,
+                        "mfu": self._mfu(tokens_per_sec),
                     }
                 )
             if c.eval_interval and self.step % c.eval_interval == 0 and self._progress() < 1:
@@ -224,6 +232,13 @@ class Trainer:
         bar.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+        if self.step_rates and self.dist.is_main:
+            rate = self._median_rate()
+            print(
+                f"throughput: median {rate:,.0f} tokens/s per step = {rate * self.model.flops_per_token() / 1e9:,.0f} GFLOP/s, "
+                f"MFU {self._mfu(rate):.0%} of the {self.peak_flops / 1e9:,.0f} GFLOP/s {str(self.dtype).removeprefix('torch.')} "
+                "matmul peak measured at start"
+            )
         if self.stop_requested and self.dist.is_main and self._progress() < 1:
             print(f"stopped at step {self.step}; continue with: python train.py --resume --out-dir {self.out_dir}")
         self.dist.close()
@@ -239,6 +254,13 @@ class Trainer:
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, self.request_stop)
         return previous
+
+    def _median_rate(self) -> float:
+        return sorted(self.step_rates)[len(self.step_rates) // 2]
+
+    def _mfu(self, tokens_per_sec: float) -> float:
+        """Model FLOPs utilisation: model FLOP/s (6N + attention, per process) over the measured matmul peak."""
+        return tokens_per_sec / self.dist.world * self.model.flops_per_token() / self.peak_flops
 
     def _progress(self) -> float:
         c = self.config
@@ -286,12 +308,18 @@ class Trainer:
                 "time": round(self.elapsed, 2),
                 "tokens_seen": self.tokens_seen,
             }
+            if self.step_rates:
+                rate = self._median_rate()
+                self.metrics.update(tokens_per_sec=round(rate), mfu=round(self._mfu(rate), 4))
             self._log(self.metrics)
+            is_best = not self.best or result["bpb"] < self.best["val_bpb"]
+            if is_best:
+                self.best = {"step": self.step, "val_bpb": result["bpb"]}
             message = f"step {self.step}: val loss {result['loss']:.4f}, val {result['bpb']:.4f} bits/byte"
             if c.sample_tokens:
                 message += f"\n--- sample ---\n{self._sample().strip()}\n--------------"
             bar.write(message)
-            self._save()
+            self._save(is_best)
         self.dist.barrier()
 
     def _sample(self) -> str:
@@ -306,10 +334,11 @@ class Trainer:
         self.model.train()
         return text
 
-    def _save(self) -> None:
+    def _save(self, best: bool) -> None:
         meta = {
             "train": to_dict(self.config),
             "metrics": self.metrics,
+            "best": self.best,
             "data": self.data_info,
             "tokens_seen": self.tokens_seen,
             "elapsed_seconds": self.elapsed,
@@ -322,7 +351,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "rng": torch.get_rng_state(),
         }
-        save_checkpoint(self.out_dir, self.step, self.model, self.tokenizer, meta, state)
+        save_checkpoint(self.out_dir, self.step, self.model, self.tokenizer, meta, state, best)
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -359,12 +388,16 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     base, resuming, saved = None, bool(typed.get("resume")), None
     if resuming:
         out_dir = typed.get("out_dir") or assemble({k: v for k, v in typed.items() if k != "resume"}).out_dir
-        base = load_checkpoint(out_dir)
+        base = load_checkpoint(out_dir, latest=True)
         saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
-    config = assemble(typed, saved)
+    device = pick_device({**(saved or {}), **typed}.get("device", "auto"))
+    peak_flops = matmul_peak_flops(device, pick_dtype(device, {**(saved or {}), **typed}.get("dtype", "auto")))
+    config = assemble(typed, saved, peak_flops)
     if config.init_from:
         base = load_checkpoint(config.init_from)
     if not resuming and (Path(config.out_dir) / "LATEST").exists():
         raise UserError(f"{config.out_dir} already holds a run; use --resume to continue it or another --out-dir")
-    trainer = Trainer(config, base, resuming)
+    if config.preset == "cpu" and not resuming and config.max_minutes and os.environ.get("RANK", "0") == "0":
+        print(describe(config.max_minutes, peak_flops))
+    trainer = Trainer(config, base, resuming, peak_flops)
     return trainer, trainer.run()

@@ -116,7 +116,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
             temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature (0 = greedy)")
             top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
             top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p (1 = off)")
-            max_new_tokens = gr.Slider(1, 1024, value=200, step=1, label="Max new tokens")
+            max_new_tokens = gr.Slider(1, 4096, value=200, step=1, label="Max new tokens")
             seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
         settings = [temperature, top_k, top_p, max_new_tokens, seed]
         with gr.Tabs():

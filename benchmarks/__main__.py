@@ -1,0 +1,87 @@
+"""The benchmark suite: every figure issue 5 asks for, in one command.
+
+    python -m benchmarks --corpus ../shared/data/tinyshakespeare.txt
+
+1. Quality per minute (benchmarks/quality.py): the default settings at each `--max-minutes`
+   budget, `--runs` seeds each, scored on the held-out last 10% with model.evaluate.
+2. Hardware use: the MFU the training log reports for the default 5-minute runs (model FLOP/s
+   over the bf16 matmul peak measured in the same process).
+3. Generation (benchmarks/generation.py): batch-1 bytes/s within and past the context, and time to
+   first token for a 1,000-byte prompt, on the first run of the longest budget.
+4. Tokenizer and data (benchmarks/data_speed.py): BPE on 1 MB and 100 MB, preparing 100 MB.
+
+Writes `benchmarks.json`, `benchmarks.md` and `loss_vs_time.png` to `--out`. The full suite takes
+about 45 minutes on 2 cores; `--quick` runs every part small (seconds to minutes) to check that it
+works. Nothing else should run on the machine meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks import data_speed, generation, quality, report
+from model.device import matmul_peak_flops, pick_dtype
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    device = torch.device("cpu")
+    dtype = pick_dtype(device)
+    peak = matmul_peak_flops(device, dtype)
+    name = platform.processor() or platform.machine()
+    return (
+        f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{str(dtype).removeprefix('torch.')} matmul peak {peak / 1e9:,.0f} GFLOP/s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--corpus", required=True, help="UTF-8 text file (trained on its first 90%%)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.5, 5.0], help="--max-minutes budgets")
+    parser.add_argument("--runs", type=int, default=3, help="seeds per budget and timed runs per speed figure")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["quality", "generation", "data"], help="parts to skip"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere: checks the suite works")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the results")
+    args = parser.parse_args()
+    corpus = Path(args.corpus)
+    if not corpus.is_file():
+        sys.exit(f"error: {corpus} is not a file; give a UTF-8 text corpus with --corpus")
+    if args.runs < 1:
+        sys.exit("error: --runs must be at least 1")
+
+    figures: dict = {"machine": machine(), "corpus": corpus.name}
+    # Evaluations every 50 steps draw the curve (they pause the training clock, so cost no budget).
+    flags = (
+        ["--preset", "tiny", "--max-steps", "20", "--eval-interval", "5"] if args.quick else ["--eval-interval", "50"]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if "quality" not in args.skip or "generation" not in args.skip:
+            figures["quality"] = quality.measure(corpus, args.budgets, args.runs, flags, Path(tmp))
+            longest = max(figures["quality"], key=lambda budget: budget["minutes"])
+            figures["mfu"] = longest["median_mfu"]
+            if "generation" not in args.skip:
+                checkpoint = longest["runs"][0]["checkpoint"]
+                figures["generation"] = generation.measure(checkpoint, args.runs)
+                print(f"generation: {figures['generation']}", flush=True)
+    if "data" not in args.skip:
+        sizes, prepare_size = ([0.1, 1], 1) if args.quick else ([1, 100], 100)
+        figures["data"] = data_speed.measure(sizes, args.runs, prepare_size)
+    report.write(figures, Path(args.out))
+    print(report.markdown(figures))
+    print(f"wrote {args.out}/benchmarks.json, benchmarks.md and loss_vs_time.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Generation speed at batch 1: bytes per second within and past the context, and time to first token.
+
+    python -m benchmarks.generation --checkpoint out/base [--runs 5]
+
+- Throughput: sample `context` tokens, then `4 x context` tokens (the second run slides its window
+  three times), at temperature 0.8 with a fixed seed per run. Output bytes over wall time. "Flat"
+  means the long run is about as fast per byte as the short one.
+- Time to first token: a 1,000-byte prompt (the model's own sampled text, so any corpus works),
+  timed from the call to the first text piece. A prompt longer than the context is cut to its
+  newest tokens, as the engine documents.
+Each figure is the median of `--runs` runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks import report
+from model.checkpoint import load_checkpoint
+from model.device import pick_dtype
+from model.engine import Engine, SamplingConfig
+from model.errors import run_cli
+
+
+def bytes_per_second(engine: Engine, tokens: int, seed: int) -> float:
+    sampling = SamplingConfig(max_new_tokens=tokens, temperature=0.8, seed=seed, stop_at_special=False)
+    start = time.perf_counter()
+    text = engine.generate([""], sampling)[0]
+    return len(text.encode()) / (time.perf_counter() - start)
+
+
+def first_token_seconds(engine: Engine, prompt: str) -> float:
+    start = time.perf_counter()
+    next(iter(engine.stream([engine.encode_prompt(prompt)], SamplingConfig(max_new_tokens=8, seed=0))))
+    return time.perf_counter() - start
+
+
+def measure(checkpoint_dir: str, runs: int = 5) -> dict:
+    checkpoint = load_checkpoint(checkpoint_dir)
+    model = checkpoint.load_model(torch.device("cpu"))
+    engine = Engine(model, checkpoint.load_tokenizer(), pick_dtype(torch.device("cpu")))
+    context = model.config.context
+    prompt_source = engine.generate([""], SamplingConfig(max_new_tokens=2 * context, seed=0, stop_at_special=False))[0]
+    prompt = (prompt_source * 8).encode()[:1000].decode(errors="ignore")
+    figures: dict = {"checkpoint": str(checkpoint.folder), "context": context, "runs": runs}
+    for label, tokens in (("within_context", context), ("past_context", 4 * context)):
+        bytes_per_second(engine, tokens, seed=0)  # warm-up
+        rates = [bytes_per_second(engine, tokens, seed) for seed in range(1, runs + 1)]
+        figures[f"bytes_per_second_{label}"] = round(statistics.median(rates))
+        figures[f"tokens_{label}"] = tokens
+    first_token_seconds(engine, prompt)
+    times = [first_token_seconds(engine, prompt) for _ in range(runs)]
+    figures["prompt_bytes"] = len(prompt.encode())
+    figures["first_token_ms"] = round(1000 * statistics.median(times), 1)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="run folder or step folder to generate from")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per figure (medians are reported)")
+    parser.add_argument("--out", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    figures = measure(args.checkpoint, args.runs)
+    report.print_json(figures, args.out)
+
+
+if __name__ == "__main__":
+    run_cli(main)

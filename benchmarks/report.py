@@ -1,0 +1,135 @@
+"""Write the suite's figures: one JSON file, one Markdown table, one loss-versus-time plot (PNG).
+
+The targets and nanoGPT's reference figures (from issue 5, measured on the 2-core reference
+machine class) live here, next to the table that compares against them, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+NANOGPT = {
+    "cpu": {"seconds": 89, "bpb": 2.74, "label": "nanoGPT CPU recipe (0.8M, char)"},
+    "a100": {"bpb": 2.12, "label": "nanoGPT on an A100 (10.7M, 5000 iters)"},
+    "generation_bytes_per_second": 875,
+}
+TARGETS = {
+    "bpb_1.5min": 2.10,
+    "bpb_5min": 1.95,
+    "mfu": 0.50,
+    "generation_bytes_per_second": 6000,
+    "first_token_ms": 50,
+    "bpe_seconds_1MB": 2,
+    "bpe_seconds_100MB": 120,
+    "prepare_seconds_100MB": 120,
+    "prepare_peak_mb_100MB": 2048,
+}
+
+
+def rows(figures: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, measured, target, met?) for every figure present."""
+    out = []
+
+    def add(name: str, value, target, better: str, fmt: str = "{:g}") -> None:
+        met = value <= target if better == "low" else value >= target
+        out.append(
+            (name, fmt.format(value), ("<= " if better == "low" else ">= ") + f"{target:g}", "yes" if met else "no")
+        )
+
+    for budget in figures.get("quality", []):
+        key = f"bpb_{budget['minutes']:g}min"
+        if key in TARGETS:
+            add(
+                f"val bits/byte, {budget['minutes']:g} min budget (median)",
+                budget["median_bpb"],
+                TARGETS[key],
+                "low",
+                "{:.3f}",
+            )
+        else:
+            out.append(
+                (f"val bits/byte, {budget['minutes']:g} min budget (median)", f"{budget['median_bpb']:.3f}", "", "")
+            )
+    if "mfu" in figures:
+        add("MFU of the default training step", figures["mfu"], TARGETS["mfu"], "high", "{:.0%}")
+    generation = figures.get("generation", {})
+    for key in ("within_context", "past_context"):
+        if f"bytes_per_second_{key}" in generation:
+            label = f"generation bytes/s, batch 1, {generation[f'tokens_{key}']} tokens ({key.replace('_', ' ')})"
+            add(label, generation[f"bytes_per_second_{key}"], TARGETS["generation_bytes_per_second"], "high", "{:,}")
+    if "first_token_ms" in generation:
+        add(
+            f"time to first token, {generation['prompt_bytes']}-byte prompt (ms)",
+            generation["first_token_ms"],
+            50,
+            "low",
+        )
+    for key, value in figures.get("data", {}).items():
+        if key in TARGETS:
+            add(key.replace("_", " "), value, TARGETS[key], "low")
+    return out
+
+
+def markdown(figures: dict) -> str:
+    lines = [
+        f"Machine: {figures.get('machine', '?')}. Corpus: `{figures.get('corpus', '?')}` (last 10% held out).",
+        "",
+        "| figure | measured | target | met |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(figures)]
+    lines += [
+        "",
+        f"nanoGPT for comparison: {NANOGPT['cpu']['label']}: {NANOGPT['cpu']['bpb']} bits/byte in "
+        f"{NANOGPT['cpu']['seconds']} s; {NANOGPT['a100']['label']}: {NANOGPT['a100']['bpb']} bits/byte; its "
+        f"sample.py: about {NANOGPT['generation_bytes_per_second']} characters/s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(figures: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for budget in figures.get("quality", []):
+        for i, run in enumerate(budget["runs"]):
+            seconds, bpb = zip(*run["curve"], strict=True) if run["curve"] else ((), ())
+            ax.plot(
+                seconds,
+                bpb,
+                marker=".",
+                alpha=0.85 if i == 0 else 0.35,
+                label=f"--max-minutes {budget['minutes']:g}" if i == 0 else None,
+                color=f"C{figures['quality'].index(budget)}",
+            )
+    cpu = NANOGPT["cpu"]
+    ax.scatter([cpu["seconds"]], [cpu["bpb"]], marker="x", s=80, color="black", label=cpu["label"], zorder=5)
+    ax.axhline(NANOGPT["a100"]["bpb"], linestyle="--", color="grey", label=NANOGPT["a100"]["label"])
+    ax.set_xlabel("training time on this machine (seconds)")
+    ax.set_ylabel("validation bits per byte (lower is better)")
+    ax.set_title(f"Loss against wall time: {figures.get('corpus', '')}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_json(figures: dict, out: str | None) -> None:
+    """Print one part's figures as JSON, and write them to `out` when given."""
+    print(json.dumps(figures, indent=2))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def write(figures: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "benchmarks.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (folder / "benchmarks.md").write_text(markdown(figures))
+    if figures.get("quality"):
+        plot(figures, folder / "loss_vs_time.png")

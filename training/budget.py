@@ -1,0 +1,46 @@
+"""The time budget is the dial: `--max-minutes` picks the model's size for the machine it runs on.
+
+nanochat derives every setting from one number, the depth. Here that number comes from the budget:
+the compute a run can spend is `minutes x 60 x the matmul peak measured on this machine`, and the
+depth grows with the sixth root of it (parameters ~ depth^3 grow with the square root of compute, as
+compute-optimal scaling has it), anchored where the sweep found the optimum on the reference CPU.
+Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
+and dropout once the model is big enough to memorise a small corpus in its budget.
+The schedule needs nothing: it already ends exactly when the budget does (training/optim.py).
+
+The sweep behind the anchor and the exponent is in benchmarks/NOTES.md. Flags typed on the
+command line (or saved in a run being resumed) always win over these choices.
+"""
+
+from __future__ import annotations
+
+# 90 seconds at the 2-core reference machine's bf16 peak (~420 GFLOP/s): depth 3 was best.
+ANCHOR_COMPUTE = 1.5 * 60 * 420e9
+ANCHOR_DEPTH = 3
+MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
+HEAD_DIM = 64
+
+
+def depth_for(minutes: float, peak_flops: float) -> int:
+    compute = minutes * 60 * peak_flops
+    depth = round(ANCHOR_DEPTH * (compute / ANCHOR_COMPUTE) ** (1 / 6))
+    return max(MIN_DEPTH, min(MAX_DEPTH, depth))
+
+
+def sized_for_budget(minutes: float, peak_flops: float) -> dict:
+    """The model-shape settings for a run of `minutes` on a machine with `peak_flops` FLOP/s.
+
+    Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
+    gets residual dropout (0.2, nanoGPT's value for Tiny Shakespeare; see benchmarks/NOTES.md).
+    """
+    depth = depth_for(minutes, peak_flops)
+    dropout = 0.0 if depth <= ANCHOR_DEPTH else 0.2
+    return {"n_layer": depth, "n_embd": HEAD_DIM * depth, "n_head": depth, "n_kv_head": depth, "dropout": dropout}
+
+
+def describe(minutes: float, peak_flops: float) -> str:
+    depth = depth_for(minutes, peak_flops)
+    return (
+        f"budget {minutes:g} min x {peak_flops / 1e9:,.0f} GFLOP/s peak = {minutes * 60 * peak_flops:.2g} FLOPs "
+        f"-> depth {depth}, width {HEAD_DIM * depth} (set --n-layer/--n-embd to choose yourself)"
+    )
