@@ -34,7 +34,12 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
     def add(name: str, value, target, better: str, fmt: str = "{:g}") -> None:
         met = value <= target if better == "low" else value >= target
         out.append(
-            (name, fmt.format(value), ("<= " if better == "low" else ">= ") + f"{target:g}", "yes" if met else "no")
+            (
+                name,
+                fmt.format(value),
+                ("<= " if better == "low" else ">= ") + fmt.format(target),
+                "yes" if met else "no",
+            )
         )
 
     for budget in figures.get("quality", []):
@@ -65,9 +70,15 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
             50,
             "low",
         )
+    labels = {
+        "bpe_seconds": "BPE training (s), {}",
+        "prepare_seconds": "preparing (s), {}",
+        "prepare_peak_mb": "preparing, peak memory (MB), {}",
+    }
     for key, value in figures.get("data", {}).items():
         if key in TARGETS:
-            add(key.replace("_", " "), value, TARGETS[key], "low")
+            kind, size = key.rsplit("_", 1)
+            add(labels[kind].format(size.replace("MB", " MB")), value, TARGETS[key], "low")
     return out
 
 
