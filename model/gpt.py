@@ -194,6 +194,12 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(param, std=0.02)
 
+    def set_dropout(self, dropout: float) -> None:
+        """Change the training-time dropout (a run started from a checkpoint chooses its own)."""
+        self.config.dropout = dropout
+        for block in self.layers:
+            block.dropout = dropout
+
     def num_parameters(self, include_embedding: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
         return total if include_embedding else total - self.embed_tokens.weight.numel()

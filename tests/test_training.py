@@ -143,13 +143,15 @@ def test_damaged_or_foreign_checkpoints_are_refused(corpus_file, tmp_path):
 
 
 def test_init_from_starts_a_new_run_from_existing_weights(corpus_file, tmp_path):
-    first, _ = train(flags(corpus_file, tmp_path, "base", max_steps=10, eval_interval=0))
+    first, _ = train(flags(corpus_file, tmp_path, "base", max_steps=10, eval_interval=0, dropout=0.2))
     second = Trainer(
-        assemble(flags(corpus_file, tmp_path, "next", init_from=str(tmp_path / "base"))),
+        assemble(flags(corpus_file, tmp_path, "next", init_from=str(tmp_path / "base"), dropout=0.05)),
         load_checkpoint(tmp_path / "base"),
         resuming=False,
     )
     assert second.step == 0
+    assert first.model.config.dropout == 0.2 and second.model.config.dropout == 0.05  # dropout is the new run's choice
+    assert all(block.dropout == 0.05 for block in second.model.layers)
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(second.model.state_dict()[name], tensor)
 

@@ -62,6 +62,10 @@ class Trainer:
         self.data_info = base.meta.get("data") if self.chat else self.data.manifest
         self.chat_info = base.meta.get("chat") if base else None
         self.model = base.load_model(self.device) if base else GPT(self._model_config()).to(self.device)
+        if base:
+            self.model.set_dropout(
+                config.dropout
+            )  # --dropout belongs to this run, also when it starts from a checkpoint
         if base and self.model.config.vocab_size < self.tokenizer.n_vocab:
             raise UserError(
                 f"{base.folder} has a smaller vocabulary than its tokenizer; the checkpoint is inconsistent"
