@@ -1,4 +1,4 @@
-"""The benchmark suite: every figure issue 5 asks for, in one command.
+"""The benchmark suite: quality per minute, hardware use, generation and data speed, in one command.
 
     python -m benchmarks --corpus ../shared/data/tinyshakespeare.txt
 

@@ -153,7 +153,7 @@ HELP = {
     "optimizer": "muon (Muon for hidden matrices, AdamW for the rest) or adamw (AdamW for all)",
     "batch_size": "sequences per optimizer step, summed over all processes",
     "grad_accum": "micro-steps per optimizer step (splits the batch to save memory)",
-    "lr": "peak AdamW learning rate (embeddings, output head, norms; everything with --optimizer adamw)",
+    "lr": "peak AdamW learning rate (output head, norms; all matrices with --optimizer adamw)",
     "embed_lr": "peak AdamW learning rate of the token embedding (each row is updated rarely, so it can take a large one)",
     "muon_lr": "peak Muon learning rate for the hidden weight matrices",
     "weight_decay": "decoupled weight decay of the matrices",
@@ -182,8 +182,8 @@ HELP = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a GPT on a text corpus. `python train.py` trains the default model on the built-in corpus.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    sized = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout")  # chosen by training/budget.py in the cpu preset
     for field in fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not MISSING else None
@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
             "optimizer": ["muon", "adamw"],
             "dtype": ["auto", "bf16", "fp32"],
         }.get(field.name)
+        shown = "sized for --max-minutes in the cpu preset, else " * (field.name in sized) + str(default)
         parser.add_argument(
-            flag, type=convert, default=None, choices=choices, help=f"{HELP[field.name]} (default: {default})"
+            flag, type=convert, default=None, choices=choices, help=f"{HELP[field.name]} (default: {shown})"
         )
     return parser
 
