@@ -106,7 +106,12 @@ class TextStream:
 
 
 class Engine:
-    """Generates from one loaded model; safe to share, each call has its own cache and RNG."""
+    """Generates from one loaded model; safe to share, each call has its own cache and RNG.
+
+    The decode step works on a rearranged copy of the weights made here (model/decoder.py), so a
+    model that keeps training needs a new Engine to generate from its new weights (the trainer
+    makes one per sample).
+    """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32):
         self.model = model.eval()

@@ -19,6 +19,7 @@ ANCHOR_COMPUTE = 1.5 * 60 * 420e9
 ANCHOR_DEPTH = 3
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
+CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout")  # the settings this rule fills in
 
 
 def depth_for(minutes: float, peak_flops: float) -> int:
@@ -35,12 +36,12 @@ def sized_for_budget(minutes: float, peak_flops: float) -> dict:
     """
     depth = depth_for(minutes, peak_flops)
     dropout = 0.0 if depth <= ANCHOR_DEPTH else 0.2
-    return {"n_layer": depth, "n_embd": HEAD_DIM * depth, "n_head": depth, "n_kv_head": depth, "dropout": dropout}
+    return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout), strict=True))
 
 
-def describe(minutes: float, peak_flops: float) -> str:
-    depth = depth_for(minutes, peak_flops)
+def describe(minutes: float, peak_flops: float, n_layer: int, n_embd: int, dropout: float) -> str:
+    """One line for the training log: the compute the budget buys and the shape the run uses."""
     return (
         f"budget {minutes:g} min x {peak_flops / 1e9:,.0f} GFLOP/s peak = {minutes * 60 * peak_flops:.2g} FLOPs "
-        f"-> depth {depth}, width {HEAD_DIM * depth} (set --n-layer/--n-embd to choose yourself)"
+        f"-> {n_layer} layers x {n_embd} wide, dropout {dropout:g} (--n-layer/--n-embd/--dropout choose yourself)"
     )

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import MISSING, asdict, dataclass, fields
 
 from model.errors import UserError
-from training.budget import sized_for_budget
+from training.budget import CHOSEN, sized_for_budget
 
 
 @dataclass
@@ -183,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a GPT on a text corpus. `python train.py` trains the default model on the built-in corpus.",
     )
-    sized = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout")  # chosen by training/budget.py in the cpu preset
     for field in fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not MISSING else None
@@ -203,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
             "optimizer": ["muon", "adamw"],
             "dtype": ["auto", "bf16", "fp32"],
         }.get(field.name)
-        shown = "sized for --max-minutes in the cpu preset, else " * (field.name in sized) + str(default)
+        shown = "sized for --max-minutes in the cpu preset, else " * (field.name in CHOSEN) + str(default)
         parser.add_argument(
             flag, type=convert, default=None, choices=choices, help=f"{HELP[field.name]} (default: {shown})"
         )
@@ -215,17 +214,26 @@ def typed_flags(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
-def assemble(typed: dict, saved: dict | None = None, peak_flops: float | None = None) -> TrainConfig:
-    """defaults < preset < size for the budget < saved run arguments < typed flags.
-
-    The budget sizing (training/budget.py) applies to the default `cpu` preset when the peak FLOP/s
-    of the machine is known; tests and callers that pass no peak get the preset's own sizes.
-    """
+def preset_of(typed: dict, saved: dict | None = None) -> str:
+    """The preset a run uses: typed, else the resumed run's, else chat with --chat-data, else cpu."""
     chat = typed.get("chat_data") or (saved or {}).get("chat_data")
-    preset = typed.get("preset") or (saved or {}).get("preset") or ("chat" if chat else "cpu")
+    return typed.get("preset") or (saved or {}).get("preset") or ("chat" if chat else "cpu")
+
+
+def budget_sizing(typed: dict, saved: dict | None, peak_flops: float | None) -> dict:
+    """The shape training/budget.py picks, where it applies: a new run of the cpu preset with a time
+    budget on a machine whose peak FLOP/s is known (tests and other callers pass none)."""
+    preset = preset_of(typed, saved)
     minutes = {"max_minutes": TrainConfig.max_minutes, **PRESETS[preset], **typed}["max_minutes"]
-    sized = sized_for_budget(minutes, peak_flops) if preset == "cpu" and peak_flops and minutes and not saved else {}
-    values = {**PRESETS[preset], **sized, **(saved or {}), **typed, "preset": preset}
+    if preset != "cpu" or saved or not peak_flops or not minutes:
+        return {}
+    return sized_for_budget(minutes, peak_flops)
+
+
+def assemble(typed: dict, saved: dict | None = None, peak_flops: float | None = None) -> TrainConfig:
+    """defaults < preset < size for the budget (budget_sizing) < saved run arguments < typed flags."""
+    preset = preset_of(typed, saved)
+    values = {**PRESETS[preset], **budget_sizing(typed, saved, peak_flops), **(saved or {}), **typed, "preset": preset}
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in values.items() if k in known})
     config.validate()

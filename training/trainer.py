@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -62,10 +63,8 @@ class Trainer:
         self.data_info = base.meta.get("data") if self.chat else self.data.manifest
         self.chat_info = base.meta.get("chat") if base else None
         self.model = base.load_model(self.device) if base else GPT(self._model_config()).to(self.device)
-        if base:
-            self.model.set_dropout(
-                config.dropout
-            )  # --dropout belongs to this run, also when it starts from a checkpoint
+        if base:  # --dropout belongs to this run, also when it starts from a checkpoint
+            self.model.set_dropout(config.dropout)
         if base and self.model.config.vocab_size < self.tokenizer.n_vocab:
             raise UserError(
                 f"{base.folder} has a smaller vocabulary than its tokenizer; the checkpoint is inconsistent"
@@ -260,7 +259,7 @@ class Trainer:
         return previous
 
     def _median_rate(self) -> float:
-        return sorted(self.step_rates)[len(self.step_rates) // 2]
+        return statistics.median(self.step_rates)
 
     def _mfu(self, tokens_per_sec: float) -> float:
         """Model FLOPs utilisation: model FLOP/s (6N + attention, per process) over the measured matmul peak."""
@@ -387,21 +386,22 @@ class Trainer:
 
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
-    from training.config import assemble
+    from training.config import assemble, budget_sizing
 
     base, resuming, saved = None, bool(typed.get("resume")), None
     if resuming:
         out_dir = typed.get("out_dir") or assemble({k: v for k, v in typed.items() if k != "resume"}).out_dir
         base = load_checkpoint(out_dir, latest=True)
         saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
-    device = pick_device({**(saved or {}), **typed}.get("device", "auto"))
-    peak_flops = matmul_peak_flops(device, pick_dtype(device, {**(saved or {}), **typed}.get("dtype", "auto")))
+    unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
+    device = pick_device(unsized.device)
+    peak_flops = matmul_peak_flops(device, pick_dtype(device, unsized.dtype))
     config = assemble(typed, saved, peak_flops)
     if config.init_from:
         base = load_checkpoint(config.init_from)
     if not resuming and (Path(config.out_dir) / "LATEST").exists():
         raise UserError(f"{config.out_dir} already holds a run; use --resume to continue it or another --out-dir")
-    if config.preset == "cpu" and not resuming and config.max_minutes and os.environ.get("RANK", "0") == "0":
-        print(describe(config.max_minutes, peak_flops))
+    if budget_sizing(typed, saved, peak_flops) and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
+        print(describe(config.max_minutes, peak_flops, config.n_layer, config.n_embd, config.dropout))
     trainer = Trainer(config, base, resuming, peak_flops)
     return trainer, trainer.run()
