@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from data.sources import Piece, Source, open_source
 from model.errors import UserError
+from model.files import remove_abandoned, temporary_name
 from model.tokenizer import Tokenizer, build_char, load_gpt2, train_bpe
 
 PREP_VERSION = 1
@@ -72,8 +73,8 @@ def prepare(
     if cached := _load_valid(folder):
         return cached
 
-    tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_abandoned(cache_dir)  # entries a killed preparation was building
+    tmp = temporary_name(folder)
     tmp.mkdir(parents=True)
     try:
         splitter = _Splitter(source, val_source, progress)

@@ -15,8 +15,9 @@ best point keeps it), and those checkpoints' folders `step-NNNNNNN/`:
 
 Writes are atomic: a checkpoint is written into a hidden temporary folder, flushed to disk, renamed
 into place, and only then does `LATEST` (replaced atomically) point at it; older checkpoints are
-deleted last. A crash at any moment leaves `LATEST` naming a complete checkpoint. Loading checks
-the format version and every checksum, and says which file is wrong.
+deleted last (model/files.py). A crash at any moment leaves `LATEST` naming a complete checkpoint;
+a full disk leaves the previous one in place and says so. Loading checks the format version, that
+the pointers name folders of this run, and every checksum, and says which file is wrong and why.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from model.errors import UserError
+from model.files import fsync, remove_abandoned, temporary_name, write_atomically
 from model.gpt import GPT, ModelConfig
 from model.tokenizer import Tokenizer
 
@@ -83,35 +85,64 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     best: bool = False,
 ) -> Path:
-    """Write a complete checkpoint for `step` under `run_dir`, point LATEST (and BEST if `best`) at it."""
+    """Write a complete checkpoint for `step` under `run_dir`, point LATEST (and BEST if `best`) at it.
+
+    If the disk fills up (or any write fails) the partial copy is removed and the error says that
+    the previous checkpoint is intact: nothing it points at has been touched yet.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(run_dir)
     name = f"step-{step:07d}"
+    if name not in (_pointed(run_dir, POINTER), _pointed(run_dir, BEST)):
+        shutil.rmtree(run_dir / name, ignore_errors=True)  # renamed into place, then killed before LATEST moved
     while (run_dir / name).exists():
         name += "+"
-    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    tokenizer.save(tmp)
-    meta = {**meta, "format": FORMAT, "version": VERSION, "step": step, "model": model.config.to_dict()}
-    if trainer_state is not None:
-        tensors: dict[str, torch.Tensor] = {}
-        meta["trainer_state"] = _pack(trainer_state, tensors)
-        save_file(tensors, str(tmp / "trainer.safetensors"))
-    meta["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-    (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
-    for path in tmp.iterdir():
-        _fsync(path)
-    os.replace(tmp, run_dir / name)
-    _write_atomically(run_dir / POINTER, name + "\n")
-    if best:
-        _write_atomically(run_dir / BEST, name + "\n")
-    keep = {name, (run_dir / BEST).read_text().strip() if (run_dir / BEST).is_file() else name}
+    tmp = temporary_name(run_dir / name)
+    try:
+        _write_folder(tmp, model, tokenizer, {**meta, "step": step}, trainer_state)
+        os.replace(tmp, run_dir / name)
+        write_atomically(run_dir / POINTER, name + "\n")
+        if best:
+            write_atomically(run_dir / BEST, name + "\n")
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = _pointed(run_dir, POINTER)
+        if previous != name:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        kept = f"the last complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(
+            f"could not write checkpoint {name} in {run_dir}: {getattr(error, 'strerror', None) or error}; {kept}. "
+            "Free some space, then continue with --resume"
+        ) from None
+    keep = {name, _pointed(run_dir, BEST) or name}
     for old in run_dir.glob("step-*"):
         if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
     return run_dir / name
+
+
+def _write_folder(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, trainer_state: dict | None) -> None:
+    """Every file of one checkpoint, checksummed in checkpoint.json and flushed to disk."""
+    folder.mkdir()
+    save_model(model, str(folder / "model.safetensors"))
+    tokenizer.save(folder)
+    meta = {**meta, "format": FORMAT, "version": VERSION, "model": model.config.to_dict()}
+    if trainer_state is not None:
+        tensors: dict[str, torch.Tensor] = {}
+        meta["trainer_state"] = _pack(trainer_state, tensors)
+        save_file(tensors, str(folder / "trainer.safetensors"))
+    meta["files"] = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
+    (folder / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for path in folder.iterdir():
+        fsync(path)
+
+
+def _pointed(run_dir: Path, pointer: str) -> str | None:
+    """The checkpoint folder name a pointer file holds, if it holds a plain name."""
+    path = run_dir / pointer
+    name = path.read_text().strip() if path.is_file() else ""
+    return name if name.startswith("step-") and "/" not in name and "\\" not in name else None
 
 
 def resolve(path: Path | str, latest: bool = False) -> Path:
@@ -121,7 +152,12 @@ def resolve(path: Path | str, latest: bool = False) -> Path:
         raise UserError(f"checkpoint folder {path} does not exist; train one with `python train.py`")
     pointer = POINTER if latest or not (path / BEST).is_file() else BEST
     if (path / pointer).is_file():
-        target = path / (path / pointer).read_text().strip()
+        name = _pointed(path, pointer)
+        if name is None:
+            raise UserError(
+                f"{path / pointer} does not name a checkpoint folder of this run; the run folder is damaged"
+            )
+        target = path / name
         if not target.is_dir():
             raise UserError(f"{path / pointer} names {target.name}, which is missing; the run folder is damaged")
         return target
@@ -140,13 +176,20 @@ def load_checkpoint(path: Path | str, latest: bool = False) -> Checkpoint:
         meta = json.loads((folder / "checkpoint.json").read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"{folder / 'checkpoint.json'} cannot be read: {error}") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{folder / 'checkpoint.json'} is not a {FORMAT} file")
     if meta.get("version") != VERSION:
         raise UserError(
             f"{folder} is checkpoint format version {meta.get('version')}; this code reads version {VERSION}"
         )
-    for name, digest in meta.get("files", {}).items():
+    files = meta.get("files")
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        raise UserError(
+            f"{folder / 'checkpoint.json'} lists no checksum for model.safetensors; the checkpoint is damaged"
+        )
+    for name, digest in files.items():
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise UserError(f"{folder / 'checkpoint.json'} lists a file outside its folder ({name!r}); refusing it")
         if not (folder / name).is_file():
             raise UserError(f"{folder / name} is missing; the checkpoint is incomplete")
         if _sha256(folder / name) != digest:
@@ -198,22 +241,3 @@ def _sha256(path: Path) -> str:
         while chunk := file.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

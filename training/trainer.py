@@ -39,6 +39,7 @@ from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
 from model.engine import Engine, SamplingConfig
 from model.errors import UserError
 from model.evaluate import bits_per_byte, score
+from model.files import write_atomically
 from model.gpt import GPT, ModelConfig
 from training import distributed
 from training.budget import describe
@@ -189,6 +190,16 @@ class Trainer:
         self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
         torch.set_rng_state(state["rng"])
         self.metrics = checkpoint.meta.get("metrics", {})
+        if self.dist.is_main:
+            self._forget_metrics_after(self.step)
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop the log lines of steps a crash undid, so the resumed log reads like one run."""
+        path = self.out_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if len(kept) != len(lines):
+            write_atomically(path, "".join(line + "\n" for line in kept))
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -358,9 +369,21 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a") as file:
-                file.write(json.dumps(record) + "\n")
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.out_dir / "metrics.jsonl", "a") as file:
+                    file.write(json.dumps(record) + "\n")
+            except OSError as error:
+                latest = self.out_dir / "LATEST"
+                kept = (
+                    f"the last complete checkpoint {latest.read_text().strip()} is intact"
+                    if latest.is_file()
+                    else "no checkpoint was written yet"
+                )
+                raise UserError(
+                    f"could not write {self.out_dir / 'metrics.jsonl'}: {error.strerror or error}; {kept}. "
+                    "Free some space, then continue with --resume"
+                ) from None
 
     def _announce(self) -> None:
         if not self.dist.is_main:
@@ -382,6 +405,14 @@ class Trainer:
             f"{self.dist.world} process(es), budget {budget}, from step {self.step} -> {self.out_dir}",
             flush=True,
         )
+
+
+def _logged_step(line: str) -> int:
+    """The step of one metrics.jsonl line (a torn last line from a crash counts as past every step)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62
 
 
 def train(typed: dict) -> tuple[Trainer, dict]:

@@ -1,7 +1,7 @@
 """`python -m ui`: serve the chat app for the checkpoints under an output folder.
 
 Binds to 127.0.0.1 unless --host says otherwise; a public share link and a password only when
-asked for. With no checkpoint at all it still starts, and the page says how to train one.
+asked for; with --auth every route, the API included, needs a login (ui/auth.py). With no checkpoint at all it still starts, and the page says how to train one.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main() -> None:
         raise UserError("--port must be 1-65535 and --concurrency at least 1")
     from model.checkpoint import POINTER, resolve
     from ui.app import build_app
+    from ui.auth import app_kwargs
     from ui.models import ModelStore
 
     root = Path(args.out_root)
@@ -68,7 +69,13 @@ def main() -> None:
     app.queue(default_concurrency_limit=args.concurrency)
     print(f"serving {store.current.name if store.current else 'no model yet'} on http://{args.host}:{args.port}")
     app.launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=auth, ssr_mode=False, show_error=False
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        app_kwargs=app_kwargs(auth is not None),
+        ssr_mode=False,
+        show_error=False,
     )
 
 

@@ -1,7 +1,8 @@
 """The checkpoints the UI can serve: found under one folder, loaded one at a time, shared by all.
 
 Only runs found under the configured folder can be loaded (a name from the browser is looked up in
-that list, never used as a path), so the page cannot be made to read files elsewhere. Switching
+that list, never used as a path, and a run or checkpoint that a symbolic link or pointer file
+leads outside the folder is refused), so the page cannot be made to read files elsewhere. Switching
 models swaps one reference under a lock; replies already streaming finish on the model they
 started with.
 """
@@ -92,6 +93,9 @@ class ModelStore:
             raise UserError(f"'{name}' is not a run under {self.root}")
         run_dir = self.root / name
         checkpoint = load_checkpoint(run_dir)
+        root = self.root.resolve()
+        if not (run_dir.resolve().is_relative_to(root) and checkpoint.folder.resolve().is_relative_to(root)):
+            raise UserError(f"'{name}' leads outside {self.root} (a symbolic link?); only runs under it are served")
         tokenizer = checkpoint.load_tokenizer()
         model = checkpoint.load_model(self.device)
         loaded = LoadedModel(

@@ -1,0 +1,72 @@
+"""Writing files so that a crash, a kill -9 or a full disk never leaves a half-written one in use.
+
+The pattern everywhere (checkpoints, prepared data, downloads): write into a temporary name that
+starts with `.tmp-` and carries the writer's process id, flush it to disk, then rename it into
+place (a rename is atomic on one filesystem). A reader therefore sees the old complete version or
+the new complete version, never a mixture. Temporaries a killed writer left behind are removed by
+the next writer once their process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+TEMPORARY = ".tmp-"
+
+
+def temporary_name(final: Path) -> Path:
+    """Where to build `final` before renaming it into place."""
+    return final.with_name(f"{TEMPORARY}{final.name}-{os.getpid()}")
+
+
+def fsync(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_folder(path.parent)
+
+
+def remove_abandoned(folder: Path) -> None:
+    """Delete temporaries in `folder` whose writing process no longer runs (killed mid-write)."""
+    if not folder.is_dir():
+        return
+    for path in folder.glob(f"{TEMPORARY}*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
