@@ -3,8 +3,8 @@
     python -m benchmarks.load --checkpoint out/chat --users 1 4 16 --seconds 30
 
 Starts `python -m ui` on a free localhost port (or drives `--url`), then for each user count runs
-that many simulated users, each with its own `gradio_client.Client`, sending greedy chat requests
-back to back until the time is up. Every reply is checked against the reply the same prompt got
+that many simulated users, each with its own `gradio_client.Client`, sending seeded chat requests
+back to back until the time is up (each prompt sampled with its own seed). Every reply is checked against the reply the same prompt got
 when it was asked alone first: a reply that is cut short, fails, or differs (for example because
 it mixed with another user's) counts as a failure. Meanwhile the server's resident memory is
 sampled, so a leak shows as growth from one level to the next.
@@ -101,10 +101,15 @@ def resident_mb(pid: int) -> float:
 
 
 def ask(client, prompt: str, max_new_tokens: int) -> tuple[str, float | None, float]:
-    """One greedy chat request, streamed: (reply, seconds to first text, seconds in all)."""
+    """One chat request, streamed: (reply, seconds to first text, seconds in all).
+
+    Sampled at temperature 1 with a seed of its own per prompt: the reply is reproducible, and
+    differs from prompt to prompt even for a barely trained model, so a mix-up would show.
+    """
     start = time.perf_counter()
     first = None
-    job = client.submit(prompt, "", 0.0, 0, 1.0, max_new_tokens, 1, api_name="/chat")
+    seed = PROMPTS.index(prompt) + 1
+    job = client.submit(prompt, "", 1.0, 0, 1.0, max_new_tokens, seed, api_name="/chat")
     for update in job:
         text = update[0] if isinstance(update, (list, tuple)) else update
         if first is None and text:

@@ -99,14 +99,16 @@ def _checked(description: str, rows, val_rows) -> ConversationSet:
             good.append(conversation)
     if val_rows is None:
         if len(good) < 2:
+            first = f" (first problem: {problems[0]})" if problems else ""
             raise UserError(
-                f"{description} has {len(good)} usable conversation(s); at least 2 are needed (one to validate on)"
+                f"{description} has {len(good)} usable conversation(s); at least 2 are needed (one to validate on){first}"
             )
         cut = len(good) - max(1, len(good) // 10)
         return ConversationSet(description, good[:cut], good[cut:], problems)
     val = [c for c in (check(m)[0] for _, m in val_rows) if c]
     if not good or not val:
-        raise UserError(f"{description} has no usable conversations in its train or validation split")
+        first = f" (first problem: {problems[0]})" if problems else ""
+        raise UserError(f"{description} has no usable conversations in its train or validation split{first}")
     return ConversationSet(description, good, val, problems)
 
 

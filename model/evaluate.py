@@ -114,7 +114,7 @@ def main() -> None:
     device = pick_device(args.device)
     model = checkpoint.load_model(device)
     context = model.config.context
-    stride = args.stride or max(1, context // 2)
+    stride = max(1, context // 2) if args.stride is None else args.stride
     if not 1 <= stride <= context:
         raise UserError(f"--stride must be between 1 and the context ({context})")
     if args.batch_size < 1:

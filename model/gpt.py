@@ -59,6 +59,14 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def num_parameters(self) -> int:
+        """What `GPT(self).num_parameters()` will be, without allocating anything."""
+        d, hd = self.n_embd, self.head_dim
+        attention = d * hd * (2 * self.n_head + 2 * self.n_kv_head) + 2 * hd
+        layer = attention + 3 * d * self.mlp_hidden + 2 * d
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layer * layer + embeddings + d
+
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}

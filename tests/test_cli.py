@@ -1,6 +1,7 @@
-"""The command lines as a user meets them: the README quick start, sampling, evaluation, bad input.
+"""The command lines as a user meets them: the README quick start, sampling, evaluation, damaged checkpoints.
 
-Every bad input must give a one-line `error: ...` on stderr, exit status 2, and no traceback.
+Every bad input must give a one-line `error: ...` on stderr, exit status 2, and no traceback (the
+table of bad inputs is tests/test_bad_input.py).
 """
 
 from __future__ import annotations
@@ -8,9 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
-
-import pytest
 
 from tests.conftest import ROOT, run_script
 
@@ -107,70 +105,6 @@ def test_help_explains_every_flag():
     assert result.returncode == 0 and "--max-minutes" in result.stdout and "--preset" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("bad")
-    (folder / "empty.txt").write_text("")
-    (folder / "binary.txt").write_bytes(bytes(range(256)) * 10)
-    (folder / "latin1.txt").write_bytes("déjà vu ".encode("latin-1") * 100)
-    return folder
-
-
-@pytest.mark.parametrize(
-    "args, pattern",
-    [
-        (["--data", "{bad}/missing.txt"], "does not exist"),
-        (["--data", "{bad}/empty.txt"], "no text"),
-        (["--data", "{bad}/binary.txt"], "binary"),
-        (["--data", "{bad}/latin1.txt"], "not UTF-8"),
-        (["--data", "nobody-here/no-such-dataset"], "Hugging Face"),
-        (["--n-layer", "0"], "at least 1"),
-        (["--max-steps", "-5"], "positive"),
-        (["--resume", "--out-dir", "{bad}/no-run"], "does not exist"),
-    ],
-)
-def test_train_rejects_bad_input_cleanly(bad_files, tmp_path, args, pattern):
-    args = [a.replace("{bad}", str(bad_files)) for a in args]
-    result = run_script(
-        "train.py",
-        "--preset",
-        "tiny",
-        "--cache-dir",
-        str(tmp_path / "c"),
-        "--out-dir",
-        str(tmp_path / "o"),
-        *args,
-        "--no-progress",
-    )
-    assert_clean_error(result, pattern)
-    assert not (tmp_path / "o" / "LATEST").exists()
-
-
-def test_unknown_flags_are_refused_by_argparse():
-    result = run_script("train.py", "--no-such-flag")
-    assert result.returncode == 2 and "unrecognized arguments" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize(
-    "args, pattern",
-    [
-        (["--checkpoint", "{tmp}/missing"], "does not exist"),
-        (["--checkpoint", "{tmp}"], "not a checkpoint"),
-        (["--temperature", "-1"], "temperature"),
-        (["--top-p", "2"], "top-p"),
-        (["--top-k", "-3"], "top-k"),
-        (["--max-new-tokens", "0"], "max new tokens"),
-        (["--num-samples", "0"], "num-samples"),
-        (["--prompt-file", "{tmp}/nope.txt"], "does not exist"),
-    ],
-)
-def test_sample_rejects_bad_input_cleanly(tiny_run, tmp_path, args, pattern):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    if "--checkpoint" not in args:
-        args = ["--checkpoint", str(tiny_run), *args]
-    assert_clean_error(run_script("sample.py", *args), pattern)
-
-
 def test_a_prompt_longer_than_the_context_is_cut_to_its_newest_tokens_with_a_note(tiny_run):
     result = run_script("sample.py", "--checkpoint", str(tiny_run), "--prompt", "word " * 400, "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
@@ -190,18 +124,3 @@ def test_incomplete_and_incompatible_checkpoints_are_refused(tiny_run, tmp_path)
     assert_clean_error(run_script("sample.py", "--checkpoint", str(future)), "version 2")
     result = run_script(str(ROOT / "sample.py"), cwd=tmp_path)
     assert_clean_error(result, "no checkpoint found")
-
-
-def test_evaluate_rejects_bad_input_cleanly(tiny_run, bad_files):
-    assert_clean_error(
-        run_script("-m", "model.evaluate", "--checkpoint", str(tiny_run), "--text", str(bad_files / "none.txt")),
-        "not a file",
-    )
-    assert_clean_error(
-        run_script("-m", "model.evaluate", "--checkpoint", str(tiny_run), "--text", str(bad_files / "empty.txt")),
-        "empty",
-    )
-    assert_clean_error(
-        run_script("-m", "model.evaluate", "--checkpoint", str(tiny_run), "--text", str(bad_files / "binary.txt")),
-        "binary",
-    )

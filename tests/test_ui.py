@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -228,3 +229,20 @@ def test_the_page_in_a_real_browser(served):
         chart.scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "model-tab.png"), full_page=True)
         browser.close()
+
+
+def test_the_load_test_script_at_a_small_size(tiny_run, tmp_path):
+    """benchmarks/load.py against a real server: complete, unmixed replies and flat memory."""
+    out = tmp_path / "load.json"
+    result = run_script(
+        "-m", "benchmarks.load", "--checkpoint", str(tiny_run), "--users", "1", "4",
+        "--seconds", "4", "--max-new-tokens", "16", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["distinct_replies"] >= 4, "replies must differ between prompts, or mixing could not be seen"
+    for level, users in zip(report["levels"], (1, 4), strict=True):
+        assert level["users"] == users and level["requests"] >= users and level["failures"] == 0
+        assert 0 < level["first_token_p50_s"] <= level["latency_p50_s"] <= level["latency_p99_s"]
+    assert abs(report["server_mb_growth"]) < report["max_growth_mb"]
+    assert "4 users:" in result.stdout and "0 failed" in result.stdout

@@ -12,6 +12,7 @@ import argparse
 from dataclasses import MISSING, asdict, dataclass, fields
 
 from model.errors import UserError
+from model.gpt import ModelConfig
 from training.budget import CHOSEN, sized_for_budget
 
 
@@ -64,6 +65,20 @@ class TrainConfig:
     seed: int = 1337
     preset: str = "cpu"
     progress: bool = True
+
+    def model_config(self) -> ModelConfig:
+        """The model these flags describe (the vocabulary is the tokenizer's, known once data is prepared)."""
+        vocab = 50257 if self.tokenizer == "gpt2" else self.vocab_size
+        return ModelConfig(
+            vocab_size=vocab,
+            context=self.context,
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            n_kv_head=self.n_kv_head,
+            tie_embeddings=self.tie_embeddings,
+            dropout=self.dropout,
+        )
 
     def validate(self) -> None:
         positive = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "context", "batch_size", "grad_accum")

@@ -44,6 +44,7 @@ from model.gpt import GPT, ModelConfig
 from training import distributed
 from training.budget import describe
 from training.config import TrainConfig, to_dict
+from training.memory import check_fits
 from training.optim import build_optimizers, lr_factor, set_lr
 
 
@@ -171,17 +172,7 @@ class Trainer:
         return batches[0], batches[1]
 
     def _model_config(self) -> ModelConfig:
-        c = self.config
-        return ModelConfig(
-            vocab_size=self.data.tokenizer.n_vocab,
-            context=c.context,
-            n_layer=c.n_layer,
-            n_embd=c.n_embd,
-            n_head=c.n_head,
-            n_kv_head=c.n_kv_head,
-            tie_embeddings=c.tie_embeddings,
-            dropout=c.dropout,
-        )
+        return replace(self.config.model_config(), vocab_size=self.data.tokenizer.n_vocab)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         state = checkpoint.load_trainer_state()
@@ -434,5 +425,8 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         raise UserError(f"{config.out_dir} already holds a run; use --resume to continue it or another --out-dir")
     if budget_sizing(typed, saved, peak_flops) and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
         print(describe(config.max_minutes, peak_flops, config.n_layer, config.n_embd, config.dropout))
+    if device.type == "cpu":
+        shape = base.model_config if base else config.model_config()
+        check_fits(shape, config.batch_size // config.grad_accum)
     trainer = Trainer(config, base, resuming, peak_flops)
     return trainer, trainer.run()

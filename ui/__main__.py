@@ -75,7 +75,7 @@ def main() -> None:
         auth=auth,
         app_kwargs=app_kwargs(auth is not None),
         ssr_mode=False,
-        show_error=False,
+        show_error=True,  # a refused input's own message (never a traceback) instead of a generic one
     )
 
 

@@ -1,0 +1,160 @@
+"""Bad input, everywhere a user can type: one table, each row a tool, an input and what must happen.
+
+"error" rows must give exactly one line `error: ...` on stderr matching the pattern, exit status 2
+and no traceback (argparse's own refusals print its usage line first, still exit 2). "ok" rows are
+inputs that look odd but are valid and must be handled correctly; the pattern is checked against
+the output. The UI rows go through the running app's API, as a browser or script would send them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from gradio_client import Client
+
+from benchmarks.load import serve
+from tests.conftest import run_script
+from tests.test_cli import assert_clean_error
+
+SPECIALS = "<|endoftext|><|user|><|assistant|><|end|>"
+
+
+def error(pattern: str) -> tuple[str, str]:
+    return ("error", pattern)
+
+
+def usage(pattern: str) -> tuple[str, str]:
+    return ("usage", pattern)
+
+
+def ok(pattern: str) -> tuple[str, str]:
+    return ("ok", pattern)
+
+
+# (tool, what, arguments with {bad} = the folder of bad files and {run} = a trained tiny run, expected)
+BAD_INPUTS = [
+    ("train.py", "missing corpus", ["--data", "{bad}/missing.txt"], error("does not exist")),
+    ("train.py", "empty corpus", ["--data", "{bad}/empty.txt"], error("no text")),
+    ("train.py", "binary corpus", ["--data", "{bad}/binary.txt"], error("binary")),
+    ("train.py", "Latin-1 corpus", ["--data", "{bad}/latin1.txt"], error("not UTF-8")),
+    ("train.py", "corpus with a BOM and CRLF line ends", ["--data", "{bad}/bom_crlf.txt", "--max-steps", "2"], ok("done: step 2")),
+    ("train.py", "dataset that does not exist", ["--data", "nobody-here/no-such-dataset"], error("Hugging Face")),
+    ("train.py", "unknown flag", ["--no-such-flag"], usage("unrecognized arguments: --no-such-flag")),
+    ("train.py", "a word for a number", ["--max-steps", "many"], usage("invalid int value: 'many'")),
+    ("train.py", "zero layers", ["--n-layer", "0"], error("--n-layer must be at least 1")),
+    ("train.py", "negative steps", ["--max-steps", "-5"], error("positive")),
+    ("train.py", "dropout out of range", ["--dropout", "1.5"], error(r"--dropout must be in \[0, 1\)")),
+    ("train.py", "negative learning rate", ["--lr", "-1"], error("learning rates must be positive")),
+    ("train.py", "a vocabulary too small for bytes", ["--vocab-size", "10"], error("at least 264")),
+    ("train.py", "a model too big for memory", ["--n-embd", "1000000"], error("GB .* are free")),
+    ("train.py", "a batch too big for memory", ["--batch-size", "100000000"], error("GB .* are free")),
+    ("train.py", "resuming a run that does not exist", ["--resume", "--out-dir", "{bad}/no-run"], error("does not exist")),
+    ("train.py", "conversations with broken JSON", ["--chat-data", "{bad}/broken.jsonl", "--init-from", "{run}"], error("line 2: broken JSON")),
+    ("train.py", "a conversation file that does not exist", ["--chat-data", "{bad}/nope.jsonl", "--init-from", "{run}"], error("does not exist")),
+    ("sample.py", "missing checkpoint", ["--checkpoint", "{bad}/missing"], error("does not exist")),
+    ("sample.py", "a folder that is not a checkpoint", ["--checkpoint", "{bad}"], error("not a checkpoint")),
+    ("sample.py", "negative temperature", ["--temperature", "-1"], error("temperature")),
+    ("sample.py", "temperature nan", ["--temperature", "nan"], error("temperature")),
+    ("sample.py", "top-p above 1", ["--top-p", "2"], error("top-p")),
+    ("sample.py", "negative top-k", ["--top-k", "-3"], error("top-k")),
+    ("sample.py", "zero new tokens", ["--max-new-tokens", "0"], error("max new tokens")),
+    ("sample.py", "zero samples", ["--num-samples", "0"], error("num-samples")),
+    ("sample.py", "unknown flag", ["--temp", "0.5", "--frobnicate"], usage("unrecognized arguments")),
+    ("sample.py", "missing prompt file", ["--prompt-file", "{bad}/nope.txt"], error("does not exist")),
+    ("sample.py", "binary prompt file", ["--prompt-file", "{bad}/binary.txt"], error("not UTF-8")),
+    ("sample.py", "a prompt of special-token text", ["--prompt", SPECIALS, "--max-new-tokens", "3"], ok("^" + re.escape(SPECIALS))),
+    ("sample.py", "a prompt file with a BOM and CRLF", ["--prompt-file", "{bad}/bom_crlf.txt", "--max-new-tokens", "3"], ok("^Old stone river.\nThe lantern")),
+    ("sample.py", "a 1 MB prompt", ["--prompt-file", "{bad}/huge.txt", "--max-new-tokens", "3"], ok("the model sees its last 64")),
+    ("model.evaluate", "missing text", ["--text", "{bad}/none.txt"], error("not a file")),
+    ("model.evaluate", "empty text", ["--text", "{bad}/empty.txt"], error("empty")),
+    ("model.evaluate", "binary text", ["--text", "{bad}/binary.txt"], error("binary")),
+    ("model.evaluate", "Latin-1 text", ["--text", "{bad}/latin1.txt"], error("not UTF-8")),
+    ("model.evaluate", "text with a BOM and CRLF", ["--text", "{bad}/bom_crlf.txt"], ok('"bytes": 14400,')),  # 400 x 36: BOM and CRs gone
+    ("model.evaluate", "stride 0", ["--text", "{bad}/bom_crlf.txt", "--stride", "0"], error("--stride must be between 1")),
+    ("model.evaluate", "batch size 0", ["--text", "{bad}/bom_crlf.txt", "--batch-size", "0"], error("--batch-size must be at least 1")),
+    ("model.evaluate", "unknown flag", ["--text", "{bad}/bom_crlf.txt", "--fast"], usage("unrecognized arguments")),
+    ("ui", "port out of range", ["--port", "99999"], error("--port must be 1-65535")),
+    ("ui", "no concurrency", ["--concurrency", "0"], error("--concurrency at least 1")),
+    ("ui", "auth without a password", ["--auth", "alice"], error("user:password")),
+    ("ui", "missing checkpoint", ["--checkpoint", "{bad}/missing"], error("does not exist")),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty.txt").write_text("")
+    (folder / "binary.txt").write_bytes(bytes(range(256)) * 10)
+    (folder / "latin1.txt").write_bytes("déjà vu ".encode("latin-1") * 100)
+    (folder / "bom_crlf.txt").write_bytes(b"\xef\xbb\xbf" + b"Old stone river.\r\nThe lantern opens.\r\n" * 400)
+    (folder / "huge.txt").write_text("word " * 200_000)
+    (folder / "broken.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        '{"messages": [{"role": "user", "content": "unfinished"\n'
+    )
+    return folder
+
+
+def command(tool: str, args: list[str], bad, run, tmp_path) -> list[str]:
+    args = [a.replace("{bad}", str(bad)).replace("{run}", str(run)) for a in args]
+    if tool == "train.py":
+        return ["train.py", "--preset", "tiny", "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--no-progress", *args]  # fmt: skip
+    if tool in ("sample.py", "model.evaluate") and "--checkpoint" not in args:
+        args = ["--checkpoint", str(run), *args]
+    return [tool, *args] if tool.endswith(".py") else ["-m", tool, *args]
+
+
+@pytest.mark.parametrize("tool, what, args, expected", BAD_INPUTS, ids=[f"{t}: {w}" for t, w, _, _ in BAD_INPUTS])
+def test_bad_input_on_the_command_line(tool, what, args, expected, bad, tiny_run, tmp_path):
+    result = run_script(*command(tool, args, bad, tiny_run, tmp_path))
+    kind, pattern = expected
+    if kind == "error":
+        assert_clean_error(result, pattern)
+        assert not (tmp_path / "o" / "LATEST").exists(), "a refused run writes no checkpoint"
+    elif kind == "usage":
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert re.search(pattern, result.stderr.strip().splitlines()[-1]), result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert re.search(pattern, result.stdout) or re.search(pattern, result.stderr), (result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="module")
+def ui(tiny_run):
+    with serve("--checkpoint", str(tiny_run)) as (_, url):
+        yield Client(url, verbose=False, analytics_enabled=False)
+
+
+def chat(client: Client, message, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=8, seed=1) -> str:
+    result = client.predict(message, "", temperature, top_k, top_p, max_new_tokens, seed, api_name="/chat")
+    return result[0] if isinstance(result, (list, tuple)) else result
+
+
+# (what, chat arguments, expected: ("ok", None) for a reply, or ("error", pattern) for a message)
+UI_INPUTS = [
+    ("empty message", dict(message=""), ok("")),
+    ("only special-token text", dict(message=SPECIALS), ok("")),
+    ("control characters and NUL", dict(message="a\x00b\x07c\x1b[31m"), ok("")),
+    ("a message far longer than the context", dict(message="word " * 50_000), error("longer than the model's context")),
+    ("negative temperature", dict(message="hi", temperature=-5), error("less than minimum value 0")),
+    ("top-k over the maximum", dict(message="hi", top_k=10_000), error("greater than maximum")),
+    ("zero new tokens", dict(message="hi", max_new_tokens=0), error("less than minimum value 1")),
+    (
+        "a word for a number",
+        dict(message="hi", max_new_tokens="lots"),
+        error("Expected a `float`, but the value passed .* 'lots'"),
+    ),
+]
+
+
+@pytest.mark.parametrize("what, arguments, expected", UI_INPUTS, ids=[u[0] for u in UI_INPUTS])
+def test_bad_input_in_the_ui(what, arguments, expected, ui):
+    kind, pattern = expected
+    if kind == "ok":
+        assert isinstance(chat(ui, **arguments), str)
+        assert chat(ui, "still answering") is not None
+    else:
+        with pytest.raises(Exception, match=pattern):
+            chat(ui, **arguments)
+        assert isinstance(chat(ui, "still answering"), str), "the server carries on"
