@@ -23,13 +23,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from model.errors import UserError
+from model.files import remove_abandoned, temporary_name
 
 Piece = tuple[bool, str]
 CHUNK_BYTES = 1 << 20
@@ -216,17 +216,17 @@ def download(url: str, destination: Path) -> Path:
     if destination.is_file():
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+    remove_abandoned(destination.parent)
+    tmp = temporary_name(destination)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
             while chunk := response.read(CHUNK_BYTES):
                 out.write(chunk)
         os.replace(tmp, destination)
     except OSError as error:
         raise UserError(f"could not download {url} ({error}); check your connection or pass a local file") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
     return destination
 
 

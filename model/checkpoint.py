@@ -107,14 +107,9 @@ def save_checkpoint(
             write_atomically(run_dir / BEST, name + "\n")
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = _pointed(run_dir, POINTER)
-        if previous != name:
+        if _pointed(run_dir, POINTER) != name:
             shutil.rmtree(run_dir / name, ignore_errors=True)
-        kept = f"the last complete checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(
-            f"could not write checkpoint {name} in {run_dir}: {getattr(error, 'strerror', None) or error}; {kept}. "
-            "Free some space, then continue with --resume"
-        ) from None
+        raise write_failed(run_dir, f"checkpoint {name} in {run_dir}", error) from None
     keep = {name, _pointed(run_dir, BEST) or name}
     for old in run_dir.glob("step-*"):
         if old.name not in keep:
@@ -138,11 +133,24 @@ def _write_folder(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, tr
         fsync(path)
 
 
+def write_failed(run_dir: Path, what: str, error: Exception) -> UserError:
+    """The error for a write into a run folder that failed (a full disk, most often)."""
+    latest = _pointed(run_dir, POINTER)
+    kept = f"the last complete checkpoint {latest} is intact" if latest else "no checkpoint was written yet"
+    reason = getattr(error, "strerror", None) or error
+    return UserError(f"could not write {what}: {reason}; {kept}. Free some space, then continue with --resume")
+
+
 def _pointed(run_dir: Path, pointer: str) -> str | None:
     """The checkpoint folder name a pointer file holds, if it holds a plain name."""
     path = run_dir / pointer
     name = path.read_text().strip() if path.is_file() else ""
-    return name if name.startswith("step-") and "/" not in name and "\\" not in name else None
+    return name if name.startswith("step-") and _plain(name) else None
+
+
+def _plain(name: str) -> bool:
+    """A file or folder name inside its folder: no separators, not hidden, not `..`."""
+    return "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 def resolve(path: Path | str, latest: bool = False) -> Path:
@@ -188,7 +196,7 @@ def load_checkpoint(path: Path | str, latest: bool = False) -> Checkpoint:
             f"{folder / 'checkpoint.json'} lists no checksum for model.safetensors; the checkpoint is damaged"
         )
     for name, digest in files.items():
-        if "/" in name or "\\" in name or name.startswith("."):
+        if not _plain(name):
             raise UserError(f"{folder / 'checkpoint.json'} lists a file outside its folder ({name!r}); refusing it")
         if not (folder / name).is_file():
             raise UserError(f"{folder / name} is missing; the checkpoint is incomplete")

@@ -141,3 +141,14 @@ def test_a_tiny_model_overfits_a_small_batch():
         loss.backward()
         optimizer.step()
     assert first > 4.0 and loss.item() < 0.1
+
+
+def test_the_config_counts_the_parameters_the_model_will_have():
+    """The memory check (training/memory.py) sizes a run from the config before building it."""
+    shapes = [
+        ModelConfig(),
+        ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=2, n_kv_head=1, tie_embeddings=True),
+        ModelConfig(vocab_size=300, n_layer=3, n_embd=96, n_head=6, n_kv_head=3, mlp_hidden=200),
+    ]
+    for config in shapes:
+        assert config.num_parameters() == GPT(config).num_parameters()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.load import free_port
 from model.checkpoint import load_checkpoint
 from model.errors import UserError
 from tests.conftest import ROOT, TINY
@@ -140,14 +141,6 @@ def test_an_existing_run_is_not_overwritten(corpus_file, tmp_path):
     train(flags(corpus_file, tmp_path, "run", max_steps=3, eval_interval=0))
     with pytest.raises(UserError, match="--resume"):
         train(flags(corpus_file, tmp_path, "run", max_steps=3))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(corpus_file, tmp_path):

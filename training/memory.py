@@ -1,9 +1,9 @@
 """Will a training run fit in this machine's memory? Asked before anything large is allocated.
 
-A typo like `--n-embd 1000000` or `--batch-size 100000000` would otherwise end in a allocator
+A typo like `--n-embd 1000000` or `--batch-size 100000000` would otherwise end in an allocator
 traceback, or worse, in the kernel's out-of-memory killer taking the machine down with it. The
-estimate is deliberately rough (within a factor of about two of the measured peak for the presets)
-and errs high only where it is cheap to: it refuses runs that could not possibly fit, nothing else.
+estimate is rough (it leaves out the framework's own few hundred MB), so it refuses only runs that
+clearly cannot fit; a run near the limit still starts.
 
 - Parameters: fp32 weights, gradients and up to two optimizer moments, 16 bytes each.
 - Activations kept for the backward pass, per token of a micro-batch: about 40 bytes per layer

@@ -34,7 +34,7 @@ from data.conversations import load_conversations
 from data.loader import Batches, ConversationBatches
 from data.prepare import DEFAULT_CACHE, Prepared, prepare
 from model.chat_template import TurnsTemplate, stream_reply
-from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_failed
 from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
 from model.engine import Engine, SamplingConfig
 from model.errors import UserError
@@ -365,16 +365,7 @@ class Trainer:
                 with open(self.out_dir / "metrics.jsonl", "a") as file:
                     file.write(json.dumps(record) + "\n")
             except OSError as error:
-                latest = self.out_dir / "LATEST"
-                kept = (
-                    f"the last complete checkpoint {latest.read_text().strip()} is intact"
-                    if latest.is_file()
-                    else "no checkpoint was written yet"
-                )
-                raise UserError(
-                    f"could not write {self.out_dir / 'metrics.jsonl'}: {error.strerror or error}; {kept}. "
-                    "Free some space, then continue with --resume"
-                ) from None
+                raise write_failed(self.out_dir, str(self.out_dir / "metrics.jsonl"), error) from None
 
     def _announce(self) -> None:
         if not self.dist.is_main:

@@ -1,7 +1,8 @@
 """`python -m ui`: serve the chat app for the checkpoints under an output folder.
 
 Binds to 127.0.0.1 unless --host says otherwise; a public share link and a password only when
-asked for; with --auth every route, the API included, needs a login (ui/auth.py). With no checkpoint at all it still starts, and the page says how to train one.
+asked for; with --auth every route, the API included, needs a login (ui/auth.py). With no
+checkpoint at all it still starts, and the page says how to train one.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.chat_template import ChatTemplate, template_for
-from model.checkpoint import POINTER, Checkpoint, load_checkpoint
+from model.checkpoint import POINTER, Checkpoint, load_checkpoint, resolve
 from model.device import pick_device, pick_dtype
 from model.engine import Engine
 from model.errors import UserError
@@ -92,10 +92,10 @@ class ModelStore:
         if name not in self.runs():
             raise UserError(f"'{name}' is not a run under {self.root}")
         run_dir = self.root / name
-        checkpoint = load_checkpoint(run_dir)
         root = self.root.resolve()
-        if not (run_dir.resolve().is_relative_to(root) and checkpoint.folder.resolve().is_relative_to(root)):
+        if not (run_dir.resolve().is_relative_to(root) and resolve(run_dir).resolve().is_relative_to(root)):
             raise UserError(f"'{name}' leads outside {self.root} (a symbolic link?); only runs under it are served")
+        checkpoint = load_checkpoint(run_dir)  # reads and checksums the files: only after the check above
         tokenizer = checkpoint.load_tokenizer()
         model = checkpoint.load_model(self.device)
         loaded = LoadedModel(
