@@ -2,5 +2,6 @@
 
 Reading order: `tokenizer.py` (text <-> token ids, special tokens), `gpt.py` (the transformer),
 `engine.py` (generation with a KV cache), `checkpoint.py` (the folder format on disk),
-`evaluate.py` (bits per byte, the number runs are compared by).
+`evaluate.py` (bits per byte, the number runs are compared by), `export.py` (the same model and
+tokenizer as a Hugging Face `transformers` folder).
 """

@@ -13,6 +13,11 @@ Two templates, chosen by what the checkpoint records (`checkpoint.json` -> "chat
 `render` also returns a loss mask (1 on the assistant's tokens, including its end-of-turn) for
 supervised fine-tuning. `fit` drops the oldest turns (never the system prompt) until the prompt
 leaves room to reply within the model's context.
+
+`TurnsTemplate.jinja()` is the same template in the Jinja form Hugging Face tokenizers use, built
+from the same special tokens, for the export (model/export.py); a test renders conversations
+through both and compares the tokens. The transcript template has no exact Jinja twin: it encodes
+each piece of the transcript separately, which a template that returns one string cannot express.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from model.engine import Engine, SamplingConfig
 from model.errors import UserError
-from model.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, Tokenizer
+from model.tokenizer import ASSISTANT, DOC_SEPARATOR, END_OF_TURN, SYSTEM, USER, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -85,6 +90,26 @@ class TurnsTemplate(ChatTemplate):
 
     def _reply_prefix(self):
         return [self.tokenizer.special_ids[ASSISTANT]]
+
+    @classmethod
+    def jinja(cls) -> str:
+        """This template for `tokenizer.apply_chat_template` (content as in `message_text`)."""
+        markers = ", ".join(f"'{role}': '{marker}'" for role, marker in cls.markers.items())
+        return (
+            f"{{%- set markers = {{{markers}}} -%}}"
+            f"{DOC_SEPARATOR}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] not in markers -%}"
+            "{{ raise_exception('unknown chat role ' + message['role'] + '; use system, user or assistant') }}"
+            "{%- endif -%}"
+            "{{ markers[message['role']] }}"
+            "{%- if message['content'] is string -%}{{ message['content'] }}"
+            "{%- else -%}{%- for part in message['content'] -%}{{ part['text'] | default('') }}{%- endfor -%}"
+            "{%- endif -%}"
+            f"{END_OF_TURN}"
+            "{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{ASSISTANT}{{%- endif -%}}"
+        )
 
 
 class TranscriptTemplate(ChatTemplate):

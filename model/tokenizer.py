@@ -37,7 +37,7 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
-CHAR_PATTERN = r"(?s:.)"  # one piece per character
+CHAR_PATTERN = r"[\s\S]"  # one piece per character (spelled so tiktoken and Oniguruma both read it)
 
 DOC_SEPARATOR = "<|endoftext|>"
 SYSTEM = "<|system|>"

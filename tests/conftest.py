@@ -5,6 +5,7 @@ Nothing here reads ../shared or the network: a user without either runs the same
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -61,4 +62,52 @@ def tiny_run(tmp_path_factory, corpus_file) -> Path:
         "train.py", *TINY, "--data", str(corpus_file), "--out-dir", str(out), "--cache-dir", str(base / "cache")
     )
     assert result.returncode == 0, result.stderr
+    return out
+
+
+PAIRS = [
+    ("What colour is the river?", "The river is green."),
+    ("Who keeps the lantern?", "The old harbour keeper."),
+    ("Where is the garden?", "Beyond the stone window."),
+    ("When does the village wake?", "Every bright morning."),
+]
+
+
+def conversation(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture(scope="session")
+def chat_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run fine-tuned on a few conversations (two bad lines included): a chat model."""
+    folder = tmp_path_factory.mktemp("sft")
+    lines = [json.dumps(conversation(q, a)) for _ in range(6) for q, a in PAIRS]
+    lines += ['{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}', "not json"]
+    (folder / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    out = folder / "out" / "chat"
+    result = run_script(
+        "train.py",
+        "--init-from",
+        str(tiny_run),
+        "--chat-data",
+        str(folder / "qa.jsonl"),
+        "--out-dir",
+        str(out),
+        "--max-steps",
+        "150",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--muon-lr",
+        "0.02",
+        "--eval-interval",
+        "0",
+        "--no-progress",
+        "--sample-tokens",
+        "0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "qa.jsonl line 25: message 1 has empty content" in result.stdout
+    assert "qa.jsonl line 26: broken JSON" in result.stdout
     return out

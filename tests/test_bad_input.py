@@ -70,6 +70,10 @@ BAD_INPUTS = [
     ("model.evaluate", "stride 0", ["--text", "{bad}/bom_crlf.txt", "--stride", "0"], error("--stride must be between 1")),
     ("model.evaluate", "batch size 0", ["--text", "{bad}/bom_crlf.txt", "--batch-size", "0"], error("--batch-size must be at least 1")),
     ("model.evaluate", "unknown flag", ["--text", "{bad}/bom_crlf.txt", "--fast"], usage("unrecognized arguments")),
+    ("model.export", "missing checkpoint", ["--checkpoint", "{bad}/missing"], error("does not exist")),
+    ("model.export", "an output folder of other files", ["--out", "{bad}"], error("holds files that are not an export")),
+    ("model.export", "an output path that is a file", ["--out", "{bad}/empty.txt"], error("is a file; --out names the folder")),
+    ("model.export", "an unknown precision", ["--dtype", "int4"], usage("invalid choice: 'int4'")),
     ("ui", "port out of range", ["--port", "99999"], error("--port must be 1-65535")),
     ("ui", "no concurrency", ["--concurrency", "0"], error("--concurrency at least 1")),
     ("ui", "auth without a password", ["--auth", "alice"], error("user:password")),
@@ -96,8 +100,10 @@ def command(tool: str, args: list[str], bad, run, tmp_path) -> list[str]:
     args = [a.replace("{bad}", str(bad)).replace("{run}", str(run)) for a in args]
     if tool == "train.py":
         return ["train.py", "--preset", "tiny", "--out-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--no-progress", *args]  # fmt: skip
-    if tool in ("sample.py", "model.evaluate") and "--checkpoint" not in args:
+    if tool in ("sample.py", "model.evaluate", "model.export") and "--checkpoint" not in args:
         args = ["--checkpoint", str(run), *args]
+    if tool == "model.export" and "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "hf")]
     return [tool, *args] if tool.endswith(".py") else ["-m", tool, *args]
 
 

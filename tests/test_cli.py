@@ -96,9 +96,10 @@ def test_evaluate_prints_bits_per_byte_as_json(tiny_run, corpus_file, tmp_path):
 
 def test_help_explains_every_flag():
     import sample
+    from model import export
     from training.config import build_parser
 
-    for parser in (build_parser(), sample.build_parser()):
+    for parser in (build_parser(), sample.build_parser(), export.build_parser()):
         undocumented = [a.option_strings for a in parser._actions if not a.help]
         assert not undocumented
     result = run_script("train.py", "--help")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -12,54 +11,8 @@ from data.conversations import check, load_conversations
 from model.chat_template import stream_reply
 from model.engine import SamplingConfig
 from model.errors import UserError
-from tests.conftest import run_script
+from tests.conftest import PAIRS, conversation, run_script
 from ui.models import ModelStore
-
-PAIRS = [
-    ("What colour is the river?", "The river is green."),
-    ("Who keeps the lantern?", "The old harbour keeper."),
-    ("Where is the garden?", "Beyond the stone window."),
-    ("When does the village wake?", "Every bright morning."),
-]
-
-
-def conversation(question: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-
-
-@pytest.fixture(scope="module")
-def chat_run(tiny_run, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sft")
-    lines = [json.dumps(conversation(q, a)) for _ in range(6) for q, a in PAIRS]
-    lines += ['{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}', "not json"]
-    (folder / "qa.jsonl").write_text("\n".join(lines) + "\n")
-    out = folder / "out" / "chat"
-    result = run_script(
-        "train.py",
-        "--init-from",
-        str(tiny_run),
-        "--chat-data",
-        str(folder / "qa.jsonl"),
-        "--out-dir",
-        str(out),
-        "--max-steps",
-        "150",
-        "--batch-size",
-        "8",
-        "--lr",
-        "3e-3",
-        "--muon-lr",
-        "0.02",
-        "--eval-interval",
-        "0",
-        "--no-progress",
-        "--sample-tokens",
-        "0",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "qa.jsonl line 25: message 1 has empty content" in result.stdout
-    assert "qa.jsonl line 26: broken JSON" in result.stdout
-    return out
 
 
 def test_a_fine_tuned_tiny_model_answers_through_the_ui_code_path(chat_run):
