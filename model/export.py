@@ -34,7 +34,6 @@ import copy
 import json
 import os
 import shutil
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -49,11 +48,16 @@ from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, SPECIAL_TOKENS, Tokenize
 
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TRAINING_ONLY = {"dropout"}  # fields with no effect at inference, so nothing to map
+# Every field of ModelConfig is one or the other; a field added later is refused until it is mapped.
+MAPPED = {
+    *("vocab_size", "context", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden"),
+    *("rope_theta", "norm_eps", "tie_embeddings"),
+}
+TRAINING_ONLY = {"dropout"}  # no effect at inference, so nothing to map
 
 
 def qwen3_config(config: ModelConfig, tokenizer: Tokenizer, dtype: str, chat: bool) -> dict:
-    """Our model config as a `Qwen3Config`; every field of ours has its counterpart here."""
+    """Our model config as a `Qwen3Config`: each field in MAPPED has its counterpart here."""
     special = tokenizer.special_ids
     return {
         "architectures": ["Qwen3ForCausalLM"],
@@ -86,8 +90,7 @@ def qwen3_config(config: ModelConfig, tokenizer: Tokenizer, dtype: str, chat: bo
 
 def check_mappable(model_fields: dict) -> None:
     """Refuse a model description with fields this mapping does not know (written by a newer version)."""
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(model_fields) - known)
+    unknown = sorted(set(model_fields) - MAPPED - TRAINING_ONLY)
     if unknown:
         raise UserError(
             f"the checkpoint's model has settings this exporter cannot map onto Qwen3 ({', '.join(unknown)}); "
@@ -258,7 +261,13 @@ def _checked(folder: Path, model: GPT, tokenizer: Tokenizer, dtype: str) -> dict
     for parameter in rounded.parameters():
         parameter.data = parameter.data.to(DTYPES[dtype]).float()
     sample = "The quick brown fox, 1234 times; naïve café — 日本語 🙂\n\n  indented\tline"
-    found = compare_with_transformers(folder, rounded, tokenizer, sample)
+    try:
+        found = compare_with_transformers(folder, rounded, tokenizer, sample)
+    except Exception as error:  # whatever this version of transformers raises while loading
+        raise UserError(
+            f"transformers {transformers.__version__} could not load the export ({type(error).__name__}: {error}); "
+            "nothing was written (--no-check writes it without this check)"
+        ) from None
     if found["max_logit_difference"] > 1e-3 * max(1.0, found["logit_scale"]) or not found["same_ids"]:
         raise UserError(
             "transformers does not compute what this model computes (largest logit difference "

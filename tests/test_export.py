@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import fields
 
 import pytest
 import torch
@@ -211,6 +212,7 @@ def test_a_model_transformers_would_compute_differently_is_refused(tiny_run, tmp
 
 
 def test_a_checkpoint_with_settings_the_exporter_does_not_know_is_refused(tiny_run, tmp_path):
+    assert {f.name for f in fields(ModelConfig)} == model.export.MAPPED | model.export.TRAINING_ONLY
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     meta_file = load_checkpoint(run).folder / "checkpoint.json"

@@ -408,7 +408,8 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
     unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
     device = pick_device(unsized.device)
-    peak_flops = matmul_peak_flops(device, pick_dtype(device, unsized.dtype))
+    sizing = bool(budget_sizing(typed, saved, 1.0))  # the peak will choose the model: measure it carefully
+    peak_flops = matmul_peak_flops(device, pick_dtype(device, unsized.dtype), seconds=1.0 if sizing else 0.3)
     config = assemble(typed, saved, peak_flops)
     if config.init_from:
         base = load_checkpoint(config.init_from)
