@@ -175,8 +175,8 @@ def cheap_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     if p == 0:
         return x
     if x.device.type != "cpu":
-        return F.dropout(x, p)  # fused, with its own fast random numbers, on a GPU and under torch.compile
-    threshold = round(p * 256)
+        return F.dropout(x, p)  # fused, with its own fast random numbers, on a GPU
+    threshold = min(255, round(p * 256))  # p just below 1 must still keep something
     bits = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 7) // 8,), dtype=torch.int64, device=x.device)
     keep = bits.view(torch.uint8)[: x.numel()].view(x.shape) >= threshold
     return x * keep * (256 / (256 - threshold))

@@ -123,7 +123,7 @@ PRESETS: dict[str, dict] = {
         warmup_steps=5,
     ),
     # The default: five minutes, the model sized for the budget and the machine (training/budget.py),
-    # and weight decay on the matrices (benchmarks/NOTES.md: -0.02 bits/byte at 90 s, -0.03 at 5 min).
+    # and weight decay on the matrices (benchmarks/NOTES.md, tuning split: -0.02 bits/byte at 90 s, -0.03 at 5 min).
     "cpu": dict(weight_decay=0.4),
     # Chat fine-tuning (chosen automatically with --chat-data): a few minutes.
     "chat": dict(max_minutes=3.0, batch_size=32, warmup_steps=10, eval_interval=100, sample_tokens=48),
