@@ -51,6 +51,16 @@ PROMPTS = [
 ]
 
 
+def chat_arguments(message: str, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=24, seed=1) -> tuple:
+    """The UI's `/chat` endpoint's arguments in its order (ui/app.py), the system prompt left empty."""
+    return (message, "", temperature, top_k, top_p, max_new_tokens, seed)
+
+
+def reply_text(result) -> str:
+    """The reply in what `/chat` returns or streams: the text itself, or a tuple that starts with it."""
+    return result[0] if isinstance(result, (list, tuple)) else result
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -112,14 +122,11 @@ def ask(client, prompt: str, max_new_tokens: int) -> tuple[str, float | None, fl
     start = time.perf_counter()
     first = None
     seed = PROMPTS.index(prompt) + 1
-    job = client.submit(prompt, "", 1.0, 0, 1.0, max_new_tokens, seed, api_name="/chat")
+    job = client.submit(*chat_arguments(prompt, 1.0, max_new_tokens=max_new_tokens, seed=seed), api_name="/chat")
     for update in job:
-        text = update[0] if isinstance(update, (list, tuple)) else update
-        if first is None and text:
+        if first is None and reply_text(update):
             first = time.perf_counter() - start
-    result = job.result()
-    reply = result[0] if isinstance(result, (list, tuple)) else result
-    return reply, first, time.perf_counter() - start
+    return reply_text(job.result()), first, time.perf_counter() - start
 
 
 def percentile(values: list[float], q: float) -> float | None:

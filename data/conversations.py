@@ -97,9 +97,9 @@ def _checked(description: str, rows, val_rows) -> ConversationSet:
             problems.append(f"{where}: {problem}")
         else:
             good.append(conversation)
+    first = f" (first problem: {problems[0]})" if problems else ""
     if val_rows is None:
         if len(good) < 2:
-            first = f" (first problem: {problems[0]})" if problems else ""
             raise UserError(
                 f"{description} has {len(good)} usable conversation(s); at least 2 are needed (one to validate on){first}"
             )
@@ -107,7 +107,6 @@ def _checked(description: str, rows, val_rows) -> ConversationSet:
         return ConversationSet(description, good[:cut], good[cut:], problems)
     val = [c for c in (check(m)[0] for _, m in val_rows) if c]
     if not good or not val:
-        first = f" (first problem: {problems[0]})" if problems else ""
         raise UserError(f"{description} has no usable conversations in its train or validation split{first}")
     return ConversationSet(description, good, val, problems)
 

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from model.errors import UserError
-from model.files import fsync, remove_abandoned, temporary_name, write_atomically
+from model.files import WRITE_ERRORS, fsync, remove_abandoned, temporary_name, write_atomically
 from model.gpt import GPT, ModelConfig
 from model.tokenizer import Tokenizer
 
@@ -105,7 +105,7 @@ def save_checkpoint(
         write_atomically(run_dir / POINTER, name + "\n")
         if best:
             write_atomically(run_dir / BEST, name + "\n")
-    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+    except WRITE_ERRORS as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if _pointed(run_dir, POINTER) != name:
             shutil.rmtree(run_dir / name, ignore_errors=True)

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from model.chat_template import TurnsTemplate, template_for
 from model.engine import SamplingConfig
 from model.errors import UserError, run_cli
-from model.files import fsync, fsync_folder, remove_abandoned, temporary_name
+from model.files import WRITE_ERRORS, fsync, fsync_folder, remove_abandoned, temporary_name
 from model.gpt import GPT, ModelConfig
 from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, SPECIAL_TOKENS, Tokenizer, _bytes_to_unicode
 
@@ -235,7 +235,7 @@ def export(
     check_mappable(checkpoint.meta["model"])
     model, tokenizer = checkpoint.load_model("cpu"), checkpoint.load_tokenizer()
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(out.parent)
+    remove_abandoned(out.parent, prefix=out.name)  # only our own leftovers: the folder is the user's
     tmp = temporary_name(out)
     try:
         write_export(tmp, model, tokenizer, checkpoint.meta, dtype)
@@ -243,7 +243,7 @@ def export(
         if check:
             result.update(_checked(tmp, model, tokenizer, dtype))
         _put_in_place(tmp, out)
-    except OSError as error:
+    except WRITE_ERRORS as error:
         raise UserError(f"could not write the export to {out}: {error}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -291,7 +291,7 @@ def _check_destination(out: Path, overwrite: bool) -> None:
 
 def _put_in_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place; an earlier export is moved aside first, then deleted."""
-    old = out.with_name(f"{out.name}.old-{os.getpid()}") if out.exists() else None
+    old = temporary_name(out.with_name(f"{out.name}.old")) if out.exists() else None
     if old is not None:
         os.replace(out, old)
     os.replace(tmp, out)

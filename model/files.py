@@ -13,7 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 TEMPORARY = ".tmp-"
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a full disk as its own error type
 
 
 def temporary_name(final: Path) -> Path:
@@ -48,11 +51,14 @@ def write_atomically(path: Path, text: str) -> None:
     fsync_folder(path.parent)
 
 
-def remove_abandoned(folder: Path) -> None:
-    """Delete temporaries in `folder` whose writing process no longer runs (killed mid-write)."""
+def remove_abandoned(folder: Path, prefix: str = "") -> None:
+    """Delete temporaries in `folder` whose writing process no longer runs (killed mid-write).
+
+    `prefix` limits it to temporaries of names starting so, in a folder that is not ours alone.
+    """
     if not folder.is_dir():
         return
-    for path in folder.glob(f"{TEMPORARY}*"):
+    for path in folder.glob(f"{TEMPORARY}{prefix}*"):
         pid = path.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
             continue

@@ -13,7 +13,7 @@ import re
 import pytest
 from gradio_client import Client
 
-from benchmarks.load import serve
+from benchmarks.load import chat_arguments, reply_text, serve
 from tests.conftest import run_script
 from tests.test_cli import assert_clean_error
 
@@ -128,9 +128,10 @@ def ui(tiny_run):
         yield Client(url, verbose=False, analytics_enabled=False)
 
 
-def chat(client: Client, message, temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=8, seed=1) -> str:
-    result = client.predict(message, "", temperature, top_k, top_p, max_new_tokens, seed, api_name="/chat")
-    return result[0] if isinstance(result, (list, tuple)) else result
+def chat(client: Client, message, max_new_tokens=8, **settings) -> str:
+    return reply_text(
+        client.predict(*chat_arguments(message, max_new_tokens=max_new_tokens, **settings), api_name="/chat")
+    )
 
 
 # (what, chat arguments, expected: ("ok", None) for a reply, or ("error", pattern) for a message)

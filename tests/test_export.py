@@ -231,3 +231,13 @@ def test_the_readme_example_runs_on_an_exported_chat_model(exported_chat):
     result = run_script("-c", example.replace('"hf/chat"', repr(str(exported_chat))))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "the example prints the model's reply"
+
+
+def test_the_export_cleans_up_only_its_own_leftovers_in_a_folder_that_is_not_ours(tiny_run, tmp_path):
+    dead = 2**22 + 12345  # above the largest pid Linux allows (2**22): no process has it
+    ours, theirs = tmp_path / f".tmp-hf-{dead}", tmp_path / f".tmp-notes-{dead}"
+    ours.mkdir()
+    theirs.write_text("another program's temporary file")
+    export(tiny_run, tmp_path / "hf", check=False)
+    assert not ours.exists(), "an export killed mid-write is cleaned up by the next one"
+    assert theirs.read_text() == "another program's temporary file"

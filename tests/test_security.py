@@ -16,12 +16,12 @@ import pytest
 import torch
 from gradio_client import Client
 
-from benchmarks.load import serve
+from benchmarks.load import chat_arguments, reply_text, serve
 from model.checkpoint import _sha256, load_checkpoint
 from model.errors import UserError
 from tests.conftest import ROOT, run_script
 from tests.test_cli import assert_clean_error
-from tests.test_ui import CHROMIUM, CHROMIUM_ARGS, chat_args
+from tests.test_ui import CHROMIUM, CHROMIUM_ARGS
 from ui.models import ModelStore
 
 
@@ -178,12 +178,12 @@ def test_auth_protects_every_route_the_api_included(tiny_run, tmp_path):
         page = httpx.get(base + "/").text  # the login form, and nothing about the app
         assert 'type="password"' in page and run.name not in page and "api" not in page.lower()
         with pytest.raises(Exception):  # noqa: B017 - gradio_client raises its own types for 401
-            Client(url, verbose=False, analytics_enabled=False).predict(*chat_args("hello"), api_name="/chat")
+            Client(url, verbose=False, analytics_enabled=False).predict(*chat_arguments("hello"), api_name="/chat")
         with pytest.raises(Exception, match="(?i)login|credentials|auth"):
             Client(url, auth=("alice", "wrong"), verbose=False, analytics_enabled=False)
         client = Client(url, auth=("alice", "s3cret"), verbose=False, analytics_enabled=False)
-        reply = client.predict(*chat_args("Old stone river", 12), api_name="/chat")
-        assert (reply[0] if isinstance(reply, (list, tuple)) else reply).strip()
+        reply = client.predict(*chat_arguments("Old stone river", max_new_tokens=12), api_name="/chat")
+        assert reply_text(reply).strip()
         _log_in_with_a_browser(url)
 
 

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
-from benchmarks.load import free_port  # noqa: E402
+from benchmarks.load import chat_arguments, free_port, reply_text  # noqa: E402
 from model.chat_template import stream_reply  # noqa: E402
 from model.engine import SamplingConfig  # noqa: E402
 from model.errors import UserError  # noqa: E402
@@ -89,19 +89,13 @@ def full_reply(store: ModelStore, messages: list[dict], max_new_tokens: int) -> 
     return "".join(pieces).lstrip()
 
 
-def chat_args(message: str, max_new_tokens: int = 24, temperature: float = 0) -> tuple:
-    # message, system prompt, temperature, top-k, top-p, max new tokens, seed
-    return (message, "", temperature, 0, 1.0, max_new_tokens, 1)
-
-
 def test_chat_reply_streams_through_the_api(served):
     store, url = served
     client = Client(url, verbose=False, analytics_enabled=False)
-    job = client.submit(*chat_args("Old stone river"), api_name="/chat")
+    job = client.submit(*chat_arguments("Old stone river"), api_name="/chat")
     updates = [update for update in job]
-    replies = [u[0] if isinstance(u, (list, tuple)) else u for u in updates]
-    final = job.result()
-    final = final[0] if isinstance(final, (list, tuple)) else final
+    replies = [reply_text(u) for u in updates]
+    final = reply_text(job.result())
     assert len(replies) > 2, "the reply should arrive in several streamed pieces"
     assert final == expected_reply(store, [{"role": "user", "content": "Old stone river"}], 24)
     assert final and all(final.startswith(r) for r in replies if r)
@@ -122,8 +116,7 @@ def test_concurrent_chats_do_not_mix(served):
 
     def ask(prompt: str) -> str:
         client = Client(url, verbose=False, analytics_enabled=False)
-        result = client.predict(*chat_args(prompt, 40), api_name="/chat")
-        return result[0] if isinstance(result, (list, tuple)) else result
+        return reply_text(client.predict(*chat_arguments(prompt, max_new_tokens=40), api_name="/chat"))
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         answers = dict(zip(prompts, pool.map(ask, prompts), strict=True))
@@ -137,7 +130,7 @@ def test_bad_settings_are_reported_not_crashed(served):
         client.predict("hello", "", -5, 0, 1.0, 10, 1, api_name="/chat")
     with pytest.raises(Exception, match="top-k|greater than maximum"):
         client.predict("hello", "", 0.5, 10_000, 1.0, 10, 1, api_name="/chat")
-    assert client.predict(*chat_args("still alive", 5), api_name="/chat")  # the server carries on
+    assert client.predict(*chat_arguments("still alive", max_new_tokens=5), api_name="/chat")  # the server carries on
 
 
 def test_switching_checkpoints_without_restart(served):
@@ -162,7 +155,7 @@ def test_app_starts_without_any_checkpoint(tmp_path):
     try:
         client = Client(url, verbose=False, analytics_enabled=False)
         with pytest.raises(Exception, match="python train.py"):
-            client.predict(*chat_args("hello"), api_name="/chat")
+            client.predict(*chat_arguments("hello"), api_name="/chat")
     finally:
         app.close()
 

@@ -236,14 +236,19 @@ def preset_of(typed: dict, saved: dict | None = None) -> str:
     return typed.get("preset") or (saved or {}).get("preset") or ("chat" if chat else "cpu")
 
 
-def budget_sizing(typed: dict, saved: dict | None, peak_flops: float | None) -> dict:
-    """The shape training/budget.py picks, where it applies: a new run of the cpu preset with a time
-    budget on a machine whose peak FLOP/s is known (tests and other callers pass none)."""
+def budget_minutes(typed: dict, saved: dict | None) -> float | None:
+    """The time budget training/budget.py sizes the model for, where it applies (a new run of the
+    cpu preset with a time budget); None elsewhere."""
     preset = preset_of(typed, saved)
     minutes = {"max_minutes": TrainConfig.max_minutes, **PRESETS[preset], **typed}["max_minutes"]
-    if preset != "cpu" or saved or not peak_flops or not minutes:
-        return {}
-    return sized_for_budget(minutes, peak_flops)
+    return minutes if preset == "cpu" and not saved and minutes else None
+
+
+def budget_sizing(typed: dict, saved: dict | None, peak_flops: float | None) -> dict:
+    """The shape training/budget.py picks, where it applies and the machine's peak FLOP/s is known
+    (tests and other callers pass none)."""
+    minutes = budget_minutes(typed, saved)
+    return sized_for_budget(minutes, peak_flops) if minutes and peak_flops else {}
 
 
 def assemble(typed: dict, saved: dict | None = None, peak_flops: float | None = None) -> TrainConfig:

@@ -399,7 +399,7 @@ def _logged_step(line: str) -> int:
 
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
-    from training.config import assemble, budget_sizing
+    from training.config import assemble, budget_minutes
 
     base, resuming, saved = None, bool(typed.get("resume")), None
     if resuming:
@@ -408,14 +408,14 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
     unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
     device = pick_device(unsized.device)
-    sizing = bool(budget_sizing(typed, saved, 1.0))  # the peak will choose the model: measure it carefully
+    sizing = budget_minutes(typed, saved) is not None  # the peak will choose the model: measure it carefully
     peak_flops = matmul_peak_flops(device, pick_dtype(device, unsized.dtype), seconds=1.0 if sizing else 0.3)
     config = assemble(typed, saved, peak_flops)
     if config.init_from:
         base = load_checkpoint(config.init_from)
     if not resuming and (Path(config.out_dir) / "LATEST").exists():
         raise UserError(f"{config.out_dir} already holds a run; use --resume to continue it or another --out-dir")
-    if budget_sizing(typed, saved, peak_flops) and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
+    if sizing and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
         print(describe(config.max_minutes, peak_flops, config.n_layer, config.n_embd, config.dropout))
     if device.type == "cpu":
         shape = base.model_config if base else config.model_config()

@@ -92,10 +92,11 @@ class ModelStore:
         if name not in self.runs():
             raise UserError(f"'{name}' is not a run under {self.root}")
         run_dir = self.root / name
+        folder = resolve(run_dir)  # the checkpoint its pointer names; checked, then loaded, once
         root = self.root.resolve()
-        if not (run_dir.resolve().is_relative_to(root) and resolve(run_dir).resolve().is_relative_to(root)):
+        if not (run_dir.resolve().is_relative_to(root) and folder.resolve().is_relative_to(root)):
             raise UserError(f"'{name}' leads outside {self.root} (a symbolic link?); only runs under it are served")
-        checkpoint = load_checkpoint(run_dir)  # reads and checksums the files: only after the check above
+        checkpoint = load_checkpoint(folder)  # reads and checksums the files: only after the check above
         tokenizer = checkpoint.load_tokenizer()
         model = checkpoint.load_model(self.device)
         loaded = LoadedModel(
