@@ -15,8 +15,9 @@ weight onto Hugging Face's Qwen3 architecture, so an export needs no retraining)
 - Grouped-query attention is available (`n_kv_head < n_head`) to shrink the KV cache.
 - Residual dropout (off by default) for runs that see their data many times; Qwen3 has no such
   layer, which is fine: dropout is training-only and the exported model computes the same thing.
-  On a CPU its mask is drawn 8 bits at a time (`cheap_dropout`): PyTorch's CPU dropout spends about
-  10 ns per element on random numbers, which made dropout 0.2 a fifth of the default training step.
+  On a CPU its mask is drawn 8 bits at a time (`cheap_dropout`): PyTorch's CPU dropout draws a
+  full random number per element, and the cheaper mask takes about 8% off the default training
+  step (`python -m benchmarks.step --dropout-impl both`, benchmarks/NOTES.md).
 - Attention runs through `F.scaled_dot_product_attention`, which picks the fastest kernel.
 - Module names follow Qwen3's (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so the weights
   file reads like theirs.
@@ -168,9 +169,8 @@ class MLP(nn.Module):
 def cheap_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout whose mask comes from one random byte per element (p rounded to a multiple of 1/256).
 
-    `F.dropout` on a CPU draws a full random number per element (about 11 ms for a 16 x 256 x 256
-    activation on the reference machine); slicing 64-bit random integers into bytes costs a tenth of
-    that, so the whole call takes about 3 ms. Kept elements are scaled so the expectation is unchanged.
+    `F.dropout` on a CPU draws a full random number per element; slicing 64-bit random integers into
+    bytes draws an eighth as many. Kept elements are scaled so the expectation is unchanged.
     """
     if p == 0:
         return x

@@ -63,3 +63,17 @@ def test_the_suite_writes_json_markdown_and_a_plot_with_every_figure(corpus_file
 def test_bad_suite_input_is_one_line():
     result = run_script("-m", "benchmarks", "--corpus", "no/such/file.txt")
     assert result.returncode != 0 and result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_the_step_breakdown_times_every_part_for_both_dropouts(tmp_path):
+    small = ["--n-layer", "1", "--n-embd", "64", "--context", "32", "--batch-size", "4", "--vocab-size", "300"]
+    out = tmp_path / "step.json"
+    result = run_script("-m", "benchmarks.step", *small, "--steps", "2", "--rounds", "2", "--dropout-impl", "both",
+                        "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [r["dropout_impl"] for r in results] == ["cheap", "torch"]
+    for figures in results:
+        assert set(figures["ms"]) == {"forward", "backward", "clip", "adamw", "muon"}
+        assert all(ms > 0 for ms in figures["ms"].values()) and len(figures["step_ms_each_round"]) == 2
+        assert 0 < figures["mfu"] < figures["mfu_forward_backward"] < 1.5

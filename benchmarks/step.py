@@ -1,0 +1,149 @@
+"""Where one training step spends its time: forward, backward, clipping and each optimizer.
+
+    python -m benchmarks.step                                  # the default 5-minute model, 4 x 256
+    python -m benchmarks.step --dropout-impl both              # our dropout against PyTorch's, alternating
+    python -m benchmarks.step --dropout 0 --compile
+
+The step is the trainer's (model/gpt.py, training/optim.py with the cpu preset's settings, bf16
+autocast where the CPU has it) on random tokens, so the data pipeline is left out. Each part is
+the median over `--steps` steps after three warm-up steps, and each figure the median of `--rounds`
+such rounds. `--dropout-impl both` alternates the two dropouts round by round in one process: on
+this shared machine its speed drifts by a third from minute to minute (Muon's time, which dropout
+cannot change, shows it), so separate runs cannot compare them. MFU is model FLOPs (6N +
+attention, as the training log counts them) over the bf16 matmul peak measured in the same
+process; Muon's own matrix arithmetic is not model FLOPs, so it lowers MFU. Prints the figures and
+writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import model.gpt
+from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
+from model.errors import UserError, run_cli
+from model.gpt import GPT, ModelConfig
+from training.config import PRESETS, TrainConfig
+from training.optim import build_optimizers
+
+PARTS = ("forward", "backward", "clip", "adamw", "muon")
+CHEAP = model.gpt.cheap_dropout
+
+
+def time_step(config: ModelConfig, batch: int, steps: int, compile_model: bool) -> dict[str, float]:
+    """Median seconds of each part of a training step (the first three steps warm up)."""
+    device = pick_device("auto")
+    dtype = pick_dtype(device)
+    torch.manual_seed(0)
+    network = GPT(config).to(device).train()
+    step_fn = torch.compile(network) if compile_model else network
+    adamw, *muon = build_optimizers(network, TrainConfig(**PRESETS["cpu"]))
+    x = torch.randint(0, config.vocab_size, (batch, config.context), device=device)
+    y = torch.randint(0, config.vocab_size, (batch, config.context), device=device)
+    times: dict[str, list[float]] = {part: [] for part in PARTS}
+    for step in range(steps + 3):
+        marks = [time.perf_counter()]
+        with autocast(device, dtype):
+            loss = step_fn(x, y)
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        marks.append(time.perf_counter())
+        for optimizer in (adamw, *muon):
+            optimizer.step()
+            marks.append(time.perf_counter())
+        network.zero_grad(set_to_none=True)
+        if step >= 3:
+            for part, start, end in zip(PARTS, marks, marks[1:], strict=False):
+                times[part].append(end - start)
+    return {part: statistics.median(values) for part, values in times.items() if values}
+
+
+def use_dropout(impl: str) -> None:
+    """Point the model's dropout at ours (`cheap`) or at `F.dropout` (`torch`), for the comparison."""
+    model.gpt.cheap_dropout = CHEAP if impl == "cheap" else (lambda x, p: F.dropout(x, p) if p else x)
+
+
+def measure(config: ModelConfig, args: argparse.Namespace, impl: str, rounds: list[dict], peak: float) -> dict:
+    """Medians over rounds of each part, the step, tokens/s and MFU for one dropout implementation."""
+    parts = {part: statistics.median(r[part] for r in rounds) for part in rounds[0]}
+    step = statistics.median(sum(r.values()) for r in rounds)
+    flops = GPT(config).flops_per_token() * args.batch_size * args.context
+    return {
+        "dropout_impl": impl,
+        "ms": {part: round(seconds * 1e3, 1) for part, seconds in parts.items()},
+        "step_ms": round(step * 1e3, 1),
+        "step_ms_each_round": [round(sum(r.values()) * 1e3, 1) for r in rounds],
+        "tokens_per_second": round(args.batch_size * args.context / step),
+        "mfu": round(flops / step / peak, 3),
+        "mfu_forward_backward": round(flops / (parts["forward"] + parts["backward"]) / peak, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--n-layer", type=int, default=4, help="layers")
+    parser.add_argument("--n-embd", type=int, default=256, help="width (one head per 64)")
+    parser.add_argument("--context", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size")
+    parser.add_argument("--dropout", type=float, default=0.2, help="residual dropout")
+    parser.add_argument(
+        "--dropout-impl",
+        default="cheap",
+        choices=["cheap", "torch", "both"],
+        help="our random-byte dropout, F.dropout, or both alternating",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round (after 3 warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per dropout implementation")
+    parser.add_argument("--out", default="benchmarks/results/step.json", help="where to write the figures")
+    args = parser.parse_args()
+    if min(args.n_layer, args.n_embd, args.context, args.batch_size, args.vocab_size, args.steps, args.rounds) < 1:
+        raise UserError("sizes, --steps and --rounds must be at least 1")
+    config = ModelConfig(
+        vocab_size=args.vocab_size,
+        context=args.context,
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=max(1, args.n_embd // 64),
+        n_kv_head=max(1, args.n_embd // 64),
+        dropout=args.dropout,
+    )
+    impls = ["cheap", "torch"] if args.dropout_impl == "both" else [args.dropout_impl]
+    rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for number in range(args.rounds):
+        for impl in impls if number % 2 == 0 else impls[::-1]:  # alternate which goes first
+            use_dropout(impl)
+            rounds[impl].append(time_step(config, args.batch_size, args.steps, args.compile))
+    use_dropout("cheap")
+    device = pick_device("auto")
+    peak = matmul_peak_flops(device, pick_dtype(device))
+    results = [measure(config, args, impl, rounds[impl], peak) for impl in impls]
+    for result in results:
+        print(
+            f"{result['dropout_impl']:>5} dropout: "
+            + ", ".join(f"{part} {ms:.0f}" for part, ms in result["ms"].items())
+            + f"; step {result['step_ms']:.0f} ms (rounds: {result['step_ms_each_round']}); "
+            f"{result['tokens_per_second']:,} tokens/s, MFU {result['mfu']:.0%} "
+            f"(forward + backward alone {result['mfu_forward_backward']:.0%})"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figures = {"settings": vars(args), "peak_gflops": round(peak / 1e9), "results": results}
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"peak {figures['peak_gflops']} GFLOP/s; wrote {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
