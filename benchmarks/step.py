@@ -1,18 +1,19 @@
 """Where one training step spends its time: forward, backward, clipping and each optimizer.
 
-    python -m benchmarks.step                                  # the default 5-minute model, 4 x 256
-    python -m benchmarks.step --dropout-impl both              # our dropout against PyTorch's, alternating
+    python -m benchmarks.step                           # the default 5-minute model, 4 x 256
+    python -m benchmarks.step --compare attention       # our CPU attention against PyTorch's kernel
+    python -m benchmarks.step --compare dropout         # our random-byte dropout against F.dropout
     python -m benchmarks.step --dropout 0 --compile
 
 The step is the trainer's (model/gpt.py, training/optim.py with the cpu preset's settings, bf16
 autocast where the CPU has it) on random tokens, so the data pipeline is left out. Each part is
 the median over `--steps` steps after three warm-up steps, and each figure the median of `--rounds`
-such rounds. `--dropout-impl both` alternates the two dropouts round by round in one process: on
-this shared machine its speed drifts by a third from minute to minute (Muon's time, which dropout
-cannot change, shows it), so separate runs cannot compare them. MFU is model FLOPs (6N +
-attention, as the training log counts them) over the bf16 matmul peak measured in the same
-process; Muon's own matrix arithmetic is not model FLOPs, so it lowers MFU. Prints the figures and
-writes them as JSON.
+such rounds. `--compare` swaps one of the model's own implementations for PyTorch's stock one and
+alternates the two round by round in one process: on this shared machine the speed drifts by a
+third from minute to minute (Muon's time, which neither swap can change, shows it), so separate
+runs cannot compare them. MFU is model FLOPs (6N + attention, as the training log counts them)
+over the bf16 matmul peak measured in the same process; Muon's own matrix arithmetic is not model
+FLOPs, so it lowers MFU. Prints the figures and writes them as JSON.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ from training.config import PRESETS, TrainConfig
 from training.optim import build_optimizers
 
 PARTS = ("forward", "backward", "clip", "adamw", "muon")
-CHEAP = model.gpt.cheap_dropout
+OURS = {"dropout": model.gpt.cheap_dropout, "attention": model.gpt.causal_attention}
+STOCK = {  # what each would be with PyTorch's own kernels
+    "dropout": lambda x, p: F.dropout(x, p) if p else x,
+    "attention": lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1)
+    ),
+}
+FUNCTION = {"dropout": "cheap_dropout", "attention": "causal_attention"}  # their names in model/gpt.py
 
 
 def time_step(config: ModelConfig, batch: int, steps: int, compile_model: bool) -> dict[str, float]:
@@ -67,18 +75,19 @@ def time_step(config: ModelConfig, batch: int, steps: int, compile_model: bool) 
     return {part: statistics.median(values) for part, values in times.items() if values}
 
 
-def use_dropout(impl: str) -> None:
-    """Point the model's dropout at ours (`cheap`) or at `F.dropout` (`torch`), for the comparison."""
-    model.gpt.cheap_dropout = CHEAP if impl == "cheap" else (lambda x, p: F.dropout(x, p) if p else x)
+def use(part: str | None, version: str) -> None:
+    """Point the model's `part` at our implementation (`ours`) or at PyTorch's (`stock`)."""
+    for name in OURS:
+        setattr(model.gpt, FUNCTION[name], STOCK[name] if name == part and version == "stock" else OURS[name])
 
 
-def measure(config: ModelConfig, args: argparse.Namespace, impl: str, rounds: list[dict], peak: float) -> dict:
-    """Medians over rounds of each part, the step, tokens/s and MFU for one dropout implementation."""
+def measure(config: ModelConfig, args: argparse.Namespace, version: str, rounds: list[dict], peak: float) -> dict:
+    """Medians over rounds of each part, the step, tokens/s and MFU for one version of the model."""
     parts = {part: statistics.median(r[part] for r in rounds) for part in rounds[0]}
     step = statistics.median(sum(r.values()) for r in rounds)
     flops = GPT(config).flops_per_token() * args.batch_size * args.context
     return {
-        "dropout_impl": impl,
+        "version": version,
         "ms": {part: round(seconds * 1e3, 1) for part, seconds in parts.items()},
         "step_ms": round(step * 1e3, 1),
         "step_ms_each_round": [round(sum(r.values()) * 1e3, 1) for r in rounds],
@@ -99,10 +108,9 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size")
     parser.add_argument("--dropout", type=float, default=0.2, help="residual dropout")
     parser.add_argument(
-        "--dropout-impl",
-        default="cheap",
-        choices=["cheap", "torch", "both"],
-        help="our random-byte dropout, F.dropout, or both alternating",
+        "--compare",
+        choices=list(OURS),
+        help="also time the step with PyTorch's stock version of this part, alternating round by round",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round (after 3 warm-up steps)")
@@ -120,19 +128,20 @@ def main() -> None:
         n_kv_head=max(1, args.n_embd // 64),
         dropout=args.dropout,
     )
-    impls = ["cheap", "torch"] if args.dropout_impl == "both" else [args.dropout_impl]
-    rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
+    versions = ["ours", "stock"] if args.compare else ["ours"]
+    rounds: dict[str, list[dict]] = {version: [] for version in versions}
     for number in range(args.rounds):
-        for impl in impls if number % 2 == 0 else impls[::-1]:  # alternate which goes first
-            use_dropout(impl)
-            rounds[impl].append(time_step(config, args.batch_size, args.steps, args.compile))
-    use_dropout("cheap")
+        for version in versions if number % 2 == 0 else versions[::-1]:  # alternate which goes first
+            use(args.compare, version)
+            rounds[version].append(time_step(config, args.batch_size, args.steps, args.compile))
+    use(None, "ours")
     device = pick_device("auto")
     peak = matmul_peak_flops(device, pick_dtype(device))
-    results = [measure(config, args, impl, rounds[impl], peak) for impl in impls]
+    results = [measure(config, args, version, rounds[version], peak) for version in versions]
     for result in results:
+        label = f"{result['version']} {args.compare}" if args.compare else "step"
         print(
-            f"{result['dropout_impl']:>5} dropout: "
+            f"{label}: "
             + ", ".join(f"{part} {ms:.0f}" for part, ms in result["ms"].items())
             + f"; step {result['step_ms']:.0f} ms (rounds: {result['step_ms_each_round']}); "
             f"{result['tokens_per_second']:,} tokens/s, MFU {result['mfu']:.0%} "

@@ -17,8 +17,9 @@ weight onto Hugging Face's Qwen3 architecture, so an export needs no retraining)
   layer, which is fine: dropout is training-only and the exported model computes the same thing.
   On a CPU its mask is drawn 8 bits at a time (`cheap_dropout`): PyTorch's CPU dropout draws a
   full random number per element, and the cheaper mask takes about 8% off the default training
-  step (`python -m benchmarks.step --dropout-impl both`, benchmarks/NOTES.md).
-- Attention runs through `F.scaled_dot_product_attention`, which picks the fastest kernel.
+  step (`python -m benchmarks.step --compare dropout`, benchmarks/NOTES.md).
+- Attention: `F.scaled_dot_product_attention`'s fused kernel, except in CPU training, where two
+  batched matmuls and a softmax are about 2x faster (`causal_attention`).
 - Module names follow Qwen3's (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so the weights
   file reads like theirs.
 
@@ -126,6 +127,33 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal self-attention of q (B, H, T, D) over k, v (B, Hkv, T, D): the training and scoring path.
+
+    On a GPU, and for long sequences anywhere, this is `F.scaled_dot_product_attention` (a fused
+    kernel that never stores the T x T scores). On a CPU at training lengths it is two batched
+    matmuls and a softmax, with the causal mask and the 1/sqrt(D) scale folded into the first
+    (`baddbmm`): PyTorch's CPU flash-attention kernel is slow in the backward pass, and the matmul
+    form takes the default model's attention from about 31 to 14 ms a layer, forward and backward
+    (`python -m benchmarks.step --compare attention`, benchmarks/NOTES.md). The scores cost
+    B x H x T x T values of memory per layer, which is why long sequences keep the fused kernel.
+    """
+    B, H, T, D = q.shape
+    if q.device.type != "cpu" or T > MATMUL_ATTENTION_MAX_T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != H)
+    if k.size(1) != H:  # grouped-query attention: each key/value head serves H / Hkv query heads
+        k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    mask = torch.zeros(T, T, dtype=q.dtype, device=q.device).masked_fill(future, float("-inf"))
+    scores = torch.baddbmm(
+        mask.expand(B * H, T, T), q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D**-0.5
+    )
+    return (torch.softmax(scores, dim=-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
+
+
+MATMUL_ATTENTION_MAX_T = 1024  # beyond this the T x T scores outweigh the CPU kernel's slowness
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -146,7 +174,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         gqa = self.n_kv_head != self.n_head
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = causal_attention(q, k, v)
         else:
             k, v = cache.update(self.layer, k, v)  # all cached keys/values so far, (B, Hkv, Tk, D)
             mask = cache.attn_mask

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import run_script
 
 
@@ -65,14 +67,15 @@ def test_bad_suite_input_is_one_line():
     assert result.returncode != 0 and result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
 
 
-def test_the_step_breakdown_times_every_part_for_both_dropouts(tmp_path):
+@pytest.mark.parametrize("part", ["dropout", "attention"])
+def test_the_step_breakdown_times_every_part_for_ours_and_stock(tmp_path, part):
     small = ["--n-layer", "1", "--n-embd", "64", "--context", "32", "--batch-size", "4", "--vocab-size", "300"]
     out = tmp_path / "step.json"
-    result = run_script("-m", "benchmarks.step", *small, "--steps", "2", "--rounds", "2", "--dropout-impl", "both",
+    result = run_script("-m", "benchmarks.step", *small, "--steps", "2", "--rounds", "2", "--compare", part,
                         "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())["results"]
-    assert [r["dropout_impl"] for r in results] == ["cheap", "torch"]
+    assert [r["version"] for r in results] == ["ours", "stock"]
     for figures in results:
         assert set(figures["ms"]) == {"forward", "backward", "clip", "adamw", "muon"}
         assert all(ms > 0 for ms in figures["ms"].values()) and len(figures["step_ms_each_round"]) == 2

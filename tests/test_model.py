@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.engine import Engine, SamplingConfig
-from model.gpt import GPT, ModelConfig, cheap_dropout
+from model.gpt import GPT, ModelConfig, causal_attention, cheap_dropout
 from model.tokenizer import build_char
 
 TOKENIZER = build_char(["abcdefghijklmnopqrstuvwxyz .,\n"])
@@ -173,3 +174,21 @@ def test_cheap_dropout_drops_its_share_keeps_the_expectation_and_passes_gradient
     assert rows.std() < 0.01, "masks differ row to row, no row dropped wholesale"
     assert cheap_dropout(x, 0.0) is x
     assert not torch.equal(cheap_dropout(x, p) != 0, kept), "a new mask each call"
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (3, 1)])
+def test_cpu_matmul_attention_equals_the_fused_kernel_in_value_and_gradient(heads, kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, 48, 16, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 48, 16, requires_grad=True) for _ in range(2))
+    ours = causal_attention(q, k, v)
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    reference_grads = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    for grad, reference_grad in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-4, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the training dtype: bf16 scores and softmax
+        rough = causal_attention(q, k, v)
+    assert rough.dtype == torch.bfloat16
+    torch.testing.assert_close(rough.float(), reference, rtol=0.05, atol=0.05)
