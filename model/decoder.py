@@ -9,6 +9,8 @@ one new position per row, with three changes:
 - Fused, transposed weights: q/k/v are one matrix and gate/up are one, stored input-major, so each
   layer is four `x @ W` calls on contiguous memory (the layout MKL's GEMV streams fastest).
 - Fewer, cheaper operations: norm scales and the attention's 1/sqrt(d) are folded into the weights,
+  each RMSNorm divides by the vector's length, with its epsilon added under the root by `hypot`
+  (three operations instead of five; the norm's sqrt(width) goes into the weights too),
   the q and k norms and the rotary embedding run once over the stacked q and k heads, attention
   for one query is two small matmuls and a softmax (the fused attention kernel costs more than it
   saves at this size), and residual additions are fused into the matmul (`addmm`).
@@ -38,17 +40,17 @@ class FusedDecoder:
     def __init__(self, model: GPT):
         c = model.config
         self.config = c
-        self.eps = c.norm_eps
         self.layers = []
 
         def folded(norm: torch.Tensor, *linears: torch.nn.Linear) -> torch.Tensor:
-            """(x * norm) @ W.T == x @ (W * norm).T: the norm's scale folded into the matrix, input-major."""
-            return (torch.cat([m.weight for m in linears]) * norm).float().t().contiguous()
+            """rms(x) * norm @ W.T == x / |x| @ (W * norm * sqrt(C)).T: the norm folded into the matrix, input-major."""
+            return (torch.cat([m.weight for m in linears]) * norm * norm.numel() ** 0.5).float().t().contiguous()
 
         for block in model.layers:
             attn, mlp = block.self_attn, block.mlp
-            q_scale = attn.q_norm.weight / c.head_dim**0.5  # the attention's 1/sqrt(d) folded into q's norm
-            qk_norm = torch.cat([q_scale.expand(c.n_head, -1), attn.k_norm.weight.expand(c.n_kv_head, -1)])
+            # The attention's 1/sqrt(d) cancels the q norm's sqrt(d); the k norm keeps its own.
+            q_scale, k_scale = attn.q_norm.weight, attn.k_norm.weight * c.head_dim**0.5
+            qk_norm = torch.cat([q_scale.expand(c.n_head, -1), k_scale.expand(c.n_kv_head, -1)])
             self.layers.append(
                 dict(
                     qkv=folded(block.input_layernorm.weight, attn.q_proj, attn.k_proj, attn.v_proj),
@@ -59,13 +61,17 @@ class FusedDecoder:
                 )
             )
         self.embed = model.embed_tokens.weight.detach().float()
+        self.floor = torch.tensor((c.n_embd * c.norm_eps) ** 0.5, device=self.embed.device)  # see _unit
+        self.head_floor = torch.tensor((c.head_dim * c.norm_eps) ** 0.5, device=self.embed.device)
         self.head = folded(model.norm.weight, model.lm_head)
         self.rotary = model.rotary
         half = c.head_dim // 2  # rotate_half(x) == roll(x, half) * sign, sign = (-1.. , +1..)
         self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.embed.device)
 
-    def _rms(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+    @staticmethod
+    def _unit(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+        """RMSNorm without its sqrt(width), which the weights carry: x / sqrt(|x|^2 + width * eps)."""
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), floor)
 
     @torch.inference_mode()
     def step(
@@ -82,8 +88,8 @@ class FusedDecoder:
         sin = sin * self.sign
         x = self.embed[token]  # (B, C)
         for i, w in enumerate(self.layers):
-            qkv = self._rms(x) @ w["qkv"]
-            qk = self._rms(qkv[:, : (H + Hkv) * D].view(B, H + Hkv, 1, D)) * w["qk_norm"]
+            qkv = self._unit(x, self.floor) @ w["qkv"]
+            qk = self._unit(qkv[:, : (H + Hkv) * D].view(B, H + Hkv, 1, D), self.head_floor) * w["qk_norm"]
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)  # rotary embedding
             keys[i, :, :, length] = qk[:, H:, 0]
             values[i, :, :, length] = qkv[:, (H + Hkv) * D :].view(B, Hkv, D)
@@ -93,9 +99,9 @@ class FusedDecoder:
                 scores = scores.masked_fill(~mask, float("-inf"))
             y = torch.softmax(scores, dim=-1) @ values[i, :, :, : length + 1]
             x = torch.addmm(x, y.view(B, H * D), w["o"])
-            gate, up = (self._rms(x) @ w["gate_up"]).chunk(2, dim=-1)
+            gate, up = (self._unit(x, self.floor) @ w["gate_up"]).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate) * up, w["down"])
-        return self._rms(x) @ self.head
+        return self._unit(x, self.floor) @ self.head
 
 
 _threads_lock = threading.Lock()

@@ -9,6 +9,9 @@ optimizer state stay in fp32 either way; autocast only changes the precision of 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +50,14 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether `torch.compile` can build kernels here: on a CPU, inductor writes C++ and needs a
+    compiler (the one it would call: $CXX, else g++, clang++ on macOS); GPU kernels come with PyTorch."""
+    if device.type != "cpu":
+        return True
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")) is not None
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -148,15 +148,11 @@ class Engine:
             generator.seed()  # fresh randomness, without touching the global RNG
         else:
             generator.manual_seed(sampling.seed)
-        stop_ids = torch.tensor(
-            [self.tokenizer.special_ids[t] for t in (DOC_SEPARATOR, END_OF_TURN)] if sampling.stop_at_special else [],
-            dtype=torch.long,
-            device=self.device,
+        stop_ids = (
+            {self.tokenizer.special_ids[t] for t in (DOC_SEPARATOR, END_OF_TURN)} if sampling.stop_at_special else set()
         )
         # The only special tokens generation may produce are those that end it.
-        banned = torch.tensor(
-            [i for i in self.tokenizer.special_ids.values() if i not in stop_ids.tolist()], device=self.device
-        )
+        banned = torch.tensor([i for i in self.tokenizer.special_ids.values() if i not in stop_ids], device=self.device)
         width = max(len(p) for p in prompts)
         tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
         valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=self.device)
@@ -170,22 +166,19 @@ class Engine:
         # saves on a prompt of at most `context` tokens.
         with single_thread() if self.device.type == "cpu" else contextlib.nullcontext():
             cache, logits = self._prefill(tokens, valid)
-            active = torch.ones(len(streams), dtype=torch.bool, device=self.device)
+            active = [True] * len(streams)
             for _ in range(sampling.max_new_tokens):
                 logits[:, banned] = float("-inf")
                 next_token = self._sample(logits, sampling, generator)  # (B,)
-                ended = torch.isin(next_token, stop_ids) & active
-                for row in ended.nonzero().flatten().tolist():
-                    active[row] = False
-                    if piece := streams[row].push(b"", final=True):
-                        yield row, piece
-                for row in active.nonzero().flatten().tolist():
-                    piece = streams[row].push(self.tokenizer.decode_bytes([int(next_token[row])]))
+                for row, token_id in enumerate(next_token.tolist()):  # one read of the batch's tokens
+                    if not active[row]:
+                        continue
+                    ended = token_id in stop_ids
+                    piece = streams[row].push(b"" if ended else self.tokenizer.decode_bytes([token_id]), final=ended)
                     if piece:
                         yield row, piece
-                    if streams[row].stopped:
-                        active[row] = False
-                if not active.any():
+                    active[row] = not (ended or streams[row].stopped)
+                if not any(active):
                     return
                 tokens = torch.cat([tokens, next_token[:, None]], dim=1)
                 valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
@@ -195,8 +188,8 @@ class Engine:
                     cache, logits = self._prefill(tokens, valid)
                 else:
                     logits = self._decode(cache, next_token, valid)
-            for row in active.nonzero().flatten().tolist():
-                if piece := streams[row].push(b"", final=True):
+            for row, still_going in enumerate(active):
+                if still_going and (piece := streams[row].push(b"", final=True)):
                     yield row, piece
 
     def _prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[KVCache, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 
 from benchmarks.load import free_port
 from model.checkpoint import load_checkpoint
+from model.device import can_compile
 from model.errors import UserError
 from tests.conftest import ROOT, TINY
 from training.config import assemble
@@ -121,6 +122,13 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     saved = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_kv_head": 2}
     assert assemble({"max_minutes": 60}, saved=saved, peak_flops=laptop).n_embd == 96  # a resumed run keeps its shape
     assert assemble({"max_minutes": 60, "preset": "tiny"}, peak_flops=laptop).n_embd == 64  # other presets are fixed
+
+
+def test_compile_without_a_compiler_is_refused_in_one_line(corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert can_compile(torch.device("cpu")) is False
+    with pytest.raises(UserError, match="--compile needs a C\\+\\+ compiler"):
+        train(flags(corpus_file, tmp_path, "typed", compile=True))
 
 
 def test_init_from_starts_a_new_run_from_existing_weights(corpus_file, tmp_path):

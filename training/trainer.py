@@ -35,7 +35,7 @@ from data.loader import Batches, ConversationBatches
 from data.prepare import DEFAULT_CACHE, Prepared, prepare
 from model.chat_template import TurnsTemplate, stream_reply
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_failed
-from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
+from model.device import autocast, can_compile, matmul_peak_flops, pick_device, pick_dtype
 from model.engine import Engine, SamplingConfig
 from model.errors import UserError
 from model.evaluate import bits_per_byte, score
@@ -387,6 +387,8 @@ class Trainer:
             f"{self.dist.world} process(es), budget {budget}, from step {self.step} -> {self.out_dir}",
             flush=True,
         )
+        if c.compile:
+            print("compiling the model: the first step takes about half a minute (less when cached)", flush=True)
 
 
 def _logged_step(line: str) -> int:
@@ -411,6 +413,8 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     sizing = budget_minutes(typed, saved) is not None  # the peak will choose the model: measure it carefully
     peak_flops = matmul_peak_flops(device, pick_dtype(device, unsized.dtype), seconds=1.0 if sizing else 0.3)
     config = assemble(typed, saved, peak_flops)
+    if config.compile and not can_compile(device):
+        raise UserError("--compile needs a C++ compiler on a CPU (g++, or $CXX); install one or drop --compile")
     if config.init_from:
         base = load_checkpoint(config.init_from)
     if not resuming and (Path(config.out_dir) / "LATEST").exists():
