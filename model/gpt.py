@@ -127,6 +127,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+MATMUL_ATTENTION_MAX_T = 1024  # beyond this the T x T scores outweigh the CPU kernel's slowness
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal self-attention of q (B, H, T, D) over k, v (B, Hkv, T, D): the training and scoring path.
 
@@ -135,7 +138,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     matmuls and a softmax, with the causal mask and the 1/sqrt(D) scale folded into the first
     (`baddbmm`): PyTorch's CPU flash-attention kernel is slow in the backward pass, and the matmul
     form takes the default model's attention from about 31 to 14 ms a layer, forward and backward
-    (`python -m benchmarks.step --compare attention`, benchmarks/NOTES.md). The scores cost
+    (`python -m benchmarks.step --compare attention`, benchmarks/NOTES.md). Under bf16 autocast the
+    scores and their softmax are bf16 (the tuning runs scored the same). The scores cost
     B x H x T x T values of memory per layer, which is why long sequences keep the fused kernel.
     """
     B, H, T, D = q.shape
@@ -149,9 +153,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         mask.expand(B * H, T, T), q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D**-0.5
     )
     return (torch.softmax(scores, dim=-1) @ v.reshape(B * H, T, D)).view(B, H, T, D)
-
-
-MATMUL_ATTENTION_MAX_T = 1024  # beyond this the T x T scores outweigh the CPU kernel's slowness
 
 
 class Attention(nn.Module):

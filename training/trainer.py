@@ -388,7 +388,10 @@ class Trainer:
             flush=True,
         )
         if c.compile:
-            print("compiling the model: the first step takes about half a minute (less when cached)", flush=True)
+            print(
+                "compiling the model: the first step waits for it (about half a minute on a CPU, less once cached)",
+                flush=True,
+            )
 
 
 def _logged_step(line: str) -> int:
