@@ -42,7 +42,6 @@ STOCK = {  # what each would be with PyTorch's own kernels
         q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1)
     ),
 }
-FUNCTION = {"dropout": "cheap_dropout", "attention": "causal_attention"}  # their names in model/gpt.py
 
 
 def time_step(config: ModelConfig, batch: int, steps: int, compile_model: bool) -> dict[str, float]:
@@ -78,7 +77,7 @@ def time_step(config: ModelConfig, batch: int, steps: int, compile_model: bool) 
 def use(part: str | None, version: str) -> None:
     """Point the model's `part` at our implementation (`ours`) or at PyTorch's (`stock`)."""
     for name in OURS:
-        setattr(model.gpt, FUNCTION[name], STOCK[name] if name == part and version == "stock" else OURS[name])
+        setattr(model.gpt, OURS[name].__name__, STOCK[name] if name == part and version == "stock" else OURS[name])
 
 
 def measure(config: ModelConfig, args: argparse.Namespace, version: str, rounds: list[dict], peak: float) -> dict:
