@@ -38,9 +38,7 @@ PARTS = ("forward", "backward", "clip", "adamw", "muon")
 OURS = {"dropout": model.gpt.cheap_dropout, "attention": model.gpt.causal_attention}
 STOCK = {  # what each would be with PyTorch's own kernels
     "dropout": lambda x, p: F.dropout(x, p) if p else x,
-    "attention": lambda q, k, v: F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1)
-    ),
+    "attention": model.gpt.fused_causal_attention,
 }
 
 

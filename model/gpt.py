@@ -19,7 +19,7 @@ weight onto Hugging Face's Qwen3 architecture, so an export needs no retraining)
   full random number per element, and the cheaper mask takes about 8% off the default training
   step (`python -m benchmarks.step --compare dropout`, benchmarks/NOTES.md).
 - Attention: `F.scaled_dot_product_attention`'s fused kernel, except in CPU training, where two
-  batched matmuls and a softmax are about 2x faster (`causal_attention`).
+  batched matmuls and a softmax take about 10% off the step (`causal_attention`).
 - Module names follow Qwen3's (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so the weights
   file reads like theirs.
 
@@ -130,21 +130,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 MATMUL_ATTENTION_MAX_T = 1024  # beyond this the T x T scores outweigh the CPU kernel's slowness
 
 
+def fused_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused kernel for causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal self-attention of q (B, H, T, D) over k, v (B, Hkv, T, D): the training and scoring path.
 
-    On a GPU, and for long sequences anywhere, this is `F.scaled_dot_product_attention` (a fused
-    kernel that never stores the T x T scores). On a CPU at training lengths it is two batched
-    matmuls and a softmax, with the causal mask and the 1/sqrt(D) scale folded into the first
-    (`baddbmm`): PyTorch's CPU flash-attention kernel is slow in the backward pass, and the matmul
-    form takes the default model's attention from about 31 to 14 ms a layer, forward and backward
-    (`python -m benchmarks.step --compare attention`, benchmarks/NOTES.md). Under bf16 autocast the
+    On a GPU, and for long sequences anywhere, this is the fused kernel (it never stores the T x T
+    scores). On a CPU at training lengths it is two batched matmuls and a softmax, with the causal
+    mask and the 1/sqrt(D) scale folded into the first (`baddbmm`): PyTorch's CPU flash-attention
+    kernel is slow in the backward pass, and the matmul form takes the default model's training
+    step from 678 to 609 ms (`python -m benchmarks.step --compare attention`, benchmarks/NOTES.md
+    has the runs). Under bf16 autocast the
     scores and their softmax are bf16 (the tuning runs scored the same). The scores cost
     B x H x T x T values of memory per layer, which is why long sequences keep the fused kernel.
     """
     B, H, T, D = q.shape
     if q.device.type != "cpu" or T > MATMUL_ATTENTION_MAX_T:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != H)
+        return fused_causal_attention(q, k, v)
     if k.size(1) != H:  # grouped-query attention: each key/value head serves H / Hkv query heads
         k, v = k.repeat_interleave(H // k.size(1), dim=1), v.repeat_interleave(H // v.size(1), dim=1)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
@@ -173,13 +178,13 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
-        gqa = self.n_kv_head != self.n_head
         if cache is None:
             y = causal_attention(q, k, v)
         else:
             k, v = cache.update(self.layer, k, v)  # all cached keys/values so far, (B, Hkv, Tk, D)
             mask = cache.attn_mask
             causal = mask is None and T > 1
+            gqa = self.n_kv_head != self.n_head
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
