@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from data.prepare import prepare
 from data.sources import download, hub_source, open_source
@@ -169,3 +170,26 @@ def test_builtin_corpus_is_real_documentation():
     text = "".join(documents)
     assert len(text) > 500_000
     assert "assert" in text and "Module json" in text
+
+
+def test_training_windows_cover_each_epoch_once_in_a_fresh_order():
+    from data.loader import Batches
+
+    context, cpu = 16, torch.device("cpu")
+    batches = Batches(np.arange(1000, dtype=np.uint16), context, seed=3)
+    rows = 8
+    epochs: list[list[int]] = []
+    for step in range(3 * batches.per_epoch // rows):
+        inputs, targets = batches.get(step, range(rows), rows, cpu)
+        assert torch.equal(targets[:, :-1], inputs[:, 1:]) and int(targets.max()) < 1000  # in bounds, shifted by one
+        for n, start in enumerate(inputs[:, 0].tolist(), start=step * rows):
+            if n % batches.per_epoch == 0:
+                epochs.append([])
+            epochs[-1].append(start)
+    first, second = epochs[0], epochs[1]
+    assert len(set(first)) == len(first) == batches.per_epoch == 1000 // context - 1  # no window twice in a pass
+    assert len({start % context for start in first}) == 1  # back to back, at one phase
+    assert first != second  # each pass has its own order (and phase)
+    # Any slice of a step's rows (another rank's share) is the same data, whatever was asked before.
+    late = Batches(np.arange(1000, dtype=np.uint16), context, seed=3).get(9, range(3, 7), rows, cpu)[0]
+    assert torch.equal(late, batches.get(9, range(rows), rows, cpu)[0][3:7])
