@@ -1,15 +1,17 @@
-"""Training batches: windows of the token array, shuffled pass by pass, the same for a given (seed, step).
+"""Training batches, drawn as shuffled passes over the data: the same for a given (seed, step).
 
-A small corpus is seen many times (Tiny Shakespeare about 3 times in 90 seconds, 6 in 5 minutes),
-so windows are drawn without replacement: each pass over the data (an epoch) cuts the tokens into
-back-to-back windows starting at a random phase and visits every one of them once, in a random
-order. Drawn with replacement instead, some windows come up twice as often as the average and
-others not at all; benchmarks/NOTES.md has the comparison. The n-th row of the run is window n mod
-(windows per epoch) of epoch n div (windows per epoch), and an epoch's order and phase come from
-a generator seeded with (seed, epoch); rank r of a distributed run takes its own slice of each
-step's rows, micro-step by micro-step. So the data a step sees depends only on the seed and the
-step number: resuming needs no loader state, and N processes see exactly the rows one process
-would see with the same global batch.
+A small corpus is seen many times (Tiny Shakespeare about 3 times in 90 seconds, 6 in 5 minutes;
+the built-in conversations about as often in chat fine-tuning), so rows are drawn without
+replacement (`ShuffledPasses`): each pass over the data (an epoch) visits every item once, in its
+own random order. Drawn with replacement instead, some items come up twice as often as the average
+and others not at all, and a repeat can come a few steps after the first sight; benchmarks/NOTES.md
+measures the difference. For pre-training an item is a window of the token array, cut back to
+back at a random phase per pass (`Batches`); for chat it is a conversation (`ConversationBatches`).
+
+A run's n-th row is fixed by (seed, n), and a step's rows are rows step x batch onwards; rank r of
+a distributed run takes its own slice of them, micro-step by micro-step. So the data a step sees
+depends only on the seed and the step number: resuming needs no loader state, and N processes see
+exactly the rows one process would see with the same global batch.
 """
 
 from __future__ import annotations
@@ -18,32 +20,52 @@ import numpy as np
 import torch
 
 
+class ShuffledPasses:
+    """Which item the run's n-th draw from `size` items is: passes over all of them, each in a fresh order.
+
+    Draw n is item order[n mod size] of pass n div size, where a pass's order is a permutation
+    seeded with (seed, pass): every item once per pass, and a repeat a whole pass later.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self._last: tuple[int, np.ndarray] | None = None  # (pass, order): the pass being drawn from
+
+    def draw(self, n: int) -> tuple[int, int]:
+        """(pass, item) of draw n."""
+        epoch, index = divmod(n, self.size)
+        if self._last is None or self._last[0] != epoch:
+            self._last = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size))
+        return epoch, int(self._last[1][index])
+
+    def for_step(self, step: int, rows: range, global_rows: int) -> list[tuple[int, int]]:
+        """The draws of `rows` out of a step's `global_rows`."""
+        return [self.draw(step * global_rows + row) for row in rows]
+
+
 class Batches:
+    """Windows of the token array: each pass cuts it into back-to-back windows at its own random phase."""
+
     def __init__(self, tokens: np.ndarray, context: int, seed: int):
         if len(tokens) < context + 2:
             raise ValueError(f"only {len(tokens)} tokens, fewer than one window of {context + 1}")
         self.tokens, self.context, self.seed = tokens, context, seed
         last_start = len(tokens) - context - 1
-        self.per_epoch = max(1, last_start // context)
-        self.max_phase = min(context - 1, last_start)  # every window of an epoch fits whatever its phase
-        self._epoch: tuple[int, int, np.ndarray] | None = None  # (epoch, phase, window order), the last one used
+        self.passes = ShuffledPasses(max(1, last_start // context), seed)
+        self.max_phase = min(context - 1, last_start)  # every window of a pass fits whatever its phase
+        self._phase = (-1, 0)  # (pass, phase) last computed
 
-    def window_starts(self, epoch: int) -> np.ndarray:
-        """Start offsets of an epoch's windows, in the order the epoch visits them."""
-        if self._epoch is None or self._epoch[0] != epoch:
-            generator = np.random.default_rng([self.seed, epoch])
-            phase = int(generator.integers(0, self.max_phase + 1))
-            self._epoch = (epoch, phase, generator.permutation(self.per_epoch))
-        _, phase, order = self._epoch
-        return phase + order * self.context
+    def phase(self, epoch: int) -> int:
+        if self._phase[0] != epoch:
+            self._phase = (epoch, int(np.random.default_rng([self.seed, epoch, 1]).integers(0, self.max_phase + 1)))
+        return self._phase[1]
 
     def get(self, step: int, rows: range, global_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (len(rows), context) for `rows` out of this step's `global_rows`."""
-        offsets = []
-        for row in range(step * global_rows + rows.start, step * global_rows + rows.stop):
-            epoch, index = divmod(row, self.per_epoch)
-            offsets.append(self.window_starts(epoch)[index])
-        windows = np.stack([self.tokens[o : o + self.context + 1] for o in offsets]).astype(np.int64)
+        starts = [
+            self.phase(epoch) + window * self.context for epoch, window in self.passes.for_step(step, rows, global_rows)
+        ]
+        windows = np.stack([self.tokens[o : o + self.context + 1] for o in starts]).astype(np.int64)
         batch = torch.from_numpy(windows)
         if device.type == "cuda":
             batch = batch.pin_memory().to(device, non_blocking=True)
@@ -57,8 +79,8 @@ class ConversationBatches:
     and a model would learn answers that depend on the conversation before them, which is never
     there when someone chats. Padding goes after the text, where causal attention cannot see it,
     and to the batch's longest row rather than the full context, so little compute is wasted.
-    A conversation longer than the context is cut to it (and reported by the caller). Rows for a
-    step are drawn from (seed, step), like `Batches`.
+    A conversation longer than the context is cut to it (and reported by the caller). Rows are
+    shuffled passes over the conversations, like `Batches`' windows.
     """
 
     def __init__(self, rendered: list[tuple[list[int], list[int]]], context: int, seed: int):
@@ -66,15 +88,14 @@ class ConversationBatches:
         for ids, mask in rendered:
             ids, mask = torch.tensor(ids[: context + 1]), torch.tensor(mask[: context + 1], dtype=torch.bool)
             self.rows.append((ids[:-1], torch.where(mask[1:], ids[1:], -1)))
-        self.context, self.seed = context, seed
+        self.context = context
+        self.passes = ShuffledPasses(len(self.rows), seed)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def get(self, step: int, rows: range, global_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = np.random.default_rng([self.seed, step])
-        picks = generator.integers(0, len(self.rows), size=global_rows)[rows.start : rows.stop]
-        return self._pad([self.rows[i] for i in picks], device)
+        return self._pad([self.rows[i] for _, i in self.passes.for_step(step, rows, global_rows)], device)
 
     def in_order(self, batch_size: int, device: torch.device):
         """Every conversation once, for validation."""

@@ -179,17 +179,28 @@ def test_training_windows_cover_each_epoch_once_in_a_fresh_order():
     batches = Batches(np.arange(1000, dtype=np.uint16), context, seed=3)
     rows = 8
     epochs: list[list[int]] = []
-    for step in range(3 * batches.per_epoch // rows):
+    for step in range(3 * batches.passes.size // rows):
         inputs, targets = batches.get(step, range(rows), rows, cpu)
         assert torch.equal(targets[:, :-1], inputs[:, 1:]) and int(targets.max()) < 1000  # in bounds, shifted by one
         for n, start in enumerate(inputs[:, 0].tolist(), start=step * rows):
-            if n % batches.per_epoch == 0:
+            if n % batches.passes.size == 0:
                 epochs.append([])
             epochs[-1].append(start)
     first, second = epochs[0], epochs[1]
-    assert len(set(first)) == len(first) == batches.per_epoch == 1000 // context - 1  # no window twice in a pass
+    assert len(set(first)) == len(first) == batches.passes.size == 1000 // context - 1  # no window twice in a pass
     assert len({start % context for start in first}) == 1  # back to back, at one phase
     assert first != second  # each pass has its own order (and phase)
     # Any slice of a step's rows (another rank's share) is the same data, whatever was asked before.
     late = Batches(np.arange(1000, dtype=np.uint16), context, seed=3).get(9, range(3, 7), rows, cpu)[0]
     assert torch.equal(late, batches.get(9, range(rows), rows, cpu)[0][3:7])
+
+
+def test_chat_fine_tuning_sees_every_conversation_once_per_pass():
+    from data.loader import ConversationBatches
+
+    rendered = [([n, n + 1, n + 2], [False, True, True]) for n in range(0, 60, 3)]  # 20 conversations
+    batches = ConversationBatches(rendered, context=8, seed=5)
+    firsts = [batches.get(step, range(4), 4, torch.device("cpu"))[0][:, 0].tolist() for step in range(10)]
+    first_pass, second_pass = sum(firsts[:5], []), sum(firsts[5:], [])
+    assert sorted(first_pass) == sorted(second_pass) == list(range(0, 60, 3))
+    assert first_pass != second_pass
