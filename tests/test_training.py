@@ -12,9 +12,10 @@ import torch
 
 from benchmarks.load import free_port
 from model.checkpoint import load_checkpoint
-from model.device import can_compile
+from model.device import can_compile, matmul_peak_flops
 from model.errors import UserError
 from tests.conftest import ROOT, TINY
+from training.budget import depth_for, machine_name, remembered_peak
 from training.config import assemble
 from training.trainer import Trainer, train
 
@@ -122,6 +123,25 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     saved = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_kv_head": 2}
     assert assemble({"max_minutes": 60}, saved=saved, peak_flops=laptop).n_embd == 96  # a resumed run keeps its shape
     assert assemble({"max_minutes": 60, "preset": "tiny"}, peak_flops=laptop).n_embd == 64  # other presets are fixed
+
+
+def test_the_budget_sizes_from_the_best_peak_this_machine_has_shown(corpus_file, tmp_path, capsys):
+    """A momentarily slow peak measurement must not shrink the model: the best one seen sizes it."""
+    cache, cpu = tmp_path / "cache", torch.device("cpu")
+    machine = machine_name(cpu, torch.float32)
+    assert remembered_peak(2e11, machine, cache) == 2e11  # the first measurement is remembered
+    assert remembered_peak(1e11, machine, cache) == 2e11  # a dip is overruled by it
+    assert remembered_peak(3e11, "another machine", cache) == 3e11  # machines are kept apart
+    assert json.loads((cache / "peak_flops.json").read_text()) == {machine: 2e11, "another machine": 3e11}
+    (cache / "peak_flops.json").write_text("{not json")
+    assert remembered_peak(1e11, machine, cache) == 1e11  # an unreadable memory is started afresh
+    # A real run whose remembered peak is 100 times this machine's gets the model sized for that peak.
+    measured = matmul_peak_flops(cpu, torch.float32, seconds=0.3)
+    (cache / "peak_flops.json").write_text(json.dumps({machine: 100 * measured}))
+    run = {"preset": "cpu", "data": str(corpus_file), "cache_dir": str(cache), "out_dir": str(tmp_path / "run")}
+    trainer, _ = train({**run, "max_minutes": 0.05, "dtype": "fp32", "progress": False, "sample_tokens": 0})
+    assert trainer.config.n_layer == depth_for(0.05, 100 * measured) > depth_for(0.05, measured)
+    assert f"x {100 * measured / 1e9:,.0f} GFLOP/s peak (the best measured here" in capsys.readouterr().out
 
 
 def test_compile_without_a_compiler_is_refused_in_one_line(corpus_file, tmp_path, monkeypatch):

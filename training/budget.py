@@ -10,9 +10,24 @@ The schedule needs nothing: it already ends exactly when the budget does (traini
 
 The sweep behind the anchor and the exponent is in benchmarks/NOTES.md. Flags typed on the
 command line (or saved in a run being resumed) always win over these choices.
+
+The peak that sizes a run is the best this machine has shown, not only this process's one-second
+measurement (`remembered_peak`): on a shared machine a measurement now and then reads half the
+peak (3 of about 45 sweep runs), and a 5-minute run sized for a machine half as fast memorises
+Tiny Shakespeare (2.47 bits/byte instead of 2.02). Remembering the best also makes the same
+command give the same model on the same machine, run after run.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from model.files import write_atomically
 
 # 90 seconds at the 2-core reference machine's bf16 peak (~420 GFLOP/s): depth 3 was best.
 ANCHOR_COMPUTE = 1.5 * 60 * 420e9
@@ -39,9 +54,48 @@ def sized_for_budget(minutes: float, peak_flops: float) -> dict:
     return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout), strict=True))
 
 
-def describe(minutes: float, peak_flops: float, n_layer: int, n_embd: int, dropout: float) -> str:
+def describe(minutes: float, peak_flops: float, measured: float, n_layer: int, n_embd: int, dropout: float) -> str:
     """One line for the training log: the compute the budget buys and the shape the run uses."""
+    now = "" if measured >= peak_flops else f" (the best measured here; {measured / 1e9:,.0f} now)"
     return (
-        f"budget {minutes:g} min x {peak_flops / 1e9:,.0f} GFLOP/s peak = {minutes * 60 * peak_flops:.2g} FLOPs "
+        f"budget {minutes:g} min x {peak_flops / 1e9:,.0f} GFLOP/s peak{now} = {minutes * 60 * peak_flops:.2g} FLOPs "
         f"-> {n_layer} layers x {n_embd} wide, dropout {dropout:g} (--n-layer/--n-embd/--dropout choose yourself)"
     )
+
+
+def machine_name(device: torch.device, dtype: torch.dtype) -> str:
+    """What a remembered peak is valid for: the processor, the thread count and the dtype."""
+    if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = (
+            [
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ]
+            if cpuinfo.exists()
+            else []
+        )
+        chip = names[0] if names else platform.processor() or platform.machine()
+        chip += f", {torch.get_num_threads()} threads"
+    return f"{chip}, {str(dtype).removeprefix('torch.')}"
+
+
+def remembered_peak(measured: float, machine: str, folder: Path) -> float:
+    """The best of `measured` and the peaks measured earlier on `machine` (kept in folder/peak_flops.json)."""
+    path = folder / "peak_flops.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: start afresh
+        known = {}
+    best = max(measured, float(known.get(machine, 0.0)))
+    if best > known.get(machine, 0.0):
+        known[machine] = best
+        try:
+            os.makedirs(folder, exist_ok=True)
+            write_atomically(path, json.dumps(known, indent=1))
+        except OSError:  # a read-only cache only loses the memory, not the run
+            pass
+    return best

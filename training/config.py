@@ -156,7 +156,8 @@ HELP = {
     "chat_data": 'fine-tune for chat on conversations: builtin, a .jsonl of {"messages": [...]}, or a '
     "Hugging Face dataset name (needs --init-from a trained model)",
     "messages_column": "column holding the messages in hub chat datasets and .jsonl files",
-    "cache_dir": "where prepared token files are cached (default: data/cache in the project)",
+    "cache_dir": "where prepared token files and the best matmul peak measured on this machine are kept "
+    "(default: data/cache in the project)",
     "tokenizer": "bpe (trained on the data), char (one token per character) or gpt2 (tiktoken's GPT-2)",
     "vocab_size": "vocabulary size of the bpe tokenizer, special tokens included",
     "n_layer": "transformer blocks",

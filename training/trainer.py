@@ -404,6 +404,7 @@ def _logged_step(line: str) -> int:
 
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
+    from training.budget import machine_name, remembered_peak
     from training.config import assemble, budget_minutes
 
     base, resuming, saved = None, bool(typed.get("resume")), None
@@ -414,8 +415,11 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
     device = pick_device(unsized.device)
     sizing = budget_minutes(typed, saved) is not None  # the peak will choose the model: measure it carefully
-    peak_flops = matmul_peak_flops(device, pick_dtype(device, unsized.dtype), seconds=1.0 if sizing else 0.3)
-    config = assemble(typed, saved, peak_flops)
+    dtype = pick_dtype(device, unsized.dtype)
+    peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)
+    cache = Path(unsized.cache_dir) if unsized.cache_dir else DEFAULT_CACHE
+    sizing_peak = remembered_peak(peak_flops, machine_name(device, dtype), cache) if sizing else peak_flops
+    config = assemble(typed, saved, sizing_peak)
     if config.compile and not can_compile(device):
         raise UserError("--compile needs a C++ compiler on a CPU (g++, or $CXX); install one or drop --compile")
     if config.init_from:
@@ -423,7 +427,7 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     if not resuming and (Path(config.out_dir) / "LATEST").exists():
         raise UserError(f"{config.out_dir} already holds a run; use --resume to continue it or another --out-dir")
     if sizing and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
-        print(describe(config.max_minutes, peak_flops, config.n_layer, config.n_embd, config.dropout))
+        print(describe(config.max_minutes, sizing_peak, peak_flops, config.n_layer, config.n_embd, config.dropout))
     if device.type == "cpu":
         shape = base.model_config if base else config.model_config()
         check_fits(shape, config.batch_size // config.grad_accum)
