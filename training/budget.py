@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -68,16 +69,8 @@ def machine_name(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         chip = torch.cuda.get_device_name(device)
     else:
-        cpuinfo = Path("/proc/cpuinfo")
-        names = (
-            [
-                line.split(":", 1)[1].strip()
-                for line in cpuinfo.read_text().splitlines()
-                if line.startswith("model name")
-            ]
-            if cpuinfo.exists()
-            else []
-        )
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, flags=re.MULTILINE)
         chip = names[0] if names else platform.processor() or platform.machine()
         chip += f", {torch.get_num_threads()} threads"
     return f"{chip}, {str(dtype).removeprefix('torch.')}"
