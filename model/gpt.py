@@ -143,9 +143,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     mask and the 1/sqrt(D) scale folded into the first (`baddbmm`): PyTorch's CPU flash-attention
     kernel is slow in the backward pass, and the matmul form takes the default model's training
     step from 678 to 609 ms (`python -m benchmarks.step --compare attention`, benchmarks/NOTES.md
-    has the runs). Under bf16 autocast the
-    scores and their softmax are bf16 (the tuning runs scored the same). The scores cost
-    B x H x T x T values of memory per layer, which is why long sequences keep the fused kernel.
+    has the runs). Under bf16 autocast the scores and their softmax are bf16 (the tuning runs
+    scored the same). The scores cost B x H x T x T values of memory per layer, which is why long
+    sequences keep the fused kernel.
     """
     B, H, T, D = q.shape
     if q.device.type != "cpu" or T > MATMUL_ATTENTION_MAX_T:

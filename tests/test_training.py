@@ -135,6 +135,8 @@ def test_the_budget_sizes_from_the_best_peak_this_machine_has_shown(corpus_file,
     assert json.loads((cache / "peak_flops.json").read_text()) == {machine: 2e11, "another machine": 3e11}
     (cache / "peak_flops.json").write_text("{not json")
     assert remembered_peak(1e11, machine, cache) == 1e11  # an unreadable memory is started afresh
+    (cache / "peak_flops.json").write_text("[]")
+    assert remembered_peak(1e11, machine, cache) == 1e11  # and so is valid JSON of the wrong shape
     # A real run whose remembered peak is 100 times this machine's gets the model sized for that peak.
     measured = matmul_peak_flops(cpu, torch.float32, seconds=0.3)
     (cache / "peak_flops.json").write_text(json.dumps({machine: 100 * measured}))

@@ -83,12 +83,14 @@ def remembered_peak(measured: float, machine: str, folder: Path) -> float:
         known = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: start afresh
         known = {}
-    best = max(measured, float(known.get(machine, 0.0)))
-    if best > known.get(machine, 0.0):
-        known[machine] = best
-        try:
-            os.makedirs(folder, exist_ok=True)
-            write_atomically(path, json.dumps(known, indent=1))
-        except OSError:  # a read-only cache only loses the memory, not the run
-            pass
-    return best
+    known = known if isinstance(known, dict) else {}
+    previous = float(known.get(machine, 0.0))
+    if measured <= previous:
+        return previous
+    known[machine] = measured
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write_atomically(path, json.dumps(known, indent=1))
+    except OSError:  # a read-only cache only loses the memory, not the run
+        pass
+    return measured

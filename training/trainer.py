@@ -120,7 +120,7 @@ class Trainer:
                 vocab_size=c.vocab_size,
                 tokenizer=tokenizer,
                 max_bytes=c.max_bytes,
-                cache_dir=Path(c.cache_dir) if c.cache_dir else DEFAULT_CACHE,
+                cache_dir=cache_folder(c),
                 progress=c.progress and self.dist.is_main,
             )
 
@@ -402,6 +402,11 @@ def _logged_step(line: str) -> int:
         return 1 << 62
 
 
+def cache_folder(config: TrainConfig) -> Path:
+    """Where prepared data (and the machine's remembered peak, training/budget.py) are kept."""
+    return Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE
+
+
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
     from training.budget import machine_name, remembered_peak
@@ -417,8 +422,9 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     sizing = budget_minutes(typed, saved) is not None  # the peak will choose the model: measure it carefully
     dtype = pick_dtype(device, unsized.dtype)
     peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)
-    cache = Path(unsized.cache_dir) if unsized.cache_dir else DEFAULT_CACHE
-    sizing_peak = remembered_peak(peak_flops, machine_name(device, dtype), cache) if sizing else peak_flops
+    sizing_peak = (
+        remembered_peak(peak_flops, machine_name(device, dtype), cache_folder(unsized)) if sizing else peak_flops
+    )
     config = assemble(typed, saved, sizing_peak)
     if config.compile and not can_compile(device):
         raise UserError("--compile needs a C++ compiler on a CPU (g++, or $CXX); install one or drop --compile")
