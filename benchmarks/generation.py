@@ -39,14 +39,15 @@ def first_token_seconds(engine: Engine, prompt: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(checkpoint_dir: str, runs: int = 5) -> dict:
+def measure(checkpoint_dir: str, runs: int = 5, decoder: str = "c") -> dict:
     checkpoint = load_checkpoint(checkpoint_dir)
     model = checkpoint.load_model(torch.device("cpu"))
-    engine = Engine(model, checkpoint.load_tokenizer(), pick_dtype(torch.device("cpu")))
+    engine = Engine(model, checkpoint.load_tokenizer(), pick_dtype(torch.device("cpu")), use_c=decoder == "c")
     context = model.config.context
     prompt_source = engine.generate([""], SamplingConfig(max_new_tokens=2 * context, seed=0, stop_at_special=False))[0]
     prompt = (prompt_source * 8).encode()[:1000].decode(errors="ignore")
     figures: dict = {"checkpoint": str(checkpoint.folder), "context": context, "runs": runs}
+    figures["decoder"] = "c" if engine.decoder.native else "torch"
     for label, tokens in (("within_context", context), ("past_context", 4 * context)):
         bytes_per_second(engine, tokens, seed=0)  # warm-up
         rates = [bytes_per_second(engine, tokens, seed) for seed in range(1, runs + 1)]
@@ -65,9 +66,15 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint", required=True, help="run folder or step folder to generate from")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per figure (medians are reported)")
+    parser.add_argument(
+        "--decoder",
+        choices=("c", "torch"),
+        default="c",
+        help="decode step: the compiled C one, or PyTorch's (model/decoder.py)",
+    )
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    figures = measure(args.checkpoint, args.runs)
+    figures = measure(args.checkpoint, args.runs, args.decoder)
     report.print_json(figures, args.out)
 
 

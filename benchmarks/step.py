@@ -89,8 +89,8 @@ def measure(config: ModelConfig, args: argparse.Namespace, version: str, rounds:
         "step_ms": round(step * 1e3, 1),
         "step_ms_each_round": [round(sum(r.values()) * 1e3, 1) for r in rounds],
         "tokens_per_second": round(args.batch_size * args.context / step),
-        "mfu": round(flops / step / peak, 3),
-        "mfu_forward_backward": round(flops / (parts["forward"] + parts["backward"]) / peak, 3),
+        "mfu": round(flops / step / peak, 5),  # a tiny model on a busy machine can be under 0.1%
+        "mfu_forward_backward": round(flops / (parts["forward"] + parts["backward"]) / peak, 5),
     }
 
 

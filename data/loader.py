@@ -12,6 +12,12 @@ A run's n-th row is fixed by (seed, n), and a step's rows are rows step x batch 
 a distributed run takes its own slice of them, micro-step by micro-step. So the data a step sees
 depends only on the seed and the step number: resuming needs no loader state, and N processes see
 exactly the rows one process would see with the same global batch.
+
+Input-token noise (`--token-noise`, on for runs long enough to memorise a small corpus) replaces a
+fraction of each window's inputs with random ordinary tokens and leaves its targets alone, so a
+pass the model has seen before reads a little differently: data augmentation for text, after Xie
+et al. 2017 ("Data noising as smoothing in neural network language models"). It too is fixed by
+(seed, step, row). benchmarks/NOTES.md has the sweep.
 """
 
 from __future__ import annotations
@@ -46,10 +52,11 @@ class ShuffledPasses:
 class Batches:
     """Windows of the token array: each pass cuts it into back-to-back windows at its own random phase."""
 
-    def __init__(self, tokens: np.ndarray, context: int, seed: int):
+    def __init__(self, tokens: np.ndarray, context: int, seed: int, noise: float = 0.0, noise_ids: int = 0):
         if len(tokens) < context + 2:
             raise ValueError(f"only {len(tokens)} tokens, fewer than one window of {context + 1}")
         self.tokens, self.context, self.seed = tokens, context, seed
+        self.noise, self.noise_ids = noise, noise_ids  # the share of inputs replaced, by ids in [0, noise_ids)
         last_start = len(tokens) - context - 1
         self.passes = ShuffledPasses(max(1, last_start // context), seed)
         self.max_phase = min(context - 1, last_start)  # every window of a pass fits whatever its phase
@@ -64,10 +71,16 @@ class Batches:
             self.phase(epoch) + window * self.context for epoch, window in self.passes.for_step(step, rows, global_rows)
         ]
         windows = np.stack([self.tokens[o : o + self.context + 1] for o in starts]).astype(np.int64)
-        batch = torch.from_numpy(windows)
+        inputs, targets = windows[:, :-1].copy(), windows[:, 1:]
+        if self.noise:
+            for i, row in enumerate(rows):
+                rng = np.random.default_rng([self.seed, step, row, 2])
+                replaced = rng.random(self.context) < self.noise
+                inputs[i, replaced] = rng.integers(0, self.noise_ids, int(replaced.sum()))
+        batch = torch.from_numpy(np.concatenate([inputs, targets], axis=1))
         if device.type == "cuda":
             batch = batch.pin_memory().to(device, non_blocking=True)
-        return batch[:, :-1], batch[:, 1:]
+        return batch[:, : self.context], batch[:, self.context :]
 
 
 class ConversationBatches:

@@ -1,35 +1,37 @@
 """The one-token decode step, rewritten for speed: what makes batch-1 generation fast on a CPU.
 
 Generating one token at batch 1 is a chain of matrix-vector products, and on a CPU it is bound by
-memory traffic and per-operation overhead, not arithmetic. Measured on the 2-core reference machine
-with the default model, `GPT.forward` needs about 2.7 ms per token, although its weights (17 MB)
-stream from memory in under 0.4 ms. This module computes the same function as `model/gpt.py` for
-one new position per row, with three changes:
+memory traffic and per-operation overhead, not arithmetic. `GPT.forward` spends most of its time per
+token on the overhead of its many small operations. This module computes the same function as
+`model/gpt.py` for one new position per row, with three changes:
 
 - Fused, transposed weights: q/k/v are one matrix and gate/up are one, stored input-major, so each
-  layer is four `x @ W` calls on contiguous memory (the layout MKL's GEMV streams fastest).
+  layer is four `x @ W` products over contiguous memory.
 - Fewer, cheaper operations: norm scales and the attention's 1/sqrt(d) are folded into the weights,
   each RMSNorm divides by the vector's length, with its epsilon added under the root by `hypot`
-  (three operations instead of five; the norm's sqrt(width) goes into the weights too),
-  the q and k norms and the rotary embedding run once over the stacked q and k heads, attention
-  for one query is two small matmuls and a softmax (the fused attention kernel costs more than it
-  saves at this size), and residual additions are fused into the matmul (`addmm`).
-- fp32 throughout: at batch 1 bf16 buys no speed on CPU (conversion costs what it saves) and fp32
-  is closer to the trained model's master weights.
+  (the norm's sqrt(width) goes into the weights too), the q and k norms and the rotary embedding
+  run once over the stacked q and k heads, attention for one query is two small matmuls and a
+  softmax, and residual additions are fused into the matmul (`addmm`).
+- On a CPU, the whole step is one call into `model/decode_step.c` (built by `model/native.py`),
+  which removes the per-operation overhead altogether; with the engine's bf16 dtype its matrices
+  are stored in bf16, halving the memory each token streams. Without a C compiler the PyTorch step
+  below runs instead (fp32: at batch 1, bf16 buys PyTorch no speed on a CPU).
 
 The engine decodes with a single intra-op thread (see `single_thread` below): with two threads
-the synchronisation per small GEMV costs more than the second core gives. Correctness is tested
+the synchronisation per small GEMV costs more than the second core gives. Both steps are tested
 against `GPT.forward` (tests/test_model.py), which stays the reference implementation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 
 import torch
 import torch.nn.functional as F
 
+from model import native
 from model.gpt import GPT
 
 
@@ -37,7 +39,7 @@ class FusedDecoder:
     """Weights of a GPT rearranged for decoding, and the step that uses them (no autograd)."""
 
     @torch.no_grad()
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, dtype: torch.dtype = torch.float32, use_c: bool = True):
         c = model.config
         self.config = c
         self.layers = []
@@ -67,6 +69,30 @@ class FusedDecoder:
         self.rotary = model.rotary
         half = c.head_dim // 2  # rotate_half(x) == roll(x, half) * sign, sign = (-1.. , +1..)
         self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.embed.device)
+        self.native = native.load() if use_c and self.embed.device.type == "cpu" else None
+        if self.native:
+            self._bind_native(model, dtype == torch.bfloat16)
+
+    def _bind_native(self, model: GPT, bf16: bool) -> None:
+        """Describe these weights to decode_step.c (bf16 copies of the matrices when asked)."""
+        c = self.config
+
+        def matrix(weight: torch.Tensor) -> torch.Tensor:
+            return weight.bfloat16().contiguous() if bf16 else weight
+
+        def pointers(name: str) -> ctypes.Array:
+            tensors = [layer[name] if name == "qk_norm" else matrix(layer[name]) for layer in self.layers]
+            self._keep.extend(tensors)
+            return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+        self._keep = [matrix(self.head), model.rotary.inv_freq.float().contiguous()]  # alive while C points at them
+        self._native_model = native.Model(
+            c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden, c.vocab_size, c.context, int(bf16),
+            float(self.floor), float(self.head_floor), self.embed.data_ptr(), self._keep[1].data_ptr(),
+            *(pointers(name) for name in ("qkv", "qk_norm", "o", "gate_up", "down")),
+            self._keep[0].data_ptr(),
+        )  # fmt: skip
+        self._native_model_ref = ctypes.byref(self._native_model)
 
     @staticmethod
     def _unit(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -82,6 +108,8 @@ class FusedDecoder:
         keys/values (n_layer, B, n_kv_head, context, head_dim) hold `length` filled positions; this
         step writes position `length` and attends to 0..length. `mask` (B, 1, 1, length + 1) bool or None.
         """
+        if self.native:
+            return self._native_step(token, positions, keys, values, length, mask)
         c = self.config
         B, H, Hkv, D = token.size(0), c.n_head, c.n_kv_head, c.head_dim
         cos, sin = self.rotary(positions[:, None])  # (B, 1, 1, D)
@@ -102,6 +130,26 @@ class FusedDecoder:
             gate, up = (self._unit(x, self.floor) @ w["gate_up"]).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate) * up, w["down"])
         return self._unit(x, self.floor) @ self.head
+
+    def _native_step(self, token, positions, keys, values, length: int, mask) -> torch.Tensor:
+        """The same step in C: one call, no per-operation overhead (model/decode_step.c)."""
+        B = token.size(0)
+        if not (keys.is_contiguous() and values.is_contiguous() and keys.dtype == values.dtype == torch.float32):
+            raise ValueError("the C decode step needs contiguous fp32 keys and values")
+        token, positions = token.long().contiguous(), positions.long().contiguous()
+        mask = None if mask is None else mask.reshape(B, length + 1).contiguous()
+        logits = torch.empty(B, self.config.vocab_size)
+        status = self.native.decode_step(
+            self._native_model_ref, token.data_ptr(), positions.data_ptr(), B, keys.data_ptr(),
+            values.data_ptr(), length, None if mask is None else mask.data_ptr(), logits.data_ptr(),
+        )  # fmt: skip
+        if status == -2:
+            raise IndexError(
+                f"decode step: a token id is outside the vocabulary or position {length} is past the cache"
+            )
+        if status != 0:
+            raise MemoryError("the C decode step could not allocate its scratch memory")
+        return logits
 
 
 _threads_lock = threading.Lock()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -30,12 +31,18 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def cpu_info(field: str) -> str:
+    """The value of the first `field` line of /proc/cpuinfo ("model name", "flags"); "" where there is none."""
+    try:
+        found = re.search(rf"^{field}\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), flags=re.MULTILINE)
+    except OSError:
+        return ""
+    return found.group(1).strip() if found else ""
+
+
 def cpu_has_native_bf16() -> bool:
     """True on x86 CPUs with AVX-512 BF16 or AMX (read from /proc/cpuinfo; False elsewhere)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_info("flags").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

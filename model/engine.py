@@ -68,6 +68,7 @@ class KVCache:
         self.length = 0  # filled positions
         self.positions: torch.Tensor | None = None  # (B, T) rotary positions of the current call
         self.attn_mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool, or None when nothing is masked
+        self.padded = False  # some row starts with padding, so every decode step needs a mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.size(2)
@@ -113,13 +114,13 @@ class Engine:
     makes one per sample).
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32, use_c: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = dtype
         self.context = model.config.context
-        self.decoder = FusedDecoder(model)
+        self.decoder = FusedDecoder(model, dtype, use_c)  # use_c=False: the PyTorch decode step, for comparison
 
     def encode_prompt(self, text: str) -> list[int]:
         """A text prompt as the start of a document, the way training data begins."""
@@ -168,7 +169,7 @@ class Engine:
             cache, logits = self._prefill(tokens, valid)
             active = [True] * len(streams)
             for _ in range(sampling.max_new_tokens):
-                logits[:, banned] = float("-inf")
+                logits.index_fill_(1, banned, float("-inf"))
                 next_token = self._sample(logits, sampling, generator)  # (B,)
                 for row, token_id in enumerate(next_token.tolist()):  # one read of the batch's tokens
                     if not active[row]:
@@ -199,7 +200,8 @@ class Engine:
         cache = KVCache(config.n_layer, B, config.n_kv_head, self.context, config.head_dim, tokens.device)
         cache.positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
         cache.attn_mask = None
-        if not valid.all():  # causal and not padding; a pad query sees itself so no row is empty
+        cache.padded = not valid.all()
+        if cache.padded:  # causal and not padding; a pad query sees itself so no row is empty
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             eye = torch.eye(T, dtype=torch.bool, device=tokens.device)
             cache.attn_mask = ((causal & valid[:, None, :]) | eye)[:, None]
@@ -211,7 +213,7 @@ class Engine:
     def _decode(self, cache: KVCache, token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """One step: feed one token per row, return the logits for the next."""
         cache.positions = cache.positions[:, -1:] + 1
-        mask = None if valid.all() else valid[:, None, None, :]
+        mask = valid[:, None, None, :] if cache.padded else None
         logits = self.decoder.step(token, cache.positions[:, 0], cache.keys, cache.values, cache.length, mask)
         cache.length += 1
         return logits
@@ -232,5 +234,5 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         # Inverse-CDF sampling: the same distribution as torch.multinomial, at a third of its cost per token.
         cdf = probs.cumsum(dim=-1)
-        u = (1 - torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # in (0, total]
-        return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
+        u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # in [0, total)
+        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)  # first cdf > u

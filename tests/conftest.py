@@ -41,10 +41,10 @@ def corpus_file(tmp_path_factory) -> Path:
 
 
 def run_script(
-    *args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: int = 300
+    *args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: int = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run a project script with this interpreter, capturing text output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Run a project script with this interpreter, capturing text output (`env`: extra variables)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout, env=env
     )

@@ -125,3 +125,15 @@ def test_incomplete_and_incompatible_checkpoints_are_refused(tiny_run, tmp_path)
     assert_clean_error(run_script("sample.py", "--checkpoint", str(future)), "version 2")
     result = run_script(str(ROOT / "sample.py"), cwd=tmp_path)
     assert_clean_error(result, "no checkpoint found")
+
+
+def test_without_a_c_compiler_sampling_falls_back_to_the_pytorch_step_with_a_note(tiny_run, tmp_path):
+    args = ["sample.py", "--checkpoint", str(tiny_run), "--prompt", "The", "--max-new-tokens", "30"]
+    args += ["--temperature", "0", "--dtype", "fp32"]  # fp32: both steps compute the same logits
+    compiled = run_script(*args)
+    fallback = run_script(*args, env={"CC": str(tmp_path / "no-such-compiler")})
+    assert compiled.returncode == 0 and fallback.returncode == 0, fallback.stderr
+    assert "PyTorch decode step" not in compiled.stderr
+    note = [line for line in fallback.stderr.splitlines() if "PyTorch decode step" in line]
+    assert len(note) == 1 and "no-such-compiler" in note[0] and "Traceback" not in fallback.stderr
+    assert fallback.stdout == compiled.stdout and len(compiled.stdout) > len("The")

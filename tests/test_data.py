@@ -204,3 +204,19 @@ def test_chat_fine_tuning_sees_every_conversation_once_per_pass():
     first_pass, second_pass = sum(firsts[:5], []), sum(firsts[5:], [])
     assert sorted(first_pass) == sorted(second_pass) == list(range(0, 60, 3))
     assert first_pass != second_pass
+
+
+def test_token_noise_replaces_a_share_of_the_inputs_never_the_targets_and_is_fixed_by_seed_and_step():
+    from data.loader import Batches
+
+    tokens, context, rows, cpu = np.arange(5000, dtype=np.uint16) % 400 + 100, 64, 16, torch.device("cpu")
+    clean = Batches(tokens, context, seed=3)
+    noisy = Batches(tokens, context, seed=3, noise=0.1, noise_ids=50)  # replacements are ids 0..49, never in the text
+    (x, y), (nx, ny) = clean.get(4, range(rows), rows, cpu), noisy.get(4, range(rows), rows, cpu)
+    replaced = nx != x
+    assert torch.equal(ny, y)  # the targets are the true next tokens
+    assert 0.07 < replaced.float().mean() < 0.13  # about a tenth of the 1,024 inputs
+    assert (nx[replaced] < 50).all() and torch.equal(nx[~replaced], x[~replaced])
+    assert torch.equal(nx, noisy.get(4, range(rows), rows, cpu)[0])  # the same for the same step
+    assert torch.equal(Batches(tokens, context, 3, 0.1, 50).get(4, range(5, 9), rows, cpu)[0], nx[5:9])  # any rank
+    assert not torch.equal(replaced[0], replaced[1])  # each row draws its own positions

@@ -66,7 +66,8 @@ def test_kv_cache_generation_equals_full_recomputation_also_past_the_context():
 
 
 @pytest.mark.parametrize("weights", ["initial", "large"])
-def test_the_fused_decode_step_computes_what_the_model_computes(weights):
+@pytest.mark.parametrize("decoder", ["c fp32", "c bf16", "torch"])
+def test_the_fused_decode_step_computes_what_the_model_computes(weights, decoder):
     model = tiny_model(context=32, n_kv_head=2)  # grouped-query attention: 4 query heads, 2 key/value heads
     # Small initial weights show the norms' epsilon; weights as large as a trained model's show every folded scale.
     with torch.no_grad():
@@ -74,16 +75,40 @@ def test_the_fused_decode_step_computes_what_the_model_computes(weights):
             param.copy_(
                 1 + 0.3 * torch.randn_like(param) if name.endswith("norm.weight") else 0.3 * torch.randn_like(param)
             )
-    engine = Engine(model, TOKENIZER)
+    dtype = torch.bfloat16 if decoder.endswith("bf16") else torch.float32
+    engine = Engine(model, TOKENIZER, dtype, use_c=decoder.startswith("c"))
+    assert bool(engine.decoder.native) == decoder.startswith("c"), "the C decode step needs a C compiler (cc)"
+    # bf16 matrices round each weight by up to 2^-9; fp32 must agree to rounding error.
+    tolerance = 0.03 if dtype == torch.bfloat16 else 1e-4
     tokens = torch.randint(0, TOKENIZER.n_vocab, (2, 20))
     valid = torch.ones_like(tokens, dtype=torch.bool)
+    valid[1, :5] = False  # row 1 is left-padded: its first five positions must be masked out
     with torch.no_grad():
-        for t in (1, 7, 19):
+        for t in (6, 7, 19):
             cache, _ = engine._prefill(tokens[:, :t], valid[:, :t])
             step = engine._decode(cache, tokens[:, t], valid[:, : t + 1])
-            full = model(tokens[:, : t + 1])[:, -1]
-            assert (step - full).abs().max() < 1e-4 * full.abs().max(), t
+            alone = [model(tokens[row : row + 1, 5 * row : t + 1])[0, -1] for row in (0, 1)]
+            full = torch.stack(alone)
+            assert (step - full).abs().max() < tolerance * full.abs().max(), t
             assert cache.length == t + 1
+
+
+def test_the_c_decode_step_refuses_tokens_and_positions_outside_its_arrays():
+    model = tiny_model(context=16)
+    decoder = Engine(model, TOKENIZER).decoder
+    assert decoder.native, "the C decode step needs a C compiler (cc)"
+    c = model.config
+    keys = torch.zeros(c.n_layer, 1, c.n_kv_head, c.context, c.head_dim)
+    values = torch.zeros_like(keys)
+    for token, length in ((c.vocab_size, 3), (-1, 3), (0, c.context)):
+        with pytest.raises(IndexError):
+            decoder.step(torch.tensor([token]), torch.tensor([3]), keys, values, length, None)
+    assert keys.abs().sum() == 0 and values.abs().sum() == 0  # refused before writing anything
+    assert (
+        decoder.step(torch.tensor([c.vocab_size - 1]), torch.tensor([3]), keys, values, c.context - 1, None)
+        .isfinite()
+        .all()
+    )
 
 
 def test_a_prompt_longer_than_the_context_is_conditioned_on_its_newest_tokens():

@@ -118,6 +118,12 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     sizes = [assemble({"max_minutes": m}, peak_flops=laptop) for m in (1.5, 5, 60)]
     assert sizes[0].n_layer <= sizes[1].n_layer < sizes[2].n_layer
     assert all(c.n_embd == 64 * c.n_layer and c.n_head == c.n_layer for c in sizes)
+    # Regularisation comes with depth: the 90-second model has none, the 5-minute one dropout and token noise.
+    assert (sizes[0].dropout, sizes[0].token_noise) == (0, 0) and (sizes[1].dropout, sizes[1].token_noise) == (
+        0.2,
+        0.05,
+    )
+    assert assemble({"max_minutes": 5, "token_noise": 0.0}, peak_flops=laptop).token_noise == 0  # typed wins
     assert assemble({"max_minutes": 60}, peak_flops=1e15).n_layer == 12  # a big GPU: capped at GPT-2 small
     assert assemble({"max_minutes": 5, "n_layer": 7}, peak_flops=laptop).n_layer == 7
     saved = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_kv_head": 2}

@@ -41,13 +41,14 @@ CHROMIUM_ARGS = [
 def served(tiny_run, corpus_file, tmp_path_factory):
     """Three runs under one root, the app serving the first, on a free localhost port.
 
-    "wide" is a 4 x 256 model: slow enough per token that a long reply is still streaming when the
-    browser test presses stop (the tiny model writes 4,096 tokens in about two seconds).
+    "wide" is a 6 x 512 model: slow enough per token that a long reply is still streaming when the
+    browser test presses stop (the tiny model writes 4,096 tokens in well under a second, and a
+    4 x 256 one in about three with the C decode step).
     """
     root = tmp_path_factory.mktemp("ui") / "out"
     shutil.copytree(tiny_run, root / "first")
     shutil.copytree(tiny_run, root / "second")
-    wide = ["--n-layer", "4", "--n-embd", "256", "--n-head", "4", "--n-kv-head", "4", "--context", "256"]
+    wide = ["--n-layer", "6", "--n-embd", "512", "--n-head", "8", "--n-kv-head", "8", "--context", "256"]
     result = run_script(
         "train.py",
         *TINY,

@@ -5,7 +5,8 @@ the compute a run can spend is `minutes x 60 x the matmul peak measured on this 
 depth grows with the sixth root of it (parameters ~ depth^3 grow with the square root of compute, as
 compute-optimal scaling has it), anchored where the sweep found the optimum on the reference CPU.
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
-and dropout once the model is big enough to memorise a small corpus in its budget.
+and dropout and input-token noise once the model is big enough to memorise a small corpus in its
+budget.
 The schedule needs nothing: it already ends exactly when the budget does (training/optim.py).
 
 The sweep behind the anchor and the exponent is in benchmarks/NOTES.md. Flags typed on the
@@ -23,11 +24,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 from pathlib import Path
 
 import torch
 
+from model.device import cpu_info
 from model.files import write_atomically
 
 # 90 seconds at the 2-core reference machine's bf16 peak (~420 GFLOP/s): depth 3 was best.
@@ -35,7 +36,8 @@ ANCHOR_COMPUTE = 1.5 * 60 * 420e9
 ANCHOR_DEPTH = 3
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
-CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout")  # the settings this rule fills in
+TOKEN_NOISE = 0.05
+CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise")  # the settings this rule fills in
 
 
 def depth_for(minutes: float, peak_flops: float) -> int:
@@ -48,19 +50,22 @@ def sized_for_budget(minutes: float, peak_flops: float) -> dict:
     """The model-shape settings for a run of `minutes` on a machine with `peak_flops` FLOP/s.
 
     Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
-    gets residual dropout (0.2, nanoGPT's value for Tiny Shakespeare; see benchmarks/NOTES.md).
+    gets residual dropout (0.2, nanoGPT's value for Tiny Shakespeare) and has TOKEN_NOISE of its
+    input tokens replaced by random ones (benchmarks/NOTES.md has the sweeps behind both).
     """
     depth = depth_for(minutes, peak_flops)
-    dropout = 0.0 if depth <= ANCHOR_DEPTH else 0.2
-    return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout), strict=True))
+    regularised = depth > ANCHOR_DEPTH
+    dropout, noise = (0.2, TOKEN_NOISE) if regularised else (0.0, 0.0)
+    return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout, noise), strict=True))
 
 
-def describe(minutes: float, peak_flops: float, measured: float, n_layer: int, n_embd: int, dropout: float) -> str:
-    """One line for the training log: the compute the budget buys and the shape the run uses."""
+def describe(minutes: float, peak_flops: float, measured: float, config) -> str:
+    """One line for the training log: the compute the budget buys and what the run uses (a TrainConfig)."""
     now = "" if measured >= peak_flops else f" (the best measured here; {measured / 1e9:,.0f} now)"
     return (
         f"budget {minutes:g} min x {peak_flops / 1e9:,.0f} GFLOP/s peak{now} = {minutes * 60 * peak_flops:.2g} FLOPs "
-        f"-> {n_layer} layers x {n_embd} wide, dropout {dropout:g} (--n-layer/--n-embd/--dropout choose yourself)"
+        f"-> {config.n_layer} layers x {config.n_embd} wide, dropout {config.dropout:g}, token noise "
+        f"{config.token_noise:g} (--n-layer/--n-embd/--dropout/--token-noise choose yourself)"
     )
 
 
@@ -69,9 +74,7 @@ def machine_name(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         chip = torch.cuda.get_device_name(device)
     else:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, flags=re.MULTILINE)
-        chip = names[0] if names else platform.processor() or platform.machine()
+        chip = cpu_info("model name") or platform.processor() or platform.machine()
         chip += f", {torch.get_num_threads()} threads"
     return f"{chip}, {str(dtype).removeprefix('torch.')}"
 

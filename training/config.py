@@ -36,6 +36,7 @@ class TrainConfig:
     context: int = 256
     tie_embeddings: bool = False
     dropout: float = 0.0
+    token_noise: float = 0.0
     # optimisation
     optimizer: str = "muon"
     batch_size: int = 16
@@ -101,6 +102,8 @@ class TrainConfig:
             raise UserError("learning rates must be positive, weight decay >= 0, cooldown in [0, 1]")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.token_noise < 1:
+            raise UserError(f"--token-noise must be in [0, 1), got {self.token_noise}")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run; --init-from starts a new one: give one of them")
 
@@ -167,6 +170,8 @@ HELP = {
     "context": "tokens per training window, the model's context length",
     "tie_embeddings": "share the input embedding and the output head",
     "dropout": "residual dropout while training (helps when the run sees its data many times)",
+    "token_noise": "fraction of pre-training input tokens replaced by random ones, targets unchanged (data "
+    "augmentation for runs that see their data many times)",
     "optimizer": "muon (Muon for hidden matrices, AdamW for the rest) or adamw (AdamW for all)",
     "batch_size": "sequences per optimizer step, summed over all processes",
     "grad_accum": "micro-steps per optimizer step (splits the batch to save memory)",

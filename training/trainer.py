@@ -60,6 +60,8 @@ class Trainer:
         self.chat = bool(config.chat_data)
         if self.chat and base is None:
             raise UserError("chat fine-tuning starts from a trained model: add --init-from out/base (or --resume)")
+        if self.chat and config.token_noise:
+            raise UserError("--token-noise applies to pre-training windows; chat fine-tuning does not use it")
         self.data = None if self.chat else self._prepare_data(base)
         self.tokenizer = base.load_tokenizer() if self.chat else self.data.tokenizer
         self.data_info = base.meta.get("data") if self.chat else self.data.manifest
@@ -85,7 +87,8 @@ class Trainer:
             self.batches, self.val_batches = self._conversation_batches(context)
         else:
             try:
-                self.batches = Batches(self.data.tokens("train"), context, config.seed)
+                noise = (config.token_noise, self.tokenizer.doc_separator)  # replacements: the ordinary ids
+                self.batches = Batches(self.data.tokens("train"), context, config.seed, *noise)
             except ValueError:
                 raise UserError(
                     f"the training text is shorter than one window of {context} tokens; use more text or a smaller --context"
@@ -433,7 +436,7 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     if not resuming and (Path(config.out_dir) / "LATEST").exists():
         raise UserError(f"{config.out_dir} already holds a run; use --resume to continue it or another --out-dir")
     if sizing and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
-        print(describe(config.max_minutes, sizing_peak, peak_flops, config.n_layer, config.n_embd, config.dropout))
+        print(describe(config.max_minutes, sizing_peak, peak_flops, config))
     if device.type == "cpu":
         shape = base.model_config if base else config.model_config()
         check_fits(shape, config.batch_size // config.grad_accum)
