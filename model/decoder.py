@@ -133,12 +133,15 @@ class FusedDecoder:
 
     def _native_step(self, token, positions, keys, values, length: int, mask) -> torch.Tensor:
         """The same step in C: one call, no per-operation overhead (model/decode_step.c)."""
-        B = token.size(0)
+        B, c = token.size(0), self.config
+        shape = (c.n_layer, B, c.n_kv_head, c.context, c.head_dim)  # the layout decode_step.c indexes
         if not (keys.is_contiguous() and values.is_contiguous() and keys.dtype == values.dtype == torch.float32):
             raise ValueError("the C decode step needs contiguous fp32 keys and values")
+        if keys.shape != shape or values.shape != shape or positions.numel() != B:
+            raise ValueError(f"the C decode step needs keys and values of shape {shape} and one position per row")
         token, positions = token.long().contiguous(), positions.long().contiguous()
         mask = None if mask is None else mask.reshape(B, length + 1).contiguous()
-        logits = torch.empty(B, self.config.vocab_size)
+        logits = torch.empty(B, c.vocab_size)
         status = self.native.decode_step(
             self._native_model_ref, token.data_ptr(), positions.data_ptr(), B, keys.data_ptr(),
             values.data_ptr(), length, None if mask is None else mask.data_ptr(), logits.data_ptr(),

@@ -93,7 +93,7 @@ def test_the_fused_decode_step_computes_what_the_model_computes(weights, decoder
             assert cache.length == t + 1
 
 
-def test_the_c_decode_step_refuses_tokens_and_positions_outside_its_arrays():
+def test_the_c_decode_step_refuses_tokens_positions_and_caches_outside_its_arrays():
     model = tiny_model(context=16)
     decoder = Engine(model, TOKENIZER).decoder
     assert decoder.native, "the C decode step needs a C compiler (cc)"
@@ -103,6 +103,9 @@ def test_the_c_decode_step_refuses_tokens_and_positions_outside_its_arrays():
     for token, length in ((c.vocab_size, 3), (-1, 3), (0, c.context)):
         with pytest.raises(IndexError):
             decoder.step(torch.tensor([token]), torch.tensor([3]), keys, values, length, None)
+    short = keys[:, :, :, :8].contiguous()  # a cache shorter than the context it would be indexed by
+    with pytest.raises(ValueError):
+        decoder.step(torch.tensor([0]), torch.tensor([3]), short, short.clone(), 3, None)
     assert keys.abs().sum() == 0 and values.abs().sum() == 0  # refused before writing anything
     assert (
         decoder.step(torch.tensor([c.vocab_size - 1]), torch.tensor([3]), keys, values, c.context - 1, None)

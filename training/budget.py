@@ -25,18 +25,22 @@ import json
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.device import cpu_info
 from model.files import write_atomically
 
+if TYPE_CHECKING:  # training/config.py imports this module
+    from training.config import TrainConfig
+
 # 90 seconds at the 2-core reference machine's bf16 peak (~420 GFLOP/s): depth 3 was best.
 ANCHOR_COMPUTE = 1.5 * 60 * 420e9
 ANCHOR_DEPTH = 3
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
-TOKEN_NOISE = 0.05
+TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
 CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise")  # the settings this rule fills in
 
 
@@ -47,7 +51,7 @@ def depth_for(minutes: float, peak_flops: float) -> int:
 
 
 def sized_for_budget(minutes: float, peak_flops: float) -> dict:
-    """The model-shape settings for a run of `minutes` on a machine with `peak_flops` FLOP/s.
+    """The model's shape and regularisation for a run of `minutes` on a machine with `peak_flops` FLOP/s.
 
     Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
     gets residual dropout (0.2, nanoGPT's value for Tiny Shakespeare) and has TOKEN_NOISE of its
@@ -59,8 +63,8 @@ def sized_for_budget(minutes: float, peak_flops: float) -> dict:
     return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout, noise), strict=True))
 
 
-def describe(minutes: float, peak_flops: float, measured: float, config) -> str:
-    """One line for the training log: the compute the budget buys and what the run uses (a TrainConfig)."""
+def describe(minutes: float, peak_flops: float, measured: float, config: TrainConfig) -> str:
+    """One line for the training log: the compute the budget buys and what the run uses."""
     now = "" if measured >= peak_flops else f" (the best measured here; {measured / 1e9:,.0f} now)"
     return (
         f"budget {minutes:g} min x {peak_flops / 1e9:,.0f} GFLOP/s peak{now} = {minutes * 60 * peak_flops:.2g} FLOPs "
