@@ -46,8 +46,8 @@ def measure(checkpoint_dir: str, runs: int = 5, decoder: str = "c") -> dict:
     context = model.config.context
     prompt_source = engine.generate([""], SamplingConfig(max_new_tokens=2 * context, seed=0, stop_at_special=False))[0]
     prompt = (prompt_source * 8).encode()[:1000].decode(errors="ignore")
-    figures: dict = {"checkpoint": str(checkpoint.folder), "context": context, "runs": runs}
-    figures["decoder"] = "c" if engine.decoder.native else "torch"
+    decoder = "c" if engine.decoder.native else "torch"  # what actually ran (c falls back without a compiler)
+    figures: dict = {"checkpoint": str(checkpoint.folder), "context": context, "runs": runs, "decoder": decoder}
     for label, tokens in (("within_context", context), ("past_context", 4 * context)):
         bytes_per_second(engine, tokens, seed=0)  # warm-up
         rates = [bytes_per_second(engine, tokens, seed) for seed in range(1, runs + 1)]

@@ -74,23 +74,26 @@ class FusedDecoder:
             self._bind_native(model, dtype == torch.bfloat16)
 
     def _bind_native(self, model: GPT, bf16: bool) -> None:
-        """Describe these weights to decode_step.c (bf16 copies of the matrices when asked)."""
+        """Describe these weights to decode_step.c, which reads them where they are.
+
+        With `bf16` the matrices are replaced by bf16 copies (the PyTorch step above never runs once
+        the C one is bound, so the fp32 ones need not stay).
+        """
         c = self.config
+        if bf16:
+            for layer in self.layers:
+                for name in ("qkv", "o", "gate_up", "down"):
+                    layer[name] = layer[name].bfloat16()
+            self.head = self.head.bfloat16()
+        self.inv_freq = model.rotary.inv_freq.float().contiguous()
 
-        def matrix(weight: torch.Tensor) -> torch.Tensor:
-            return weight.bfloat16().contiguous() if bf16 else weight
+        def per_layer(name: str) -> ctypes.Array:
+            return (ctypes.c_void_p * c.n_layer)(*(layer[name].data_ptr() for layer in self.layers))
 
-        def pointers(name: str) -> ctypes.Array:
-            tensors = [layer[name] if name == "qk_norm" else matrix(layer[name]) for layer in self.layers]
-            self._keep.extend(tensors)
-            return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
-
-        self._keep = [matrix(self.head), model.rotary.inv_freq.float().contiguous()]  # alive while C points at them
         self._native_model = native.Model(
             c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden, c.vocab_size, c.context, int(bf16),
-            float(self.floor), float(self.head_floor), self.embed.data_ptr(), self._keep[1].data_ptr(),
-            *(pointers(name) for name in ("qkv", "qk_norm", "o", "gate_up", "down")),
-            self._keep[0].data_ptr(),
+            float(self.floor), float(self.head_floor), self.embed.data_ptr(), self.inv_freq.data_ptr(),
+            *(per_layer(name) for name in ("qkv", "qk_norm", "o", "gate_up", "down")), self.head.data_ptr(),
         )  # fmt: skip
         self._native_model_ref = ctypes.byref(self._native_model)
 

@@ -100,16 +100,8 @@ def load() -> ctypes.CDLL | None:
         print(f"note: generation uses the slower PyTorch decode step: {reason}", file=sys.stderr)
         return None
     library.decode_step.restype = ctypes.c_int
-    pointer, size = ctypes.c_void_p, ctypes.c_int  # model, tokens, positions, B, keys, values, length, mask, logits
-    library.decode_step.argtypes = [
-        ctypes.POINTER(Model),
-        pointer,
-        pointer,
-        size,
-        pointer,
-        pointer,
-        size,
-        pointer,
-        pointer,
-    ]
+    pointer, size = ctypes.c_void_p, ctypes.c_int
+    arguments = dict(model=ctypes.POINTER(Model), tokens=pointer, positions=pointer, rows=size, keys=pointer)
+    arguments.update(values=pointer, length=size, mask=pointer, logits=pointer)
+    library.decode_step.argtypes = list(arguments.values())  # in decode_step's order
     return library

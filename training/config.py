@@ -104,6 +104,8 @@ class TrainConfig:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.token_noise < 1:
             raise UserError(f"--token-noise must be in [0, 1), got {self.token_noise}")
+        if self.chat_data and self.token_noise:
+            raise UserError("--token-noise applies to pre-training windows; chat fine-tuning does not use it")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run; --init-from starts a new one: give one of them")
 

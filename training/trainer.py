@@ -60,8 +60,6 @@ class Trainer:
         self.chat = bool(config.chat_data)
         if self.chat and base is None:
             raise UserError("chat fine-tuning starts from a trained model: add --init-from out/base (or --resume)")
-        if self.chat and config.token_noise:
-            raise UserError("--token-noise applies to pre-training windows; chat fine-tuning does not use it")
         self.data = None if self.chat else self._prepare_data(base)
         self.tokenizer = base.load_tokenizer() if self.chat else self.data.tokenizer
         self.data_info = base.meta.get("data") if self.chat else self.data.manifest
@@ -87,8 +85,9 @@ class Trainer:
             self.batches, self.val_batches = self._conversation_batches(context)
         else:
             try:
-                noise = (config.token_noise, self.tokenizer.doc_separator)  # replacements: the ordinary ids
-                self.batches = Batches(self.data.tokens("train"), context, config.seed, *noise)
+                self.batches = Batches(
+                    self.data.tokens("train"), context, config.seed, config.token_noise, self.tokenizer.doc_separator
+                )  # noise replaces inputs by ordinary ids, those below the special tokens
             except ValueError:
                 raise UserError(
                     f"the training text is shorter than one window of {context} tokens; use more text or a smaller --context"
