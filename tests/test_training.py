@@ -124,6 +124,9 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
         0.05,
     )
     assert assemble({"max_minutes": 5, "token_noise": 0.0}, peak_flops=laptop).token_noise == 0  # typed wins
+    # Compiling pays from three minutes on: the 90-second run stays eager, --no-compile wins.
+    assert (sizes[0].compile, sizes[1].compile) == (False, True)
+    assert assemble({"max_minutes": 5, "compile": False}, peak_flops=laptop).compile is False
     assert assemble({"max_minutes": 60}, peak_flops=1e15).n_layer == 12  # a big GPU: capped at GPT-2 small
     assert assemble({"max_minutes": 5, "n_layer": 7}, peak_flops=laptop).n_layer == 7
     saved = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_kv_head": 2}
@@ -157,6 +160,30 @@ def test_compile_without_a_compiler_is_refused_in_one_line(corpus_file, tmp_path
     assert can_compile(torch.device("cpu")) is False
     with pytest.raises(UserError, match="--compile needs a C\\+\\+ compiler"):
         train(flags(corpus_file, tmp_path, "typed", compile=True))
+
+
+def test_a_compiled_run_trains_like_an_eager_one(corpus_file, tmp_path):
+    """torch.compile is the default from three minutes on: the compiled step must compute the same losses."""
+    assert can_compile(torch.device("cpu")), "torch.compile on a CPU needs a C++ compiler (g++)"
+    losses = {}
+    for compiled in (False, True):
+        trainer, _ = train(flags(corpus_file, tmp_path, f"compiled-{compiled}", compile=compiled, max_steps=4))
+        assert (trainer.train_model is not trainer.model) == compiled
+        lines = map(json.loads, (tmp_path / f"compiled-{compiled}" / "metrics.jsonl").open())
+        losses[compiled] = [r["train_loss"] for r in lines if "train_loss" in r]
+    assert len(losses[True]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_without_a_compiler_a_budget_that_chose_compiling_trains_eagerly_with_a_note(
+    corpus_file, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    small = dict(n_layer=1, n_embd=64, n_head=1, n_kv_head=1, context=64, batch_size=4, vocab_size=512)
+    run = flags(corpus_file, tmp_path, "eager", preset="cpu", max_minutes=5, max_steps=2, eval_interval=0, **small)
+    trainer, metrics = train(run)
+    assert trainer.config.compile is False and trainer.train_model is trainer.model and metrics["step"] == 2
+    notes = [line for line in capsys.readouterr().err.splitlines() if "C++ compiler" in line]
+    assert len(notes) == 1 and "training without it" in notes[0]
 
 
 def test_init_from_starts_a_new_run_from_existing_weights(corpus_file, tmp_path):

@@ -6,7 +6,8 @@ depth grows with the sixth root of it (parameters ~ depth^3 grow with the square
 compute-optimal scaling has it), anchored where the sweep found the optimum on the reference CPU.
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
 and dropout and input-token noise once the model is big enough to memorise a small corpus in its
-budget.
+budget. One setting follows the minutes instead: from COMPILE_MINUTES on, `torch.compile` (about
+half a minute to build on first use) pays for itself in faster steps.
 The schedule needs nothing: it already ends exactly when the budget does (training/optim.py).
 
 The sweep behind the anchor and the exponent is in benchmarks/NOTES.md. Flags typed on the
@@ -41,7 +42,8 @@ ANCHOR_DEPTH = 3
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
 TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
-CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise")  # the settings this rule fills in
+COMPILE_MINUTES = 3.0  # compiling costs ~30 s cold, ~15 s cached, and buys ~25% faster steps (benchmarks/NOTES.md)
+CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise", "compile")  # what this rule fills in
 
 
 def depth_for(minutes: float, peak_flops: float) -> int:
@@ -55,12 +57,14 @@ def sized_for_budget(minutes: float, peak_flops: float) -> dict:
 
     Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
     gets residual dropout (0.2, nanoGPT's value for Tiny Shakespeare) and has TOKEN_NOISE of its
-    input tokens replaced by random ones (benchmarks/NOTES.md has the sweeps behind both).
+    input tokens replaced by random ones (benchmarks/NOTES.md has the sweeps behind both). Budgets of
+    COMPILE_MINUTES or more are compiled.
     """
     depth = depth_for(minutes, peak_flops)
     regularised = depth > ANCHOR_DEPTH
     dropout, noise = (0.2, TOKEN_NOISE) if regularised else (0.0, 0.0)
-    return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout, noise), strict=True))
+    compiled = minutes >= COMPILE_MINUTES
+    return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout, noise, compiled), strict=True))
 
 
 def describe(minutes: float, peak_flops: float, measured: float, config: TrainConfig) -> str:
@@ -69,7 +73,8 @@ def describe(minutes: float, peak_flops: float, measured: float, config: TrainCo
     return (
         f"budget {minutes:g} min x {peak_flops / 1e9:,.0f} GFLOP/s peak{now} = {minutes * 60 * peak_flops:.2g} FLOPs "
         f"-> {config.n_layer} layers x {config.n_embd} wide, dropout {config.dropout:g}, token noise "
-        f"{config.token_noise:g} (--n-layer/--n-embd/--dropout/--token-noise choose yourself)"
+        f"{config.token_noise:g}, {'compiled' if config.compile else 'eager'} "
+        "(--n-layer/--n-embd/--dropout/--token-noise/--[no-]compile choose yourself)"
     )
 
 

@@ -4,6 +4,8 @@
   update (Newton-Schulz), which makes every direction of a matrix learn at the same rate. In the
   speed-run literature (modded-nanogpt, nanochat) it reaches a given loss in markedly fewer steps
   than AdamW, which is what a time-limited CPU run needs. PyTorch ships it (`torch.optim.Muon`).
+  Its orthogonalisation is matmul work that is not the model's: 16% of the default CPU step with
+  PyTorch's 5 iterations, so we run 4 (NS_STEPS; same scores on the tuning split, benchmarks/NOTES.md).
 - AdamW for what Muon does not suit: embeddings, the output head and the norm scales (1-D).
   The token embedding gets its own, larger learning rate (`--embed-lr`, 0.01 against 0.003): a
   row only learns when its token occurs. benchmarks/NOTES.md has the sweep: 0.1 is best for 90
@@ -21,6 +23,8 @@ import torch
 
 from model.gpt import GPT
 from training.config import TrainConfig
+
+NS_STEPS = 4  # Newton-Schulz iterations per Muon update (PyTorch's default is 5)
 
 
 def build_optimizers(model: GPT, config: TrainConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
@@ -45,7 +49,12 @@ def build_optimizers(model: GPT, config: TrainConfig, fused: bool = False) -> li
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if config.optimizer == "muon":
         muon = torch.optim.Muon(
-            matrices, lr=config.muon_lr, weight_decay=config.weight_decay, momentum=0.95, adjust_lr_fn="original"
+            matrices,
+            lr=config.muon_lr,
+            weight_decay=config.weight_decay,
+            momentum=0.95,
+            adjust_lr_fn="original",
+            ns_steps=NS_STEPS,
         )
         optimizers.append(muon)
     for optimizer in optimizers:

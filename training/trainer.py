@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -409,6 +410,17 @@ def cache_folder(config: TrainConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE
 
 
+def compile_if_possible(config: TrainConfig, typed: dict, device: torch.device) -> TrainConfig:
+    """Without a C++ compiler a CPU cannot compile: a typed --compile is an error, one the budget rule
+    chose (or a resumed run saved) falls back to eager steps with a note."""
+    if not config.compile or can_compile(device):
+        return config
+    if typed.get("compile"):
+        raise UserError("--compile needs a C++ compiler on a CPU (g++, or $CXX); install one or drop --compile")
+    print("note: no C++ compiler (g++, or $CXX) for torch.compile; training without it (slower steps)", file=sys.stderr)
+    return replace(config, compile=False)
+
+
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
     from training.budget import machine_name, remembered_peak
@@ -427,9 +439,7 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     sizing_peak = (
         remembered_peak(peak_flops, machine_name(device, dtype), cache_folder(unsized)) if sizing else peak_flops
     )
-    config = assemble(typed, saved, sizing_peak)
-    if config.compile and not can_compile(device):
-        raise UserError("--compile needs a C++ compiler on a CPU (g++, or $CXX); install one or drop --compile")
+    config = compile_if_possible(assemble(typed, saved, sizing_peak), typed, device)
     if config.init_from:
         base = load_checkpoint(config.init_from)
     if not resuming and (Path(config.out_dir) / "LATEST").exists():
