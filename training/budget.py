@@ -74,7 +74,7 @@ def describe(minutes: float, peak_flops: float, measured: float, config: TrainCo
         f"budget {minutes:g} min x {peak_flops / 1e9:,.0f} GFLOP/s peak{now} = {minutes * 60 * peak_flops:.2g} FLOPs "
         f"-> {config.n_layer} layers x {config.n_embd} wide, dropout {config.dropout:g}, token noise "
         f"{config.token_noise:g}, {'compiled' if config.compile else 'eager'} "
-        "(--n-layer/--n-embd/--dropout/--token-noise/--[no-]compile choose yourself)"
+        f"({'/'.join('--' + name.replace('_', '-') for name in CHOSEN)} choose yourself)"
     )
 
 

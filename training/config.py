@@ -195,7 +195,8 @@ HELP = {
     "init_from": "start a new run from the weights (and tokenizer) of this checkpoint",
     "device": "auto, cpu, cuda or cuda:N",
     "dtype": "auto (bf16 where the hardware has it), bf16 or fp32",
-    "compile": "compile the model with torch.compile",
+    "compile": "compile the model with torch.compile (faster steps after ~30 s of compiling; a CPU needs a "
+    "C++ compiler such as g++)",
     "seed": "random seed for initialisation and data order",
     "preset": f"named defaults: {', '.join(PRESETS)} (cpu: ~5 minutes on 2 cores; tiny: seconds; "
     "chat: fine-tuning, the default with --chat-data; gpu: GPT-2 small)",
@@ -211,12 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not MISSING else None
         kind = field.type.split(" |")[0] if isinstance(field.type, str) else field.type
+        shown = "sized for --max-minutes in the cpu preset, else " * (field.name in CHOSEN) + str(default)
         if kind == "bool":
             parser.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{HELP[field.name]} (default: {default})",
+                help=f"{HELP[field.name]} (default: {shown})",
             )
             continue
         convert = {"int": int, "float": float, "str": str}[kind]
@@ -226,7 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
             "optimizer": ["muon", "adamw"],
             "dtype": ["auto", "bf16", "fp32"],
         }.get(field.name)
-        shown = "sized for --max-minutes in the cpu preset, else " * (field.name in CHOSEN) + str(default)
         parser.add_argument(
             flag, type=convert, default=None, choices=choices, help=f"{HELP[field.name]} (default: {shown})"
         )
@@ -253,7 +254,7 @@ def budget_minutes(typed: dict, saved: dict | None) -> float | None:
 
 
 def budget_sizing(typed: dict, saved: dict | None, peak_flops: float | None) -> dict:
-    """The shape training/budget.py picks, where it applies and the machine's peak FLOP/s is known
+    """The settings training/budget.py picks (CHOSEN), where it applies and the machine's peak FLOP/s is known
     (tests and other callers pass none)."""
     minutes = budget_minutes(typed, saved)
     return sized_for_budget(minutes, peak_flops) if minutes and peak_flops else {}
