@@ -4,6 +4,7 @@
     python -m benchmarks.step --compare attention       # our CPU attention against PyTorch's kernel
     python -m benchmarks.step --compare dropout         # our random-byte dropout against F.dropout
     python -m benchmarks.step --dropout 0 --compile
+    python -m benchmarks.step --compile --system-malloc  # without training/allocator.py's setting
 
 The step is the trainer's (model/gpt.py, training/optim.py with the cpu preset's settings, bf16
 autocast where the CPU has it) on random tokens, so the data pipeline is left out. Each part is
@@ -31,6 +32,7 @@ import model.gpt
 from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
 from model.errors import UserError, run_cli
 from model.gpt import GPT, ModelConfig
+from training.allocator import keep_freed_memory
 from training.config import PRESETS, TrainConfig
 from training.optim import build_optimizers
 
@@ -110,6 +112,11 @@ def main() -> None:
         help="also time the step with PyTorch's stock version of this part, alternating round by round",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is, returning freed memory to the system (training keeps it: training/allocator.py)",
+    )
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round (after 3 warm-up steps)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per dropout implementation")
     parser.add_argument("--out", default="benchmarks/results/step.json", help="where to write the figures")
@@ -125,6 +132,8 @@ def main() -> None:
         n_kv_head=max(1, args.n_embd // 64),
         dropout=args.dropout,
     )
+    if not args.system_malloc:
+        keep_freed_memory()
     versions = ["ours", "stock"] if args.compare else ["ours"]
     rounds: dict[str, list[dict]] = {version: [] for version in versions}
     for number in range(args.rounds):

@@ -43,6 +43,7 @@ from model.evaluate import bits_per_byte, score
 from model.files import write_atomically
 from model.gpt import GPT, ModelConfig
 from training import distributed
+from training.allocator import keep_freed_memory
 from training.budget import describe
 from training.config import TrainConfig, to_dict
 from training.memory import check_fits
@@ -433,6 +434,8 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
     unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
     device = pick_device(unsized.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for memory a step frees and the next takes again
     sizing = budget_minutes(typed, saved) is not None  # the peak will choose the model: measure it carefully
     dtype = pick_dtype(device, unsized.dtype)
     peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)
