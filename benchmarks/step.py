@@ -118,7 +118,9 @@ def main() -> None:
         help="leave glibc's malloc as it is, returning freed memory to the system (training keeps it: training/allocator.py)",
     )
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round (after 3 warm-up steps)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per dropout implementation")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="rounds per version (each --compare version runs this many)"
+    )
     parser.add_argument("--out", default="benchmarks/results/step.json", help="where to write the figures")
     args = parser.parse_args()
     if min(args.n_layer, args.n_embd, args.context, args.batch_size, args.vocab_size, args.steps, args.rounds) < 1:
