@@ -26,7 +26,7 @@ M_MMAP_MAX = -4
 
 def keep_freed_memory() -> bool:
     """Tell glibc to serve every block from its heap and never give the heap back; False where it cannot."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":  # macOS, musl: no such settings
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
