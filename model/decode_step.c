@@ -9,13 +9,17 @@
  *
  * model/native.py compiles this file with the system's C compiler and loads it with ctypes; without
  * a compiler, generation uses the PyTorch step instead. Layouts are those FusedDecoder builds:
- * matrices input-major (in, out), norm scales folded in, keys/values (layers, B, kv heads, context,
- * head dim). tests/test_model.py checks this step against GPT.forward.
+ * matrices input-major (in, out), except bf16 ones on a CPU with AVX-512 BF16 (see dot_bf16 below),
+ * norm scales folded in, keys/values (layers, B, kv heads, context, head dim). tests/test_model.py
+ * checks this step against GPT.forward.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 typedef struct {
     int n_layer, n_embd, n_head, n_kv_head, head_dim, mlp_hidden, vocab, context;
@@ -23,6 +27,8 @@ typedef struct {
     float floor, head_floor;     /* sqrt(width * eps): the RMSNorm epsilon, see unit() */
     const float *embed;          /* (vocab, n_embd), fp32 */
     const float *inv_freq;       /* (head_dim / 2): rotary frequencies */
+    /* Matrices are input-major (in, out) as listed, or output-major (out, in) when bf16 and
+     * OUTPUT_MAJOR_BF16 (see dot_bf16). */
     const void *const *qkv;      /* per layer (n_embd, (n_head + 2 n_kv_head) head_dim) */
     const float *const *qk_norm; /* per layer (n_head + n_kv_head, head_dim) */
     const void *const *o;        /* per layer (n_head head_dim, n_embd) */
@@ -38,9 +44,59 @@ static inline float from_bf16(uint16_t h) {
     return f;
 }
 
+#if defined(__AVX512BF16__)
+/* y (n) += x (k) @ W, with W stored output-major (n, k) in bf16: each output is the dot product of
+ * its weight row with x. One AVX-512 BF16 instruction (vdpbf16ps) multiplies 32 bf16 pairs and adds
+ * them into 16 fp32 sums, so x is rounded to bf16 once (the precision training's autocast
+ * multiplied activations in) and the loop only loads weights: about twice the speed of the portable
+ * loop below on the 4 x 256 model's matrices (benchmarks/NOTES.md, "Generation in C"). */
+#define OUTPUT_MAJOR_BF16 1
+static inline __mmask32 lanes(int left) { return left >= 32 ? 0xffffffffu : (1u << left) - 1; } /* first `left` of 32 */
+
+static void dot_bf16(const float *x, const uint16_t *W, float *y, int k, int n) {
+    __m512bh xs[k / 32 + 1];
+    for (int i = 0; i < k; i += 32) {  /* x as bf16 pairs, zero past k */
+        const __mmask32 m = lanes(k - i);
+        xs[i / 32] = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps((__mmask16)(m >> 16), x + i + 16),
+                                         _mm512_maskz_loadu_ps((__mmask16)m, x + i));
+    }
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {  /* four outputs at a time: four independent sums share each block of x */
+        const uint16_t *w = W + (long)j * k;
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int i = 0; i < k; i += 32) {
+            const __mmask32 m = lanes(k - i);
+            s0 = _mm512_dpbf16_ps(s0, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(m, w + i));
+            s1 = _mm512_dpbf16_ps(s1, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(m, w + k + i));
+            s2 = _mm512_dpbf16_ps(s2, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(m, w + 2 * k + i));
+            s3 = _mm512_dpbf16_ps(s3, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(m, w + 3 * k + i));
+        }
+        y[j] += _mm512_reduce_add_ps(s0), y[j + 1] += _mm512_reduce_add_ps(s1);
+        y[j + 2] += _mm512_reduce_add_ps(s2), y[j + 3] += _mm512_reduce_add_ps(s3);
+    }
+    for (; j < n; j++) {  /* the last n mod 4 outputs */
+        __m512 sum = _mm512_setzero_ps();
+        for (int i = 0; i < k; i += 32)
+            sum = _mm512_dpbf16_ps(sum, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(lanes(k - i), W + (long)j * k + i));
+        y[j] += _mm512_reduce_add_ps(sum);
+    }
+}
+#else
+#define OUTPUT_MAJOR_BF16 0
+#endif
+
+/* Whether bf16 matrices are expected output-major (n, k): FusedDecoder asks before laying them out. */
+int output_major_bf16(void) { return OUTPUT_MAJOR_BF16; }
+
 /* Y (rows, n) += X (rows, k) @ W (k, n). Row i of W is read once for all rows of X; the inner loop
  * is contiguous, so the compiler vectorises it and the step runs at memory speed. */
 static void matmul_add(const float *X, const void *W, int bf16, float *Y, int rows, int k, int n) {
+#if OUTPUT_MAJOR_BF16
+    if (bf16) {
+        for (int r = 0; r < rows; r++) dot_bf16(X + (long)r * k, (const uint16_t *)W, Y + (long)r * n, k, n);
+        return;
+    }
+#endif
     for (int i = 0; i < k; i++) {
         for (int r = 0; r < rows; r++) {
             const float xi = X[(long)r * k + i];
@@ -167,5 +223,31 @@ int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions,
     for (int b = 0; b < B; b++) unit(x + b * C, normed + b * C, C, m->floor);
     matmul(normed, m->head, m->bf16, logits, B, C, m->vocab);
     free(x), free(normed), free(qkv), free(attended), free(hidden), free(act), free(scores), free(rot);
+    return 0;
+}
+
+/* The token each row samples next: logits (B, n), rows `stride` floats apart -> tokens (B,), drawn
+ * from softmax(logits / temperature) by the inverse CDF at u[b] in [0, 1): the first token whose
+ * running sum of probabilities exceeds u[b]. Tokens at -inf are never drawn. The engine's PyTorch
+ * draw (model/engine.py) computes the same thing in eight operations, each costing more dispatch than
+ * this whole loop over the vocabulary. Returns 0, or -1 if scratch memory could not be allocated. */
+int draw_tokens(const float *logits, int B, int n, long stride, float temperature, const float *u, int64_t *tokens) {
+    float *p = malloc(sizeof(float) * n);
+    if (!p) return -1;
+    for (int b = 0; b < B; b++) {
+        const float *row = logits + b * stride;
+        float best = -INFINITY, total = 0.0f;
+        for (int i = 0; i < n; i++) best = row[i] > best ? row[i] : best;
+        for (int i = 0; i < n; i++) total += p[i] = expf((row[i] - best) / temperature);
+        const float target = u[b] * total;
+        int chosen = -1;
+        float sum = 0.0f;
+        for (int i = 0; i < n && chosen < 0; i++)
+            if (p[i] > 0.0f && (sum += p[i]) > target) chosen = i;
+        for (int i = n - 1; chosen < 0 && i >= 0; i--)  /* rounding left the sum at or under the target */
+            if (p[i] > 0.0f) chosen = i;
+        tokens[b] = chosen;
+    }
+    free(p);
     return 0;
 }

@@ -14,7 +14,8 @@ token on the overhead of its many small operations. This module computes the sam
   softmax, and residual additions are fused into the matmul (`addmm`).
 - On a CPU, the whole step is one call into `model/decode_step.c` (built by `model/native.py`),
   which removes the per-operation overhead altogether; with the engine's bf16 dtype its matrices
-  are stored in bf16, halving the memory each token streams. Without a C compiler the PyTorch step
+  are stored in bf16, halving the memory each token streams (and, on a CPU with AVX-512 BF16,
+  multiplied with its bf16 dot-product instruction). Without a C compiler the PyTorch step
   below runs instead (fp32: at batch 1, bf16 buys PyTorch no speed on a CPU).
 
 The engine decodes with a single intra-op thread (see `single_thread` below): with two threads
@@ -77,14 +78,16 @@ class FusedDecoder:
         """Describe these weights to decode_step.c, which reads them where they are.
 
         With `bf16` the matrices are replaced by bf16 copies (the PyTorch step above never runs once
-        the C one is bound, so the fp32 ones need not stay).
+        the C one is bound, so the fp32 ones need not stay), transposed to output-major where the
+        library was built with AVX-512 BF16 (decode_step.c's `dot_bf16`).
         """
         c = self.config
-        if bf16:
+        if bf16:  # output-major where the C step multiplies bf16 with AVX-512 BF16 dot products
+            arrange = (lambda m: m.t().contiguous()) if self.native.output_major_bf16() else (lambda m: m)
             for layer in self.layers:
                 for name in ("qkv", "o", "gate_up", "down"):
-                    layer[name] = layer[name].bfloat16()
-            self.head = self.head.bfloat16()
+                    layer[name] = arrange(layer[name]).bfloat16()
+            self.head = arrange(self.head).bfloat16()
         self.inv_freq = model.rotary.inv_freq.float().contiguous()
 
         def per_layer(name: str) -> ctypes.Array:
@@ -102,7 +105,6 @@ class FusedDecoder:
         """RMSNorm without its sqrt(width), which the weights carry: x / sqrt(|x|^2 + width * eps)."""
         return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), floor)
 
-    @torch.inference_mode()
     def step(
         self, token: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, mask
     ) -> torch.Tensor:
@@ -110,6 +112,8 @@ class FusedDecoder:
 
         keys/values (n_layer, B, n_kv_head, context, head_dim) hold `length` filled positions; this
         step writes position `length` and attends to 0..length. `mask` (B, 1, 1, length + 1) bool or None.
+        No autograd here (the weights are detached copies), and no `inference_mode` wrapper either:
+        entering it costs about 10 us a token, and the engine calls this inside its own.
         """
         if self.native:
             return self._native_step(token, positions, keys, values, length, mask)

@@ -154,19 +154,21 @@ class Engine:
         )
         # The only special tokens generation may produce are those that end it.
         banned = torch.tensor([i for i in self.tokenizer.special_ids.values() if i not in stop_ids], device=self.device)
+        # Every token of the call, prompts left-padded to the longest; the model sees columns start:end.
         width = max(len(p) for p in prompts)
-        tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
-        valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=self.device)
+        tokens = torch.zeros(len(prompts), width + sampling.max_new_tokens, dtype=torch.long, device=self.device)
+        valid = torch.ones(len(prompts), width + sampling.max_new_tokens, dtype=torch.bool, device=self.device)
         for row, prompt in enumerate(prompts):
-            tokens[row, width - len(prompt) :] = torch.tensor(prompt)
-            valid[row, width - len(prompt) :] = True
+            tokens[row, width - len(prompt) : width] = torch.tensor(prompt)
+            valid[row, : width - len(prompt)] = False
+        start, end = 0, width
         streams = [TextStream(sampling.stop) for _ in prompts]
 
         # One intra-op thread decodes faster (model/decoder.py), and switching the thread count
         # between prefill and decode costs more (oneDNN rebuilds its kernels) than a second core
         # saves on a prompt of at most `context` tokens.
         with single_thread() if self.device.type == "cpu" else contextlib.nullcontext():
-            cache, logits = self._prefill(tokens, valid)
+            cache, logits = self._prefill(tokens[:, :end], valid[:, :end])
             active = [True] * len(streams)
             for _ in range(sampling.max_new_tokens):
                 logits.index_fill_(1, banned, float("-inf"))
@@ -181,14 +183,13 @@ class Engine:
                     active[row] = not (ended or streams[row].stopped)
                 if not any(active):
                     return
-                tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-                valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+                tokens[:, end] = next_token
+                end += 1
                 if cache.length + 1 > self.context:  # the window is full: keep the newest half
-                    keep = self.context // 2
-                    tokens, valid = tokens[:, -keep:], valid[:, -keep:]
-                    cache, logits = self._prefill(tokens, valid)
+                    start = end - self.context // 2
+                    cache, logits = self._prefill(tokens[:, start:end], valid[:, start:end])
                 else:
-                    logits = self._decode(cache, next_token, valid)
+                    logits = self._decode(cache, next_token, valid[:, start:end])
             for row, still_going in enumerate(active):
                 if still_going and (piece := streams[row].push(b"", final=True)):
                     yield row, piece
@@ -219,20 +220,37 @@ class Engine:
         return logits
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-        logits = logits[:, : self.tokenizer.n_vocab].float()
+        """The next token of each row (B,) from its fp32 logits (B, vocab), as `sampling` says."""
+        logits = logits[:, : self.tokenizer.n_vocab]
         if sampling.temperature == 0:
             return logits.argmax(dim=-1)
-        logits = logits / sampling.temperature
         if sampling.top_k and sampling.top_k < logits.size(-1):
             kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
         if sampling.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > sampling.top_p  # keep the first token always
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        # Inverse-CDF sampling: the same distribution as torch.multinomial, at a third of its cost per token.
-        cdf = probs.cumsum(dim=-1)
-        u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # in [0, total)
-        return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)  # first cdf > u
+            ordered, order = logits.sort(dim=-1, descending=True)
+            probs = torch.softmax(ordered / sampling.temperature, dim=-1)
+            outside = probs.cumsum(dim=-1) - probs > sampling.top_p  # the most likely token always stays
+            logits = torch.empty_like(logits).scatter_(-1, order, ordered.masked_fill(outside, float("-inf")))
+        u = torch.rand(logits.size(0), generator=generator, device=logits.device)
+        return self._draw(logits, sampling.temperature, u)
+
+    def _draw(self, logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF sampling: each row's first token whose running probability exceeds its u in [0, 1).
+
+        The same distribution as torch.multinomial at a third of its cost per token; in C (one call,
+        decode_step.c's `draw_tokens`) where the C decode step is loaded, in PyTorch otherwise.
+        """
+        native = self.decoder.native
+        if native is not None and logits.dtype == torch.float32 and logits.stride(-1) == 1:
+            tokens = torch.empty(logits.size(0), dtype=torch.long)
+            status = native.draw_tokens(
+                logits.data_ptr(), logits.size(0), logits.size(1), logits.stride(0), temperature,
+                u.contiguous().data_ptr(), tokens.data_ptr(),
+            )  # fmt: skip
+            if status != 0:
+                raise MemoryError("the C sampling step could not allocate its scratch memory")
+            return tokens
+        cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
+        target = u[:, None] * cdf[:, -1:]  # in [0, total)
+        return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)

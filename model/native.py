@@ -104,4 +104,8 @@ def load() -> ctypes.CDLL | None:
     arguments = dict(model=ctypes.POINTER(Model), tokens=pointer, positions=pointer, rows=size, keys=pointer)
     arguments.update(values=pointer, length=size, mask=pointer, logits=pointer)
     library.decode_step.argtypes = list(arguments.values())  # in decode_step's order
+    library.output_major_bf16.restype = ctypes.c_int
+    library.output_major_bf16.argtypes = []
+    library.draw_tokens.restype = ctypes.c_int
+    library.draw_tokens.argtypes = [pointer, size, size, ctypes.c_long, ctypes.c_float, pointer, pointer]
     return library

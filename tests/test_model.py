@@ -13,10 +13,11 @@ from model.tokenizer import build_char
 TOKENIZER = build_char(["abcdefghijklmnopqrstuvwxyz .,\n"])
 
 
-def tiny_model(context: int = 32, n_kv_head: int = 2, seed: int = 0) -> GPT:
+def tiny_model(context: int = 32, n_kv_head: int = 2, seed: int = 0, n_embd: int = 32, spare_ids: int = 0) -> GPT:
     torch.manual_seed(seed)
+    vocab_size = TOKENIZER.n_vocab + spare_ids  # spare ids: rows the tokenizer never uses
     config = ModelConfig(
-        vocab_size=TOKENIZER.n_vocab, context=context, n_layer=2, n_embd=32, n_head=4, n_kv_head=n_kv_head
+        vocab_size=vocab_size, context=context, n_layer=2, n_embd=n_embd, n_head=4, n_kv_head=n_kv_head
     )
     return GPT(config).eval()
 
@@ -67,8 +68,11 @@ def test_kv_cache_generation_equals_full_recomputation_also_past_the_context():
 
 @pytest.mark.parametrize("weights", ["initial", "large"])
 @pytest.mark.parametrize("decoder", ["c fp32", "c bf16", "torch"])
-def test_the_fused_decode_step_computes_what_the_model_computes(weights, decoder):
-    model = tiny_model(context=32, n_kv_head=2)  # grouped-query attention: 4 query heads, 2 key/value heads
+@pytest.mark.parametrize("width", [32, 40])
+def test_the_fused_decode_step_computes_what_the_model_computes(weights, decoder, width):
+    # Grouped-query attention: 4 query heads, 2 key/value heads. Width 40 and a vocabulary of 266
+    # leave partial blocks of 32 inputs and of 4 outputs in the C step's bf16 dot products.
+    model = tiny_model(context=32, n_kv_head=2, n_embd=width, spare_ids=0 if width == 32 else 266 - TOKENIZER.n_vocab)
     # Small initial weights show the norms' epsilon; weights as large as a trained model's show every folded scale.
     with torch.no_grad():
         for name, param in model.named_parameters() if weights == "large" else ():
@@ -142,6 +146,32 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_stops():
         ["ab"], SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=10, top_p=0.9, seed=7, stop=(stop,))
     )
     assert stopped[0] == text[: text.find(stop)]
+
+
+@pytest.mark.parametrize("draw", ["c", "torch"])
+def test_sampling_draws_from_the_tempered_softmax_cut_by_top_k_and_top_p(draw):
+    engine = Engine(tiny_model(), TOKENIZER, use_c=draw == "c")
+    assert bool(engine.decoder.native) == (draw == "c"), "the C sampling step needs a C compiler (cc)"
+    n, rows = TOKENIZER.n_vocab, 20_000
+    logits = torch.full((n,), float("-inf"))  # six possible tokens, the rest banned
+    logits[10:16] = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
+    generator = torch.Generator().manual_seed(0)
+
+    def frequencies(**knobs) -> torch.Tensor:
+        tokens = engine._sample(logits.expand(rows, n).contiguous(), SamplingConfig(**knobs), generator)
+        return torch.bincount(tokens, minlength=n).float() / rows
+
+    def softmax_of(kept: int, temperature: float) -> torch.Tensor:
+        cut = logits.clone()
+        cut[10 + kept :] = float("-inf")
+        return torch.softmax(cut / temperature, dim=-1)
+
+    # 20,000 draws: the standard error of a frequency is at most 0.0036, so 0.015 is four of them.
+    assert (frequencies(temperature=1.0) - softmax_of(6, 1.0)).abs().max() < 0.015
+    assert (frequencies(temperature=0.5) - softmax_of(6, 0.5)).abs().max() < 0.015
+    assert (frequencies(temperature=1.0, top_k=3) - softmax_of(3, 1.0)).abs().max() < 0.015
+    # Probabilities 0.42, 0.25, 0.15, 0.09, ...: the first three reach 0.7 only with the third one.
+    assert (frequencies(temperature=1.0, top_p=0.7) - softmax_of(3, 1.0)).abs().max() < 0.015
 
 
 def test_generation_never_emits_special_tokens_except_the_ones_that_stop_it():
