@@ -14,8 +14,10 @@ from benchmarks.load import free_port
 from model.checkpoint import load_checkpoint
 from model.device import can_compile, matmul_peak_flops
 from model.errors import UserError
+from model.evaluate import bits_per_byte
 from tests.conftest import ROOT, TINY
 from training.budget import depth_for, machine_name, remembered_peak
+from training.calibration import fit_temperature
 from training.config import assemble
 from training.trainer import Trainer, train
 
@@ -52,9 +54,11 @@ class StopsAtStep10(Trainer):
         return loss
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus_file, tmp_path):
-    train(flags(corpus_file, tmp_path, "straight"))
-    config = assemble(flags(corpus_file, tmp_path, "interrupted"))
+@pytest.mark.parametrize("delivered", ["last weights", "calibrated"])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus_file, tmp_path, delivered):
+    extra = dict(calibration_tokens=1024) if delivered == "calibrated" else {}
+    train(flags(corpus_file, tmp_path, "straight", **extra))
+    config = assemble(flags(corpus_file, tmp_path, "interrupted", **extra))
     StopsAtStep10(config, None, resuming=False).run()
     assert load_checkpoint(tmp_path / "interrupted").step == 10
     train({"resume": True, "out_dir": str(tmp_path / "interrupted"), "progress": False})  # saved arguments reused
@@ -62,6 +66,44 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus_file, tmp_p
     assert sorted(resumed) == list(range(1, 21))
     for step in range(1, 21):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
+    # The score of the weights saved at the end (with the fitted temperature folded in) continues exactly too.
+    final = [
+        load_checkpoint(tmp_path / run, latest=True).meta["metrics"]["val_bpb"] for run in ("straight", "interrupted")
+    ]
+    assert final[1] == pytest.approx(final[0], rel=1e-6)
+
+
+def test_the_output_temperature_is_fitted_on_held_out_training_tokens_and_folded_into_the_saved_model(
+    corpus_file, tmp_path
+):
+    train(flags(corpus_file, tmp_path, "run", calibration_tokens=1024))
+    checkpoint = load_checkpoint(tmp_path / "run", latest=True)
+    temperature = checkpoint.meta["metrics"]["temperature"]
+    saved, trained_norm = checkpoint.load_model(), checkpoint.load_trainer_state()["trained_norm"]
+    assert temperature != pytest.approx(1.0, abs=0.01)
+    assert torch.allclose(saved.norm.weight, trained_norm / temperature, rtol=1e-3)  # the log has 4 decimals
+    # The held-out tokens are the end of the training split, and training never sees them.
+    trainer = Trainer(assemble(flags(corpus_file, tmp_path, "again", calibration_tokens=1024)), None, resuming=False)
+    train_tokens = trainer.data.tokens("train")
+    assert len(trainer.calibration_tokens) == 1024
+    assert (trainer.calibration_tokens == train_tokens[-1024:]).all()
+    assert len(trainer.batches.tokens) == len(train_tokens) - 1024
+    # Sharpening the logits k times makes the fitted temperature k times larger: it undoes any scale.
+    model, token_bytes = checkpoint.load_model(), torch.tensor(checkpoint.load_tokenizer().token_byte_lengths())
+    held_out = trainer.calibration_tokens
+    fitted = fit_temperature(model, held_out, token_bytes, torch.float32)
+    assert fitted == pytest.approx(1.0, abs=1e-3)  # the saved model is already calibrated on these tokens
+    with torch.no_grad():
+        model.norm.weight.mul_(1.5)
+    assert fit_temperature(model, held_out, token_bytes, torch.float32) == pytest.approx(1.5 * fitted, rel=1e-3)
+    # And it is the minimum: a temperature 10% either side scores the held-out tokens worse.
+    losses_at = {}
+    for factor in (0.9, 1.0, 1.1):
+        scaled = checkpoint.load_model()
+        with torch.no_grad():
+            scaled.norm.weight.div_(fitted * factor)
+        losses_at[factor] = bits_per_byte(scaled, held_out, token_bytes)["loss"]
+    assert losses_at[1.0] < min(losses_at[0.9], losses_at[1.1])
 
 
 def test_checkpoint_round_trip_restores_weights_config_and_tokenizer(corpus_file, tmp_path):

@@ -48,6 +48,7 @@ class TrainConfig:
     warmup_steps: int = 5
     cooldown: float = 0.4
     grad_clip: float = 1.0
+    calibration_tokens: int = 0
     # budget
     max_steps: int | None = None
     max_minutes: float | None = 5.0
@@ -106,6 +107,10 @@ class TrainConfig:
             raise UserError(f"--token-noise must be in [0, 1), got {self.token_noise}")
         if self.chat_data and self.token_noise:
             raise UserError("--token-noise applies to pre-training windows; chat fine-tuning does not use it")
+        if self.calibration_tokens < 0:
+            raise UserError(f"--calibration-tokens must be 0 (off) or more, got {self.calibration_tokens}")
+        if self.chat_data and self.calibration_tokens:
+            raise UserError("--calibration-tokens applies to pre-training; chat fine-tuning does not use it")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run; --init-from starts a new one: give one of them")
 
@@ -128,8 +133,9 @@ PRESETS: dict[str, dict] = {
         warmup_steps=5,
     ),
     # The default: five minutes, the model sized for the budget and the machine (training/budget.py),
-    # and weight decay on the matrices (benchmarks/NOTES.md, tuning split: -0.02 bits/byte at 90 s, -0.03 at 5 min).
-    "cpu": dict(weight_decay=0.4),
+    # weight decay on the matrices (benchmarks/NOTES.md, tuning split: -0.02 bits/byte at 90 s, -0.03 at 5 min),
+    # and a 1,024-token vocabulary (benchmarks/NOTES.md, "A smaller vocabulary, and faster decoding to afford it").
+    "cpu": dict(weight_decay=0.4, vocab_size=1024),
     # Chat fine-tuning (chosen automatically with --chat-data): a few minutes.
     "chat": dict(max_minutes=3.0, batch_size=32, warmup_steps=10, eval_interval=100, sample_tokens=48),
     # One modern GPU: nanoGPT's GPT-2 small shape (124M-class), bf16, compiled.
@@ -184,6 +190,8 @@ HELP = {
     "warmup_steps": "steps of linear learning-rate warm-up",
     "cooldown": "final fraction of the budget over which the learning rate decays linearly to 0",
     "grad_clip": "clip the gradient norm to this (0 = off)",
+    "calibration_tokens": "training tokens (the end of the split, at most 5%%) kept out of training to fit the "
+    "output temperature, which the saved model carries in its final norm (0 = off)",
     "max_steps": "stop after this many optimizer steps",
     "max_minutes": "stop after this many minutes of training; the schedule ends exactly then",
     "eval_interval": "evaluate, print a sample and save a checkpoint every this many steps",

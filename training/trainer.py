@@ -11,7 +11,9 @@ Design decisions:
   losses it would have had.
 - Evaluation reports validation loss and bits per byte on a fixed slice of the validation tokens,
   prints a short sample through the generation engine, appends to `metrics.jsonl` and saves a
-  checkpoint.
+  checkpoint, all of the weights the run delivers: with `--calibration-tokens`, the output
+  temperature fitted on held-out training tokens folded into the final norm (training/calibration.py).
+  Training goes on from its own norm, which the checkpoint's trainer state keeps for `--resume`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from model.gpt import GPT, ModelConfig
 from training import distributed
 from training.allocator import keep_freed_memory
 from training.budget import describe
+from training.calibration import fit_temperature, held_out_count
 from training.config import TrainConfig, to_dict
 from training.memory import check_fits
 from training.optim import build_optimizers, lr_factor, set_lr
@@ -74,6 +77,7 @@ class Trainer:
                 f"{base.folder} has a smaller vocabulary than its tokenizer; the checkpoint is inconsistent"
             )
         self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda")
+        self.calibration_tokens = None  # held-out training tokens that fit the output temperature
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
         if resuming:
             self._restore(base)
@@ -86,9 +90,14 @@ class Trainer:
         if self.chat:
             self.batches, self.val_batches = self._conversation_batches(context)
         else:
+            train_tokens = self.data.tokens("train")
+            if config.calibration_tokens:  # the end of the training split, never trained on
+                held_out = held_out_count(config.calibration_tokens, len(train_tokens))
+                self.calibration_tokens = train_tokens[len(train_tokens) - held_out :]
+                train_tokens = train_tokens[: len(train_tokens) - held_out]
             try:
                 self.batches = Batches(
-                    self.data.tokens("train"), context, config.seed, config.token_noise, self.tokenizer.doc_separator
+                    train_tokens, context, config.seed, config.token_noise, self.tokenizer.doc_separator
                 )  # noise replaces inputs by ordinary ids, those below the special tokens
             except ValueError:
                 raise UserError(
@@ -182,6 +191,9 @@ class Trainer:
         state = checkpoint.load_trainer_state()
         for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(saved)
+        if "trained_norm" in state:  # the model file's final norm has the output temperature folded in
+            with torch.no_grad():
+                self.model.norm.weight.copy_(state["trained_norm"])
         self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
         torch.set_rng_state(state["rng"])
         self.metrics = checkpoint.meta.get("metrics", {})
@@ -302,6 +314,23 @@ class Trainer:
         return loss
 
     def _evaluate_and_save(self, bar: tqdm) -> None:
+        """Evaluate, sample and save the weights this run delivers: with --calibration-tokens, the output
+        temperature fitted on the held-out training tokens folded into the final norm. Training then goes
+        on from its own norm (kept in the checkpoint for --resume)."""
+        norm = self.model.norm.weight
+        trained_norm = norm.detach().clone()
+        temperature = 1.0
+        if self.dist.is_main and self.calibration_tokens is not None:
+            temperature = fit_temperature(self.model, self.calibration_tokens, self.token_bytes, self.dtype)
+            with torch.no_grad():
+                norm.div_(temperature)
+        try:
+            self._evaluate_and_save_weights(bar, trained_norm, temperature)
+        finally:
+            with torch.no_grad():
+                norm.copy_(trained_norm)
+
+    def _evaluate_and_save_weights(self, bar: tqdm, trained_norm: torch.Tensor, temperature: float) -> None:
         if self.dist.is_main:
             c = self.config
             if self.chat:  # loss and bits per byte of the held-out assistant replies
@@ -317,6 +346,8 @@ class Trainer:
                 "time": round(self.elapsed, 2),
                 "tokens_seen": self.tokens_seen,
             }
+            if self.calibration_tokens is not None:
+                self.metrics["temperature"] = round(temperature, 4)
             if self.step_rates:
                 rate = self._median_rate()
                 self.metrics.update(tokens_per_sec=round(rate), mfu=round(self._mfu(rate), 4))
@@ -325,10 +356,12 @@ class Trainer:
             if is_best:
                 self.best = {"step": self.step, "val_bpb": result["bpb"]}
             message = f"step {self.step}: val loss {result['loss']:.4f}, val {result['bpb']:.4f} bits/byte"
+            if self.calibration_tokens is not None:
+                message += f" (output temperature {temperature:.3f})"
             if c.sample_tokens:
                 message += f"\n--- sample ---\n{self._sample().strip()}\n--------------"
             bar.write(message)
-            self._save(is_best)
+            self._save(is_best, trained_norm)
         self.dist.barrier()
 
     def _sample(self) -> str:
@@ -343,7 +376,7 @@ class Trainer:
         self.model.train()
         return text
 
-    def _save(self, best: bool) -> None:
+    def _save(self, best: bool, trained_norm: torch.Tensor) -> None:
         meta = {
             "train": to_dict(self.config),
             "metrics": self.metrics,
@@ -360,6 +393,8 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "rng": torch.get_rng_state(),
         }
+        if self.calibration_tokens is not None:  # the model's norm holds the temperature; training resumes from this
+            state["trained_norm"] = trained_norm
         save_checkpoint(self.out_dir, self.step, self.model, self.tokenizer, meta, state, best)
 
     def _log(self, record: dict) -> None:
