@@ -97,6 +97,29 @@ def test_the_fused_decode_step_computes_what_the_model_computes(weights, decoder
             assert cache.length == t + 1
 
 
+def test_the_portable_c_step_built_without_processor_tuning_computes_the_same(monkeypatch):
+    """This machine's build uses AVX-512 BF16 dot products where it can; the loop every other CPU runs is checked too."""
+    from model import native
+
+    monkeypatch.setattr(native, "TUNED", [])  # no -march=native: no AVX-512 BF16 path, whatever the processor
+    native.load.cache_clear()
+    try:
+        model = tiny_model(context=32, n_kv_head=2, n_embd=40)
+        with torch.no_grad():  # weights as large as a trained model's
+            for param in model.parameters():
+                param.copy_(0.3 * torch.randn_like(param) + (1 if param.dim() == 1 else 0))
+        engine = Engine(model, TOKENIZER, torch.bfloat16)
+        assert engine.decoder.native and not engine.decoder.native.output_major_bf16()
+        tokens = torch.randint(0, TOKENIZER.n_vocab, (1, 12))
+        with torch.no_grad():
+            cache, _ = engine._prefill(tokens[:, :11], torch.ones(1, 11, dtype=torch.bool))
+            step = engine._decode(cache, tokens[:, 11], torch.ones(1, 12, dtype=torch.bool))
+            full = model(tokens)[:, -1]
+        assert (step - full).abs().max() < 0.03 * full.abs().max()
+    finally:
+        native.load.cache_clear()  # the next test loads the tuned library again
+
+
 def test_the_c_decode_step_refuses_tokens_positions_and_caches_outside_its_arrays():
     model = tiny_model(context=16)
     decoder = Engine(model, TOKENIZER).decoder
