@@ -236,7 +236,8 @@ class Engine:
         return self._draw(logits, sampling.temperature, u)
 
     def _draw(self, logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
-        """Inverse-CDF sampling: each row's first token whose running probability exceeds its u in [0, 1).
+        """Inverse-CDF sampling: each row's first token whose running probability exceeds its u in [0, 1)
+        (`u` a fresh, contiguous fp32 tensor of one number per row).
 
         The same distribution as torch.multinomial at a third of its cost per token; in C (one call,
         decode_step.c's `draw_tokens`) where the C decode step is loaded, in PyTorch otherwise.
@@ -246,7 +247,7 @@ class Engine:
             tokens = torch.empty(logits.size(0), dtype=torch.long)
             status = native.draw_tokens(
                 logits.data_ptr(), logits.size(0), logits.size(1), logits.stride(0), temperature,
-                u.contiguous().data_ptr(), tokens.data_ptr(),
+                u.data_ptr(), tokens.data_ptr(),
             )  # fmt: skip
             if status != 0:
                 raise MemoryError("the C sampling step could not allocate its scratch memory")

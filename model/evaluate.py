@@ -65,28 +65,30 @@ def bits_per_byte(
     dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Score `tokens` (a document separator should come first) in strided windows; see module doc."""
-    context = model.config.context
+    tokens = tokens[: (max_tokens + 1) if max_tokens else None]
+    return score(model, windows(tokens, model.config.context, stride, batch_size), token_bytes, dtype)
+
+
+def windows(tokens: np.ndarray | list[int], context: int, stride: int | None = None, batch_size: int = 16):
+    """(inputs, targets) batches that predict every token after the first exactly once (targets of -1
+    are not scored): windows of at most `context` inputs that advance by `stride` (default: context)."""
     stride = stride or context
-    tokens = torch.as_tensor(np.asarray(tokens[: (max_tokens + 1) if max_tokens else None], dtype=np.int64))
+    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     # Targets a..b-1 are scored by a window of inputs tokens[start : b-1] (at most a context long).
-    windows = []  # (start, length, index of the first scored position in the window)
+    spans = []  # (start, length, index of the first scored position in the window)
     for a in range(1, len(tokens), stride):
         b = min(a + stride, len(tokens))
         start = max(0, b - 1 - context)
-        windows.append((start, b - 1 - start, a - 1 - start))
-
-    def batches():
-        for i in range(0, len(windows), batch_size):
-            group = windows[i : i + batch_size]
-            width = max(length for _, length, _ in group)
-            inputs = torch.zeros(len(group), width, dtype=torch.long)
-            targets = torch.full((len(group), width), -1, dtype=torch.long)
-            for row, (start, length, first) in enumerate(group):
-                inputs[row, :length] = tokens[start : start + length]
-                targets[row, first:length] = tokens[start + 1 + first : start + 1 + length]
-            yield inputs, targets
-
-    return score(model, batches(), token_bytes, dtype)
+        spans.append((start, b - 1 - start, a - 1 - start))
+    for i in range(0, len(spans), batch_size):
+        group = spans[i : i + batch_size]
+        width = max(length for _, length, _ in group)
+        inputs = torch.zeros(len(group), width, dtype=torch.long)
+        targets = torch.full((len(group), width), -1, dtype=torch.long)
+        for row, (start, length, first) in enumerate(group):
+            inputs[row, :length] = tokens[start : start + length]
+            targets[row, first:length] = tokens[start + 1 + first : start + 1 + length]
+        yield inputs, targets
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from model.device import autocast
+from model.evaluate import windows
 from model.gpt import GPT
 
 MAX_SHARE = 0.05  # of the training split; a small corpus cannot give more to calibration
@@ -39,28 +40,24 @@ def held_out_count(requested: int, train_tokens: int) -> int:
 def fit_temperature(model: GPT, tokens: np.ndarray, token_bytes: torch.Tensor, dtype: torch.dtype) -> float:
     """The temperature T that minimises the mean loss of softmax(logits / T) over `tokens`' next-token predictions.
 
-    Scored in non-overlapping windows of the model's context; tokens that stand for no bytes (special
-    tokens) are left out, as bits per byte leaves them out.
+    Scored in non-overlapping windows of the model's context (model/evaluate.py's `windows`); tokens
+    that stand for no bytes (special tokens) are left out, as bits per byte leaves them out.
     """
     device = next(model.parameters()).device
-    context = model.config.context
-    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    windows = (len(ids) - 1) // context
-    if windows == 0:
-        return 1.0
-    inputs = ids[: windows * context].view(windows, context)
-    targets = ids[1 : windows * context + 1].view(windows, context)
+    token_bytes = token_bytes.to(device)
     was_training = model.training
     model.eval()
     logits, chosen = [], []
-    for start in range(0, windows, 16):
+    for inputs, targets in windows(tokens, model.config.context):
         with autocast(device, dtype):
-            z = model(inputs[start : start + 16].to(device)).float().flatten(0, 1)  # (tokens, vocab)
-        y = targets[start : start + 16].flatten().to(device)
-        counted = token_bytes.to(device)[y] > 0
+            z = model(inputs.to(device)).float().flatten(0, 1)  # (tokens, vocab)
+        y = targets.flatten().to(device)
+        counted = (y >= 0) & (token_bytes[y.clamp(min=0)] > 0)
         logits.append(z[counted])
         chosen.append(z[counted].gather(1, y[counted, None]).squeeze(1))
     model.train(was_training)
+    if not logits:  # fewer than two tokens: nothing to fit
+        return 1.0
     z, zy = torch.cat(logits), torch.cat(chosen)
 
     def loss(inverse: float) -> float:

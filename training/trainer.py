@@ -317,20 +317,25 @@ class Trainer:
         """Evaluate, sample and save the weights this run delivers: with --calibration-tokens, the output
         temperature fitted on the held-out training tokens folded into the final norm. Training then goes
         on from its own norm (kept in the checkpoint for --resume)."""
+        if not (self.dist.is_main and self.calibration_tokens is not None):
+            self._evaluate_and_save_weights(bar)
+            return
         norm = self.model.norm.weight
         trained_norm = norm.detach().clone()
-        temperature = 1.0
-        if self.dist.is_main and self.calibration_tokens is not None:
-            temperature = fit_temperature(self.model, self.calibration_tokens, self.token_bytes, self.dtype)
-            with torch.no_grad():
-                norm.div_(temperature)
+        temperature = fit_temperature(self.model, self.calibration_tokens, self.token_bytes, self.dtype)
+        with torch.no_grad():
+            norm.div_(temperature)
         try:
             self._evaluate_and_save_weights(bar, trained_norm, temperature)
         finally:
             with torch.no_grad():
                 norm.copy_(trained_norm)
 
-    def _evaluate_and_save_weights(self, bar: tqdm, trained_norm: torch.Tensor, temperature: float) -> None:
+    def _evaluate_and_save_weights(
+        self, bar: tqdm, trained_norm: torch.Tensor | None = None, temperature: float = 1.0
+    ) -> None:
+        """Evaluate, sample and save the model as it is; `trained_norm` is the final norm training resumes from
+        when the model's one has the output `temperature` folded in."""
         if self.dist.is_main:
             c = self.config
             if self.chat:  # loss and bits per byte of the held-out assistant replies
@@ -346,7 +351,7 @@ class Trainer:
                 "time": round(self.elapsed, 2),
                 "tokens_seen": self.tokens_seen,
             }
-            if self.calibration_tokens is not None:
+            if trained_norm is not None:
                 self.metrics["temperature"] = round(temperature, 4)
             if self.step_rates:
                 rate = self._median_rate()
@@ -356,7 +361,7 @@ class Trainer:
             if is_best:
                 self.best = {"step": self.step, "val_bpb": result["bpb"]}
             message = f"step {self.step}: val loss {result['loss']:.4f}, val {result['bpb']:.4f} bits/byte"
-            if self.calibration_tokens is not None:
+            if trained_norm is not None:
                 message += f" (output temperature {temperature:.3f})"
             if c.sample_tokens:
                 message += f"\n--- sample ---\n{self._sample().strip()}\n--------------"
@@ -376,7 +381,7 @@ class Trainer:
         self.model.train()
         return text
 
-    def _save(self, best: bool, trained_norm: torch.Tensor) -> None:
+    def _save(self, best: bool, trained_norm: torch.Tensor | None = None) -> None:
         meta = {
             "train": to_dict(self.config),
             "metrics": self.metrics,
@@ -393,7 +398,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "rng": torch.get_rng_state(),
         }
-        if self.calibration_tokens is not None:  # the model's norm holds the temperature; training resumes from this
+        if trained_norm is not None:  # the model's norm holds the temperature; training resumes from this
             state["trained_norm"] = trained_norm
         save_checkpoint(self.out_dir, self.step, self.model, self.tokenizer, meta, state, best)
 
