@@ -102,9 +102,10 @@ def main() -> None:
     )
     parser.add_argument("--n-layer", type=int, default=4, help="layers")
     parser.add_argument("--n-embd", type=int, default=256, help="width (one head per 64)")
-    parser.add_argument("--context", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size")
+    preset = TrainConfig(**PRESETS["cpu"])  # the default run's context, batch and vocabulary
+    parser.add_argument("--context", type=int, default=preset.context, help="tokens per sequence")
+    parser.add_argument("--batch-size", type=int, default=preset.batch_size, help="sequences per step")
+    parser.add_argument("--vocab-size", type=int, default=preset.vocab_size, help="vocabulary size")
     parser.add_argument("--dropout", type=float, default=0.2, help="residual dropout")
     parser.add_argument(
         "--compare",

@@ -1,23 +1,34 @@
 """The time budget is the dial: `--max-minutes` picks the model's size for the machine it runs on.
 
 nanochat derives every setting from one number, the depth. Here that number comes from the budget:
-the compute a run can spend is `minutes x 60 x the matmul peak measured on this machine`, and the
-depth grows with the sixth root of it (parameters ~ depth^3 grow with the square root of compute, as
-compute-optimal scaling has it), anchored where the sweep found the optimum on the reference CPU.
+the compute a run can spend is `minutes x 60 x the training FLOP/s this machine reaches`, and the
+depth grows with the fourth root of it (DEPTH_EXPONENT), anchored where the sweep found the optimum
+on the reference CPU. Parameters ~ depth^3 then grow with compute^(3/4): between the square root of
+compute-optimal scaling, where data is plentiful, and compute^1 for a fixed corpus seen more and more
+times, where more compute is best spent on a bigger model. A 1 MB corpus is the second case: on the
+tuning split the sixth root (the square-root rule) picked 4 layers for 5 minutes on a machine where
+5 scored 0.03 better (benchmarks/NOTES.md has the four budget-and-machine points behind the 1/4).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
 and dropout and input-token noise once the model is big enough to memorise a small corpus in its
 budget. One setting follows the minutes instead: from COMPILE_MINUTES on, `torch.compile` (about
 half a minute to build on first use) pays for itself in faster steps.
 The schedule needs nothing: it already ends exactly when the budget does (training/optim.py).
 
+The FLOP/s come from timing real training steps of the anchor model (`anchor_step_flops`), not from
+the matmul peak. Small models spend much of a step outside big matmuls (norms, softmax, Muon), and
+CPUs differ more in matmul peak than in that: an Intel Xeon with AMX multiplies bf16 matrices 3.7x as
+fast as the reference AMD Zen 5 (1,600 against 435 GFLOP/s) but runs the anchor's step only 1.6x as
+fast. Sized from the peak it got a 4 x 256 model for 90 seconds, which scored 2.070 on the tuning
+split against 2.003 for the 3 x 192 that its step rate picks (benchmarks/NOTES.md).
+
 The sweep behind the anchor and the exponent is in benchmarks/NOTES.md. Flags typed on the
 command line (or saved in a run being resumed) always win over these choices.
 
-The peak that sizes a run is the best this machine has shown, not only this process's one-second
-measurement (`remembered_peak`): on a shared machine a measurement now and then reads half the
-peak (3 of about 45 sweep runs), and a 5-minute run sized for a machine half as fast memorises
-Tiny Shakespeare (2.47 bits/byte instead of 2.02). Remembering the best also makes the same
-command give the same model on the same machine, run after run.
+The rate that sizes a run is the best this machine has shown, not only this process's measurement
+(`remembered_best`): on a shared machine a measurement now and then reads half the speed (3 of
+about 45 sweep runs read half the peak), and a 5-minute run sized for a machine half as fast
+memorises Tiny Shakespeare (2.47 bits/byte instead of 2.02). Remembering the best also makes the
+same command give the same model on the same machine, run after run.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,50 +49,88 @@ from model.files import write_atomically
 if TYPE_CHECKING:  # training/config.py imports this module
     from training.config import TrainConfig
 
-# 90 seconds at the 2-core reference machine's bf16 peak (~420 GFLOP/s): depth 3 was best.
-ANCHOR_COMPUTE = 1.5 * 60 * 420e9
+# The anchor: 90 seconds on the 2-core reference machine (AMD Zen 5), where depth 3 was best. Its
+# training step (3 x 192, batch 16 x 256, vocabulary 1,024, eager, bf16) ran there at 15,252 tokens/s
+# (median of the suite's three 90-second runs, benchmarks/reference at 80736ed) x 10.9 MFLOP a token.
 ANCHOR_DEPTH = 3
+ANCHOR_SHAPE = dict(n_layer=ANCHOR_DEPTH, n_embd=192, n_head=3, n_kv_head=3, context=256, vocab_size=1024)
+ANCHOR_BATCH = 16
+ANCHOR_STEP_FLOPS = 15_252 * 10_922_112  # FLOP/s, = 167 GFLOP/s
+ANCHOR_COMPUTE = 1.5 * 60 * ANCHOR_STEP_FLOPS
+DEPTH_EXPONENT = 1 / 4  # depth ~ compute^(1/4); 1/6 under-sized data-limited 5-minute runs (benchmarks/NOTES.md)
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
 TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
 COMPILE_MINUTES = 3.0  # compiling costs ~30 s cold, ~15 s cached, and buys ~25% faster steps (benchmarks/NOTES.md)
+REMEMBERED = "step_flops.json"  # (earlier versions kept matmul peaks in peak_flops.json)
 CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise", "compile")  # what this rule fills in
 
 
-def depth_for(minutes: float, peak_flops: float) -> int:
-    compute = minutes * 60 * peak_flops
-    depth = round(ANCHOR_DEPTH * (compute / ANCHOR_COMPUTE) ** (1 / 6))
+def anchor_step_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.5) -> float:
+    """Model FLOP/s of the anchor model's training step (forward, backward, Muon and AdamW, random
+    tokens, eager), the median step over about `seconds` after two warm-up steps."""
+    from model.device import autocast
+    from model.gpt import GPT, ModelConfig
+    from training.config import PRESETS, TrainConfig
+    from training.optim import build_optimizers  # imports training/config.py, which imports this module
+
+    generator = torch.Generator().manual_seed(0)
+    shape = ModelConfig(**ANCHOR_SHAPE)
+    model = GPT(shape).to(device).train()
+    optimizers = build_optimizers(model, TrainConfig(**PRESETS["cpu"]))
+    x, y = torch.randint(0, shape.vocab_size, (2, ANCHOR_BATCH, shape.context), generator=generator).to(device)
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 5 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            loss = model(x, y)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[2:])  # the first two steps warm up
+    return ANCHOR_BATCH * shape.context * model.flops_per_token() / step
+
+
+def depth_for(minutes: float, step_flops: float) -> int:
+    compute = minutes * 60 * step_flops
+    depth = round(ANCHOR_DEPTH * (compute / ANCHOR_COMPUTE) ** DEPTH_EXPONENT)
     return max(MIN_DEPTH, min(MAX_DEPTH, depth))
 
 
-def sized_for_budget(minutes: float, peak_flops: float) -> dict:
-    """The model's shape and regularisation for a run of `minutes` on a machine with `peak_flops` FLOP/s.
+def sized_for_budget(minutes: float, step_flops: float) -> dict:
+    """The model's shape and regularisation for a run of `minutes` on a machine whose training steps
+    reach `step_flops` model FLOP/s (`anchor_step_flops`).
 
     Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
     gets residual dropout (0.2, nanoGPT's value for Tiny Shakespeare) and has TOKEN_NOISE of its
     input tokens replaced by random ones (benchmarks/NOTES.md has the sweeps behind both). Budgets of
     COMPILE_MINUTES or more are compiled.
     """
-    depth = depth_for(minutes, peak_flops)
+    depth = depth_for(minutes, step_flops)
     regularised = depth > ANCHOR_DEPTH
     dropout, noise = (0.2, TOKEN_NOISE) if regularised else (0.0, 0.0)
     compiled = minutes >= COMPILE_MINUTES
     return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout, noise, compiled), strict=True))
 
 
-def describe(minutes: float, peak_flops: float, measured: float, config: TrainConfig) -> str:
+def describe(minutes: float, step_flops: float, measured: float, config: TrainConfig) -> str:
     """One line for the training log: the compute the budget buys and what the run uses."""
-    now = "" if measured >= peak_flops else f" (the best measured here; {measured / 1e9:,.0f} now)"
+    now = "" if measured >= step_flops else f" (the best measured here; {measured / 1e9:,.0f} now)"
     return (
-        f"budget {minutes:g} min x {peak_flops / 1e9:,.0f} GFLOP/s peak{now} = {minutes * 60 * peak_flops:.2g} FLOPs "
-        f"-> {config.n_layer} layers x {config.n_embd} wide, dropout {config.dropout:g}, token noise "
-        f"{config.token_noise:g}, {'compiled' if config.compile else 'eager'} "
+        f"budget {minutes:g} min x {step_flops / 1e9:,.0f} GFLOP/s of training steps{now} = "
+        f"{minutes * 60 * step_flops:.2g} FLOPs -> {config.n_layer} layers x {config.n_embd} wide, dropout "
+        f"{config.dropout:g}, token noise {config.token_noise:g}, {'compiled' if config.compile else 'eager'} "
         f"({'/'.join('--' + name.replace('_', '-') for name in CHOSEN)} choose yourself)"
     )
 
 
 def machine_name(device: torch.device, dtype: torch.dtype) -> str:
-    """What a remembered peak is valid for: the processor, the thread count and the dtype."""
+    """What a remembered rate is valid for: the processor, the thread count and the dtype."""
     if device.type == "cuda":
         chip = torch.cuda.get_device_name(device)
     else:
@@ -88,9 +139,9 @@ def machine_name(device: torch.device, dtype: torch.dtype) -> str:
     return f"{chip}, {str(dtype).removeprefix('torch.')}"
 
 
-def remembered_peak(measured: float, machine: str, folder: Path) -> float:
-    """The best of `measured` and the peaks measured earlier on `machine` (kept in folder/peak_flops.json)."""
-    path = folder / "peak_flops.json"
+def remembered_best(measured: float, machine: str, folder: Path) -> float:
+    """The best of `measured` and the rates measured earlier on `machine` (kept in folder/REMEMBERED)."""
+    path = folder / REMEMBERED
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: start afresh

@@ -167,7 +167,7 @@ HELP = {
     "chat_data": 'fine-tune for chat on conversations: builtin, a .jsonl of {"messages": [...]}, or a '
     "Hugging Face dataset name (needs --init-from a trained model)",
     "messages_column": "column holding the messages in hub chat datasets and .jsonl files",
-    "cache_dir": "where prepared token files and the best matmul peak measured on this machine are kept "
+    "cache_dir": "where prepared token files and the best training speed measured on this machine are kept "
     "(default: data/cache in the project)",
     "tokenizer": "bpe (trained on the data), char (one token per character) or gpt2 (tiktoken's GPT-2)",
     "vocab_size": "vocabulary size of the bpe tokenizer, special tokens included",
@@ -261,17 +261,17 @@ def budget_minutes(typed: dict, saved: dict | None) -> float | None:
     return minutes if preset == "cpu" and not saved and minutes else None
 
 
-def budget_sizing(typed: dict, saved: dict | None, peak_flops: float | None) -> dict:
-    """The settings training/budget.py picks (CHOSEN), where it applies and the machine's peak FLOP/s is known
-    (tests and other callers pass none)."""
+def budget_sizing(typed: dict, saved: dict | None, step_flops: float | None) -> dict:
+    """The settings training/budget.py picks (CHOSEN), where it applies and the machine's training FLOP/s
+    are known (tests and other callers pass none)."""
     minutes = budget_minutes(typed, saved)
-    return sized_for_budget(minutes, peak_flops) if minutes and peak_flops else {}
+    return sized_for_budget(minutes, step_flops) if minutes and step_flops else {}
 
 
-def assemble(typed: dict, saved: dict | None = None, peak_flops: float | None = None) -> TrainConfig:
+def assemble(typed: dict, saved: dict | None = None, step_flops: float | None = None) -> TrainConfig:
     """defaults < preset < size for the budget (budget_sizing) < saved run arguments < typed flags."""
     preset = preset_of(typed, saved)
-    values = {**PRESETS[preset], **budget_sizing(typed, saved, peak_flops), **(saved or {}), **typed, "preset": preset}
+    values = {**PRESETS[preset], **budget_sizing(typed, saved, step_flops), **(saved or {}), **typed, "preset": preset}
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in values.items() if k in known})
     config.validate()

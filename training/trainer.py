@@ -464,7 +464,7 @@ def compile_if_possible(config: TrainConfig, typed: dict, device: torch.device) 
 
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
-    from training.budget import machine_name, remembered_peak
+    from training.budget import anchor_step_flops, machine_name, remembered_best
     from training.config import assemble, budget_minutes
 
     base, resuming, saved = None, bool(typed.get("resume")), None
@@ -476,19 +476,19 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     device = pick_device(unsized.device)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for memory a step frees and the next takes again
-    sizing = budget_minutes(typed, saved) is not None  # the peak will choose the model: measure it carefully
+    sizing = budget_minutes(typed, saved) is not None  # the machine's speed will choose the model
     dtype = pick_dtype(device, unsized.dtype)
-    peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)
-    sizing_peak = (
-        remembered_peak(peak_flops, machine_name(device, dtype), cache_folder(unsized)) if sizing else peak_flops
-    )
-    config = compile_if_possible(assemble(typed, saved, sizing_peak), typed, device)
+    peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)  # for the MFU
+    if sizing:
+        measured = anchor_step_flops(device, dtype)
+        step_flops = remembered_best(measured, machine_name(device, dtype), cache_folder(unsized))
+    config = compile_if_possible(assemble(typed, saved, step_flops if sizing else None), typed, device)
     if config.init_from:
         base = load_checkpoint(config.init_from)
     if not resuming and (Path(config.out_dir) / "LATEST").exists():
         raise UserError(f"{config.out_dir} already holds a run; use --resume to continue it or another --out-dir")
     if sizing and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
-        print(describe(config.max_minutes, sizing_peak, peak_flops, config))
+        print(describe(config.max_minutes, step_flops, measured, config))
     if device.type == "cpu":
         shape = base.model_config if base else config.model_config()
         check_fits(shape, config.batch_size // config.grad_accum)
