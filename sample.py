@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from model.errors import UserError, run_cli
+from model.flags import add_device_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     parser.add_argument("--chat", action="store_true", help="chat: read user messages, print the model's replies")
     parser.add_argument("--system", default="", help="system prompt for --chat")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="matmul precision")
+    add_device_flags(parser)
     return parser
 
 
@@ -90,7 +90,8 @@ def main() -> None:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     checkpoint = load_checkpoint(args.checkpoint or newest_run(args.out_root))
     device = pick_device(args.device)
-    engine = Engine(checkpoint.load_model(device), checkpoint.load_tokenizer(), pick_dtype(device, args.dtype))
+    model, tokenizer = checkpoint.load_model(device), checkpoint.load_tokenizer()
+    engine = Engine(model, tokenizer, pick_dtype(device, args.dtype), int8_weights=args.int8_weights)
     if args.chat:
         chat(engine, checkpoint.meta, sampling, args.system)
         return

@@ -39,15 +39,18 @@ def first_token_seconds(engine: Engine, prompt: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(checkpoint_dir: str, runs: int = 5, decoder: str = "c") -> dict:
+def measure(checkpoint_dir: str, runs: int = 5, decoder: str = "c", int8_weights: bool = True) -> dict:
     checkpoint = load_checkpoint(checkpoint_dir)
     model = checkpoint.load_model(torch.device("cpu"))
-    engine = Engine(model, checkpoint.load_tokenizer(), pick_dtype(torch.device("cpu")), use_c=decoder == "c")
+    dtype = pick_dtype(torch.device("cpu"))
+    engine = Engine(model, checkpoint.load_tokenizer(), dtype, use_c=decoder == "c", int8_weights=int8_weights)
     context = model.config.context
     prompt_source = engine.generate([""], SamplingConfig(max_new_tokens=2 * context, seed=0, stop_at_special=False))[0]
     prompt = (prompt_source * 8).encode()[:1000].decode(errors="ignore")
     decoder = "c" if engine.decoder.native else "torch"  # what actually ran (c falls back without a compiler)
+    weights = "int8" if int8_weights and engine.decoder.native else "fp32"
     figures: dict = {"checkpoint": str(checkpoint.folder), "context": context, "runs": runs, "decoder": decoder}
+    figures["weights"] = weights
     for label, tokens in (("within_context", context), ("past_context", 4 * context)):
         bytes_per_second(engine, tokens, seed=0)  # warm-up
         rates = [bytes_per_second(engine, tokens, seed) for seed in range(1, runs + 1)]
@@ -72,9 +75,15 @@ def main() -> None:
         default="c",
         help="decode step: the compiled C one, or PyTorch's (model/decoder.py)",
     )
+    parser.add_argument(
+        "--int8-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the C step's matrices in int8, as sample.py and the UI decode (--no-int8-weights: fp32)",
+    )
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    figures = measure(args.checkpoint, args.runs, args.decoder)
+    figures = measure(args.checkpoint, args.runs, args.decoder, args.int8_weights)
     report.print_json(figures, args.out)
 
 

@@ -4,117 +4,91 @@
  * microseconds of dispatch before any arithmetic happens: for the default model that overhead is
  * most of the time per token. Here the whole step is one call, and its time is what it has to be,
  * the time to stream the weights from memory once (benchmarks/NOTES.md, "Generation in C").
- * Matrices may be stored as bf16 (the precision training's autocast multiplied them in), which
- * halves that traffic; all arithmetic is fp32.
+ * Matrices may be stored as int8 with one scale per output, a quarter of fp32's traffic; all
+ * arithmetic is fp32 except their dot products, which are exact integer sums (see matmul_add_int8).
  *
  * model/native.py compiles this file with the system's C compiler and loads it with ctypes; without
  * a compiler, generation uses the PyTorch step instead. Layouts are those FusedDecoder builds:
- * matrices input-major (in, out), except bf16 ones on a CPU with AVX-512 BF16 (see dot_bf16 below),
- * norm scales folded in, keys/values (layers, B, kv heads, context, head dim). tests/test_model.py
+ * fp32 matrices input-major (in, out), int8 ones output-major (out, in), norm scales folded in,
+ * keys/values (layers, B, kv heads, context, head dim). tests/test_model.py
  * checks this step against GPT.forward.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+
+typedef struct {
+    const void *values;   /* fp32 input-major (in, out), or int8 output-major (out, in) when scales is set */
+    const float *scales;  /* int8 only: weight (out, in) = scales[out] * values[out][in]; NULL for fp32 */
+} Matrix;
 
 typedef struct {
     int n_layer, n_embd, n_head, n_kv_head, head_dim, mlp_hidden, vocab, context;
-    int bf16;                    /* 1: the matrices below hold bf16 (uint16) values, 0: fp32 */
     float floor, head_floor;     /* sqrt(width * eps): the RMSNorm epsilon, see unit() */
     const float *embed;          /* (vocab, n_embd), fp32 */
     const float *inv_freq;       /* (head_dim / 2): rotary frequencies */
-    /* Matrices are input-major (in, out) as listed, or output-major (out, in) when bf16 and
-     * OUTPUT_MAJOR_BF16 (see dot_bf16). */
-    const void *const *qkv;      /* per layer (n_embd, (n_head + 2 n_kv_head) head_dim) */
+    const Matrix *qkv;           /* per layer (n_embd, (n_head + 2 n_kv_head) head_dim) */
     const float *const *qk_norm; /* per layer (n_head + n_kv_head, head_dim) */
-    const void *const *o;        /* per layer (n_head head_dim, n_embd) */
-    const void *const *gate_up;  /* per layer (n_embd, 2 mlp_hidden) */
-    const void *const *down;     /* per layer (mlp_hidden, n_embd) */
-    const void *head;            /* (n_embd, vocab) */
+    const Matrix *o;             /* per layer (n_head head_dim, n_embd) */
+    const Matrix *gate_up;       /* per layer (n_embd, 2 mlp_hidden) */
+    const Matrix *down;          /* per layer (mlp_hidden, n_embd) */
+    Matrix head;                 /* (n_embd, vocab) */
 } Model;
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;  /* bf16 is the top half of an fp32 */
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-#if defined(__AVX512BF16__)
-/* y (n) += x (k) @ W, with W stored output-major (n, k) in bf16: each output is the dot product of
- * its weight row with x. One AVX-512 BF16 instruction (vdpbf16ps) multiplies 32 bf16 pairs and adds
- * them into 16 fp32 sums, so x is rounded to bf16 once (the precision training's autocast
- * multiplied activations in) and the loop only loads weights: about twice the speed of the portable
- * loop below on the 4 x 256 model's matrices (benchmarks/NOTES.md, "Generation in C"). */
-#define OUTPUT_MAJOR_BF16 1
-static inline __mmask32 lanes(int left) { return left >= 32 ? 0xffffffffu : (1u << left) - 1; } /* first `left` of 32 */
-
-static void dot_bf16(const float *x, const uint16_t *W, float *y, int k, int n) {
-    __m512bh xs[k / 32 + 1];
-    for (int i = 0; i < k; i += 32) {  /* x as bf16 pairs, zero past k */
-        const __mmask32 m = lanes(k - i);
-        xs[i / 32] = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps((__mmask16)(m >> 16), x + i + 16),
-                                         _mm512_maskz_loadu_ps((__mmask16)m, x + i));
-    }
+/* y (n) += x (k) @ W for an int8 W. x is rounded to int16 with one scale for the whole vector, so
+ * each output is an exact integer dot product of its weight row with x; compilers vectorise that
+ * loop as 16-bit multiply-adds (pmaddwd, or vpdpwssd with AVX-512 VNNI) without any intrinsics, and
+ * it runs at the speed of reading a byte per weight (benchmarks/NOTES.md, "Int8 weights for the
+ * decode step"). The largest |x| maps to `top`, chosen so that no int32 sum can overflow. Four
+ * outputs at a time share each load of x. */
+static void matmul_add_int8(const float *x, const Matrix *W, float *y, int k, int n) {
+    const int8_t *values = (const int8_t *)W->values;
+    int16_t xq[k];
+    float largest = 0.0f;
+    for (int i = 0; i < k; i++) largest = fabsf(x[i]) > largest ? fabsf(x[i]) : largest;
+    const float top = fminf(32767.0f, (float)(INT32_MAX / (127L * k)));
+    const float step = largest > 0.0f ? largest / top : 1.0f;  /* x[i] ~ step * xq[i] */
+    for (int i = 0; i < k; i++) xq[i] = (int16_t)lrintf(x[i] / step);
     int j = 0;
-    for (; j + 4 <= n; j += 4) {  /* four outputs at a time: four independent sums share each block of x */
-        const uint16_t *w = W + (long)j * k;
-        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-        for (int i = 0; i < k; i += 32) {
-            const __mmask32 m = lanes(k - i);
-            s0 = _mm512_dpbf16_ps(s0, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(m, w + i));
-            s1 = _mm512_dpbf16_ps(s1, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(m, w + k + i));
-            s2 = _mm512_dpbf16_ps(s2, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(m, w + 2 * k + i));
-            s3 = _mm512_dpbf16_ps(s3, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(m, w + 3 * k + i));
+    for (; j + 4 <= n; j += 4) {
+        const int8_t *w = values + (long)j * k;
+        int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (int i = 0; i < k; i++) {
+            s0 += xq[i] * w[i], s1 += xq[i] * w[k + i];
+            s2 += xq[i] * w[2 * k + i], s3 += xq[i] * w[3 * k + i];
         }
-        y[j] += _mm512_reduce_add_ps(s0), y[j + 1] += _mm512_reduce_add_ps(s1);
-        y[j + 2] += _mm512_reduce_add_ps(s2), y[j + 3] += _mm512_reduce_add_ps(s3);
+        y[j] += step * W->scales[j] * (float)s0, y[j + 1] += step * W->scales[j + 1] * (float)s1;
+        y[j + 2] += step * W->scales[j + 2] * (float)s2, y[j + 3] += step * W->scales[j + 3] * (float)s3;
     }
     for (; j < n; j++) {  /* the last n mod 4 outputs */
-        __m512 sum = _mm512_setzero_ps();
-        for (int i = 0; i < k; i += 32)
-            sum = _mm512_dpbf16_ps(sum, xs[i / 32], (__m512bh)_mm512_maskz_loadu_epi16(lanes(k - i), W + (long)j * k + i));
-        y[j] += _mm512_reduce_add_ps(sum);
+        const int8_t *w = values + (long)j * k;
+        int32_t sum = 0;
+        for (int i = 0; i < k; i++) sum += xq[i] * w[i];
+        y[j] += step * W->scales[j] * (float)sum;
     }
 }
-#else
-#define OUTPUT_MAJOR_BF16 0
-#endif
-
-/* Whether bf16 matrices are expected output-major (n, k): FusedDecoder asks before laying them out. */
-int output_major_bf16(void) { return OUTPUT_MAJOR_BF16; }
 
 /* Y (rows, n) += X (rows, k) @ W (k, n). Row i of W is read once for all rows of X; the inner loop
  * is contiguous, so the compiler vectorises it and the step runs at memory speed. */
-static void matmul_add(const float *X, const void *W, int bf16, float *Y, int rows, int k, int n) {
-#if OUTPUT_MAJOR_BF16
-    if (bf16) {
-        for (int r = 0; r < rows; r++) dot_bf16(X + (long)r * k, (const uint16_t *)W, Y + (long)r * n, k, n);
+static void matmul_add(const float *X, const Matrix *W, float *Y, int rows, int k, int n) {
+    if (W->scales) {
+        for (int r = 0; r < rows; r++) matmul_add_int8(X + (long)r * k, W, Y + (long)r * n, k, n);
         return;
     }
-#endif
     for (int i = 0; i < k; i++) {
+        const float *w = (const float *)W->values + (long)i * n;
         for (int r = 0; r < rows; r++) {
             const float xi = X[(long)r * k + i];
             float *y = Y + (long)r * n;
-            if (bf16) {
-                const uint16_t *w = (const uint16_t *)W + (long)i * n;
-                for (int j = 0; j < n; j++) y[j] += xi * from_bf16(w[j]);
-            } else {
-                const float *w = (const float *)W + (long)i * n;
-                for (int j = 0; j < n; j++) y[j] += xi * w[j];
-            }
+            for (int j = 0; j < n; j++) y[j] += xi * w[j];
         }
     }
 }
 
-static void matmul(const float *X, const void *W, int bf16, float *Y, int rows, int k, int n) {
+static void matmul(const float *X, const Matrix *W, float *Y, int rows, int k, int n) {
     memset(Y, 0, sizeof(float) * rows * n);
-    matmul_add(X, W, bf16, Y, rows, k, n);
+    matmul_add(X, W, Y, rows, k, n);
 }
 
 /* a . b with 16 independent partial sums, so the compiler can vectorise the reduction. */
@@ -173,7 +147,7 @@ int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions,
     for (int l = 0; l < m->n_layer; l++) {
         /* attention: x += attend(q, k, v) @ Wo, with q, k, v = unit(x) @ Wqkv */
         for (int b = 0; b < B; b++) unit(x + b * C, normed + b * C, C, m->floor);
-        matmul(normed, m->qkv[l], m->bf16, qkv, B, C, QKV);
+        matmul(normed, &m->qkv[l], qkv, B, C, QKV);
         for (int b = 0; b < B; b++) {
             float *row = qkv + (long)b * QKV;
             for (int h = 0; h < H + Hkv; h++) {  /* q and k heads: norm, scale, rotate */
@@ -208,20 +182,20 @@ int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions,
                 for (int i = 0; i < D; i++) out[i] /= total;
             }
         }
-        matmul_add(attended, m->o[l], m->bf16, x, B, H * D, C);
+        matmul_add(attended, &m->o[l], x, B, H * D, C);
         /* MLP: x += (silu(gate) * up) @ Wdown, with gate, up = unit(x) @ Wgate_up */
         for (int b = 0; b < B; b++) unit(x + b * C, normed + b * C, C, m->floor);
-        matmul(normed, m->gate_up[l], m->bf16, hidden, B, C, 2 * F);
+        matmul(normed, &m->gate_up[l], hidden, B, C, 2 * F);
         for (int b = 0; b < B; b++) {
             for (int i = 0; i < F; i++) {
                 const float gate = hidden[(long)b * 2 * F + i], up = hidden[(long)b * 2 * F + F + i];
                 act[(long)b * F + i] = gate / (1.0f + expf(-gate)) * up;
             }
         }
-        matmul_add(act, m->down[l], m->bf16, x, B, F, C);
+        matmul_add(act, &m->down[l], x, B, F, C);
     }
     for (int b = 0; b < B; b++) unit(x + b * C, normed + b * C, C, m->floor);
-    matmul(normed, m->head, m->bf16, logits, B, C, m->vocab);
+    matmul(normed, &m->head, logits, B, C, m->vocab);
     free(x), free(normed), free(qkv), free(attended), free(hidden), free(act), free(scores), free(rot);
     return 0;
 }

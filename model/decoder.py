@@ -13,10 +13,11 @@ token on the overhead of its many small operations. This module computes the sam
   run once over the stacked q and k heads, attention for one query is two small matmuls and a
   softmax, and residual additions are fused into the matmul (`addmm`).
 - On a CPU, the whole step is one call into `model/decode_step.c` (built by `model/native.py`),
-  which removes the per-operation overhead altogether; with the engine's bf16 dtype its matrices
-  are stored in bf16, halving the memory each token streams (and, on a CPU with AVX-512 BF16,
-  multiplied with its bf16 dot-product instruction). Without a C compiler the PyTorch step
-  below runs instead (fp32: at batch 1, bf16 buys PyTorch no speed on a CPU).
+  which removes the per-operation overhead altogether. With `int8_weights` its matrices are stored
+  as int8 with one scale per output row: a quarter of the memory each token streams in fp32, at a
+  cost too small to see in bits per byte (benchmarks/NOTES.md, "Int8 weights for the decode
+  step"). Without a C compiler the PyTorch step below runs instead (fp32 weights: at batch 1,
+  lower precision buys PyTorch no speed on a CPU).
 
 The engine decodes with a single intra-op thread (see `single_thread` below): with two threads
 the synchronisation per small GEMV costs more than the second core gives. Both steps are tested
@@ -40,7 +41,7 @@ class FusedDecoder:
     """Weights of a GPT rearranged for decoding, and the step that uses them (no autograd)."""
 
     @torch.no_grad()
-    def __init__(self, model: GPT, dtype: torch.dtype = torch.float32, use_c: bool = True):
+    def __init__(self, model: GPT, int8_weights: bool = False, use_c: bool = True):
         c = model.config
         self.config = c
         self.layers = []
@@ -72,31 +73,34 @@ class FusedDecoder:
         self.sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.embed.device)
         self.native = native.load() if use_c and self.embed.device.type == "cpu" else None
         if self.native:
-            self._bind_native(model, dtype == torch.bfloat16)
+            self._bind_native(model, int8_weights)
 
-    def _bind_native(self, model: GPT, bf16: bool) -> None:
+    def _bind_native(self, model: GPT, int8: bool) -> None:
         """Describe these weights to decode_step.c, which reads them where they are.
 
-        With `bf16` the matrices are replaced by bf16 copies (the PyTorch step above never runs once
-        the C one is bound, so the fp32 ones need not stay), transposed to output-major where the
-        library was built with AVX-512 BF16 (decode_step.c's `dot_bf16`).
+        With `int8` each matrix is replaced by an int8 copy, output-major, and one scale per output
+        (the PyTorch step above never runs once the C one is bound, so the fp32 ones need not stay).
         """
         c = self.config
-        if bf16:  # output-major where the C step multiplies bf16 with AVX-512 BF16 dot products
-            arrange = (lambda m: m.t().contiguous()) if self.native.output_major_bf16() else (lambda m: m)
+        if int8:
             for layer in self.layers:
                 for name in ("qkv", "o", "gate_up", "down"):
-                    layer[name] = arrange(layer[name]).bfloat16()
-            self.head = arrange(self.head).bfloat16()
+                    layer[name] = quantized(layer[name])
+            self.head = quantized(self.head)
         self.inv_freq = model.rotary.inv_freq.float().contiguous()
 
-        def per_layer(name: str) -> ctypes.Array:
-            return (ctypes.c_void_p * c.n_layer)(*(layer[name].data_ptr() for layer in self.layers))
+        def described(matrix: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> native.Matrix:
+            values, scales = matrix if isinstance(matrix, tuple) else (matrix, None)
+            return native.Matrix(values.data_ptr(), None if scales is None else scales.data_ptr())
 
+        def per_layer(name: str) -> ctypes.Array:
+            return (native.Matrix * c.n_layer)(*(described(layer[name]) for layer in self.layers))
+
+        qk_norms = (ctypes.c_void_p * c.n_layer)(*(layer["qk_norm"].data_ptr() for layer in self.layers))
         self._native_model = native.Model(
-            c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden, c.vocab_size, c.context, int(bf16),
+            c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden, c.vocab_size, c.context,
             float(self.floor), float(self.head_floor), self.embed.data_ptr(), self.inv_freq.data_ptr(),
-            *(per_layer(name) for name in ("qkv", "qk_norm", "o", "gate_up", "down")), self.head.data_ptr(),
+            per_layer("qkv"), qk_norms, *(per_layer(name) for name in ("o", "gate_up", "down")), described(self.head),
         )  # fmt: skip
         self._native_model_ref = ctypes.byref(self._native_model)
 
@@ -160,6 +164,15 @@ class FusedDecoder:
         if status != 0:
             raise MemoryError("the C decode step could not allocate its scratch memory")
         return logits
+
+
+def quantized(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An input-major fp32 matrix (in, out) as int8 values (out, in) and one fp32 scale per output:
+    matrix[i, o] ~ scales[o] * values[o, i], each row rounded to 255 levels of its largest |weight|."""
+    rows = matrix.t()
+    scales = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    values = (rows / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return values.contiguous(), scales.contiguous()
 
 
 _threads_lock = threading.Lock()

@@ -6,6 +6,10 @@ Design decisions:
 - A batch of prompts of different lengths is left-padded; padded keys are masked out and each row
   gets its own rotary positions, so every row computes exactly what it would alone (until the
   window slides: a batch slides all rows together, when its longest row fills the context).
+- Prefill: a prompt is run through the model in one batched forward pass, with the matrices cast
+  once to the autocast dtype (autocast would cast them again on every pass, to the same values).
+  A prompt of at most SHORT_PROMPT tokens goes through the decode step a token at a time instead,
+  which costs less than the fixed cost of a forward pass (benchmarks/NOTES.md).
 - Sliding context: when a sequence fills the context, the engine keeps the newest half and
   re-computes the cache for it in one batched forward pass. Each token is therefore predicted from
   a window the model saw in training (it starts at a real token, never mid-cache), and the cost
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,6 +36,8 @@ from model.device import autocast
 from model.errors import UserError
 from model.gpt import GPT
 from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, Tokenizer
+
+SHORT_PROMPT = 8  # tokens; up to this many, prefill through the C decode step (see the module doc)
 
 
 @dataclass
@@ -114,13 +121,23 @@ class Engine:
     makes one per sample).
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32, use_c: bool = True):
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        dtype: torch.dtype = torch.float32,
+        use_c: bool = True,
+        int8_weights: bool = False,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = dtype
+        self.prefill_model = model if dtype == torch.float32 else with_matrices_in(model, dtype)
         self.context = model.config.context
-        self.decoder = FusedDecoder(model, dtype, use_c)  # use_c=False: the PyTorch decode step, for comparison
+        # dtype is the prefill's autocast; int8_weights the C decode step's matrices (model/decoder.py);
+        # use_c=False chooses the PyTorch decode step, for comparison.
+        self.decoder = FusedDecoder(model, int8_weights, use_c)
 
     def encode_prompt(self, text: str) -> list[int]:
         """A text prompt as the start of a document, the way training data begins."""
@@ -202,12 +219,17 @@ class Engine:
         cache.positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
         cache.attn_mask = None
         cache.padded = not valid.all()
+        if self.decoder.native and T <= SHORT_PROMPT and not cache.padded:  # a token at a time
+            for t in range(T):
+                logits = self.decoder.step(tokens[:, t], cache.positions[:, t], cache.keys, cache.values, t, None)
+            cache.length = T
+            return cache, logits
         if cache.padded:  # causal and not padding; a pad query sees itself so no row is empty
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             eye = torch.eye(T, dtype=torch.bool, device=tokens.device)
             cache.attn_mask = ((causal & valid[:, None, :]) | eye)[:, None]
         with autocast(self.device, self.dtype):
-            logits = self.model(tokens, cache=cache)
+            logits = self.prefill_model(tokens, cache=cache)
         cache.length = T
         return cache, logits[:, -1]
 
@@ -255,3 +277,15 @@ class Engine:
         cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
         target = u[:, None] * cdf[:, -1:]  # in [0, total)
         return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
+
+
+def with_matrices_in(model: GPT, dtype: torch.dtype) -> GPT:
+    """A copy of `model` whose linear layers hold their weights in `dtype`, for a prefill under
+    autocast to `dtype`: it computes exactly what the model does (autocast rounds the weights to the
+    same values), without casting them on every pass. Embeddings and norms stay as they are, so a
+    tied output head gets its own copy."""
+    cast = copy.deepcopy(model)
+    for module in cast.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+    return cast

@@ -28,6 +28,7 @@ import torch
 
 from model.device import autocast, pick_device, pick_dtype
 from model.errors import UserError, run_cli
+from model.flags import add_device_flags
 from model.gpt import GPT
 
 
@@ -99,8 +100,7 @@ def main() -> None:
     parser.add_argument("--text", required=True, help="UTF-8 text file to score")
     parser.add_argument("--stride", type=int, default=None, help="window advance in tokens (default: half the context)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows scored at once")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="matmul precision")
+    add_device_flags(parser, decoding=False)
     args = parser.parse_args()
 
     from data.sources import text_file_source

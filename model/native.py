@@ -33,18 +33,26 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]
 TUNED = ["-march=native"]  # dropped if this compiler does not know it
 
 
+class Matrix(ctypes.Structure):
+    """decode_step.c's `Matrix`: fp32 values (scales NULL), or int8 values with one scale per output."""
+
+    _fields_ = [("values", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+
+
 class Model(ctypes.Structure):
     """decode_step.c's `Model`: sizes, then pointers to FusedDecoder's tensors."""
 
     _fields_ = [
         *((name, ctypes.c_int) for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim")),
-        *((name, ctypes.c_int) for name in ("mlp_hidden", "vocab", "context", "bf16")),
+        *((name, ctypes.c_int) for name in ("mlp_hidden", "vocab", "context")),
         ("floor", ctypes.c_float),
         ("head_floor", ctypes.c_float),
         ("embed", ctypes.c_void_p),
         ("inv_freq", ctypes.c_void_p),
-        *((name, ctypes.POINTER(ctypes.c_void_p)) for name in ("qkv", "qk_norm", "o", "gate_up", "down")),
-        ("head", ctypes.c_void_p),
+        ("qkv", ctypes.POINTER(Matrix)),
+        ("qk_norm", ctypes.POINTER(ctypes.c_void_p)),
+        *((name, ctypes.POINTER(Matrix)) for name in ("o", "gate_up", "down")),
+        ("head", Matrix),
     ]
 
 
@@ -104,8 +112,6 @@ def load() -> ctypes.CDLL | None:
     arguments = dict(model=ctypes.POINTER(Model), tokens=pointer, positions=pointer, rows=size, keys=pointer)
     arguments.update(values=pointer, length=size, mask=pointer, logits=pointer)
     library.decode_step.argtypes = list(arguments.values())  # in decode_step's order
-    library.output_major_bf16.restype = ctypes.c_int
-    library.output_major_bf16.argtypes = []
     library.draw_tokens.restype = ctypes.c_int
     library.draw_tokens.argtypes = [pointer, size, size, ctypes.c_long, ctypes.c_float, pointer, pointer]
     return library

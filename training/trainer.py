@@ -370,7 +370,7 @@ class Trainer:
         self.dist.barrier()
 
     def _sample(self) -> str:
-        engine = Engine(self.model, self.tokenizer, self.dtype)
+        engine = Engine(self.model, self.tokenizer, self.dtype, int8_weights=True)  # as sample.py generates
         sampling = SamplingConfig(max_new_tokens=self.config.sample_tokens, seed=self.config.seed)
         if self.chat:
             messages = [{"role": "user", "content": self.sample_question}]

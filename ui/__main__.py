@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from model.errors import UserError, run_cli
+from model.flags import add_device_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--concurrency", type=int, default=4, help="replies generated at the same time; more requests wait in a queue"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="matmul precision")
+    add_device_flags(parser)
     return parser
 
 
@@ -60,7 +60,7 @@ def main() -> None:
         if not (run / POINTER).is_file():  # a checkpoint folder: serve the run it belongs to
             run = resolve(run).parent
         root = root if run.is_relative_to(root.resolve()) else run.parent
-    store = ModelStore(root, args.device, args.dtype)
+    store = ModelStore(root, args.device, args.dtype, args.int8_weights)
     runs = store.runs()
     if run is not None:
         store.load(run.relative_to(root.resolve()).as_posix())

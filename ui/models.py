@@ -73,10 +73,11 @@ class LoadedModel:
 
 
 class ModelStore:
-    def __init__(self, root: Path, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, root: Path, device: str = "auto", dtype: str = "auto", int8_weights: bool = True):
         self.root = Path(root)
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
+        self.int8_weights = int8_weights
         self.current: LoadedModel | None = None
         self._lock = threading.Lock()
 
@@ -99,9 +100,8 @@ class ModelStore:
         checkpoint = load_checkpoint(folder)  # reads and checksums the files: only after the check above
         tokenizer = checkpoint.load_tokenizer()
         model = checkpoint.load_model(self.device)
-        loaded = LoadedModel(
-            name, run_dir, checkpoint, Engine(model, tokenizer, self.dtype), template_for(checkpoint.meta, tokenizer)
-        )
+        engine = Engine(model, tokenizer, self.dtype, int8_weights=self.int8_weights)
+        loaded = LoadedModel(name, run_dir, checkpoint, engine, template_for(checkpoint.meta, tokenizer))
         with self._lock:
             self.current = loaded
         return loaded

@@ -1,0 +1,29 @@
+"""The command-line flags that choose where and how precisely a model runs, shared by `sample.py`,
+the chat UI (`python -m ui`) and the evaluator, so each means the same everywhere.
+
+Kept free of torch imports: the scripts build their parsers before importing torch, so `--help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_device_flags(parser: argparse.ArgumentParser, decoding: bool = True) -> None:
+    """--device and --dtype; with `decoding`, also --int8-weights for the C decode step."""
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="matmul precision of the forward passes (auto: bf16 where the hardware computes it natively)",
+    )
+    if decoding:
+        parser.add_argument(
+            "--int8-weights",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="decode with int8 copies of the matrices, one scale per output: a quarter of fp32's memory "
+            "traffic per token, no measurable change in bits per byte (--no-int8-weights: fp32, exact)",
+        )
