@@ -10,8 +10,9 @@
  * model/native.py compiles this file with the system's C compiler and loads it with ctypes; without
  * a compiler, generation uses the PyTorch step instead. Layouts are those FusedDecoder builds:
  * fp32 matrices input-major (in, out), int8 ones output-major (out, in), norm scales folded in,
- * keys/values (layers, B, kv heads, context, head dim). tests/test_model.py
- * checks this step against GPT.forward.
+ * keys/values (layers, B, kv heads, context, head dim) in fp32, or in bf16 (half the traffic of
+ * attention over a long cache) when the engine computes in bf16. tests/test_model.py checks this
+ * step against GPT.forward.
  */
 #include <math.h>
 #include <stdint.h>
@@ -102,6 +103,50 @@ static float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
+static inline float from_bf16(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;  /* bf16 is the top half of an fp32 */
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {  /* round to nearest, ties to even, as PyTorch does */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* The key/value cache's head vectors, fp32 or bf16: store one, dot one with q, add p times one. */
+static void store_cached(void *cache, long at, const float *v, int D, int bf16) {
+    if (!bf16) {
+        memcpy((float *)cache + at, v, sizeof(float) * D);
+        return;
+    }
+    for (int i = 0; i < D; i++) ((uint16_t *)cache)[at + i] = to_bf16(v[i]);
+}
+
+static float dot_cached(const float *q, const void *cache, long at, int D, int bf16) {
+    if (!bf16) return dot(q, (const float *)cache + at, D);
+    const uint16_t *k = (const uint16_t *)cache + at;
+    float partial[16] = {0}, sum = 0.0f;
+    int i = 0;
+    for (; i + 16 <= D; i += 16)
+        for (int j = 0; j < 16; j++) partial[j] += q[i + j] * from_bf16(k[i + j]);
+    for (; i < D; i++) sum += q[i] * from_bf16(k[i]);
+    for (int j = 0; j < 16; j++) sum += partial[j];
+    return sum;
+}
+
+static void add_cached(float *out, float p, const void *cache, long at, int D, int bf16) {
+    if (!bf16) {
+        const float *v = (const float *)cache + at;
+        for (int i = 0; i < D; i++) out[i] += p * v[i];
+        return;
+    }
+    const uint16_t *v = (const uint16_t *)cache + at;
+    for (int i = 0; i < D; i++) out[i] += p * from_bf16(v[i]);
+}
+
 /* RMSNorm without its learned scale and sqrt(n), which the weights carry: x / sqrt(|x|^2 + floor^2). */
 static void unit(const float *x, float *out, int n, float floor) {
     const float inv = 1.0f / sqrtf(dot(x, x, n) + floor * floor);
@@ -118,12 +163,13 @@ static void rotate(float *v, int d, const float *cos_, const float *sin_) {
     }
 }
 
-/* tokens, positions (B,) -> logits (B, vocab). Writes position `length` of keys/values and attends
- * to positions 0..length; mask (B, length + 1) says which of them each row may see (NULL: all).
+/* tokens, positions (B,) -> logits (B, vocab). Writes position `length` of keys/values (bf16 if
+ * kv_bf16, else fp32) and attends to positions 0..length; mask (B, length + 1) says which of them
+ * each row may see (NULL: all).
  * Returns 0; -2 if a token or the length is out of range (nothing is written); -1 if scratch memory
  * could not be allocated. */
-int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int B, float *keys, float *values,
-                int length, const uint8_t *mask, float *logits) {
+int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int B, void *keys, void *values,
+                int kv_bf16, int length, const uint8_t *mask, float *logits) {
     if (length < 0 || length >= m->context) return -2;
     for (int b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return -2;
@@ -158,18 +204,17 @@ int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions,
             }
             for (int g = 0; g < Hkv; g++) {
                 const long at = ((((long)l * B + b) * Hkv + g) * m->context + length) * D;
-                memcpy(keys + at, row + (H + g) * D, sizeof(float) * D);
-                memcpy(values + at, row + (H + Hkv + g) * D, sizeof(float) * D);
+                store_cached(keys, at, row + (H + g) * D, D, kv_bf16);
+                store_cached(values, at, row + (H + Hkv + g) * D, D, kv_bf16);
             }
             for (int h = 0; h < H; h++) {  /* softmax(q . k_t) weighted sum of v_t; 1/sqrt(D) is in the norms */
                 const int g = h / (H / Hkv);
                 const float *q = row + h * D;
-                const float *k0 = keys + (((long)l * B + b) * Hkv + g) * m->context * D;
-                const float *v0 = values + (((long)l * B + b) * Hkv + g) * m->context * D;
+                const long first = (((long)l * B + b) * Hkv + g) * m->context * D;  /* position 0 of this head */
                 float best = -INFINITY, total = 0.0f;
                 for (int t = 0; t <= length; t++) {
                     const int seen = !mask || mask[(long)b * (length + 1) + t];
-                    scores[t] = seen ? dot(q, k0 + (long)t * D, D) : -INFINITY;
+                    scores[t] = seen ? dot_cached(q, keys, first + (long)t * D, D, kv_bf16) : -INFINITY;
                     if (scores[t] > best) best = scores[t];
                 }
                 float *out = attended + ((long)b * H + h) * D;
@@ -177,7 +222,7 @@ int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions,
                 for (int t = 0; t <= length; t++) {
                     const float p = expf(scores[t] - best);
                     total += p;
-                    for (int i = 0; i < D; i++) out[i] += p * v0[(long)t * D + i];
+                    add_cached(out, p, values, first + (long)t * D, D, kv_bf16);
                 }
                 for (int i = 0; i < D; i++) out[i] /= total;
             }

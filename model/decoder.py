@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from model import native
 from model.gpt import GPT
 
+KV_DTYPES = (torch.float32, torch.bfloat16)  # what the C step's key/value cache may hold
+
 
 class FusedDecoder:
     """Weights of a GPT rearranged for decoding, and the step that uses them (no autograd)."""
@@ -146,16 +148,16 @@ class FusedDecoder:
         """The same step in C: one call, no per-operation overhead (model/decode_step.c)."""
         B, c = token.size(0), self.config
         shape = (c.n_layer, B, c.n_kv_head, c.context, c.head_dim)  # the layout decode_step.c indexes
-        if not (keys.is_contiguous() and values.is_contiguous() and keys.dtype == values.dtype == torch.float32):
-            raise ValueError("the C decode step needs contiguous fp32 keys and values")
+        if not (keys.is_contiguous() and values.is_contiguous() and keys.dtype == values.dtype in KV_DTYPES):
+            raise ValueError("the C decode step needs contiguous keys and values, both fp32 or both bf16")
         if keys.shape != shape or values.shape != shape or positions.numel() != B:
             raise ValueError(f"the C decode step needs keys and values of shape {shape} and one position per row")
         token, positions = token.long().contiguous(), positions.long().contiguous()
         mask = None if mask is None else mask.reshape(B, length + 1).contiguous()
         logits = torch.empty(B, c.vocab_size)
         status = self.native.decode_step(
-            self._native_model_ref, token.data_ptr(), positions.data_ptr(), B, keys.data_ptr(),
-            values.data_ptr(), length, None if mask is None else mask.data_ptr(), logits.data_ptr(),
+            self._native_model_ref, token.data_ptr(), positions.data_ptr(), B, keys.data_ptr(), values.data_ptr(),
+            int(keys.dtype == torch.bfloat16), length, None if mask is None else mask.data_ptr(), logits.data_ptr(),
         )  # fmt: skip
         if status == -2:
             raise IndexError(

@@ -64,14 +64,25 @@ class SamplingConfig:
 class KVCache:
     """Keys and values of every layer for a batch, plus the positions and mask of the current call.
 
-    Stored in fp32 whatever the prefill's autocast dtype, because the decode step (model/decoder.py)
-    runs in fp32; a bf16 prefill gets its keys back in bf16.
+    Stored in fp32, or in bf16 when the engine computes in bf16 and decodes in C (which reads either;
+    the PyTorch decode step wants fp32): at a full context of the 5 x 320 model the cache is half as
+    many bytes per token as the int8 matrices, so halving it saves about 0.05 ms of a 0.43-ms step.
+    A prefill gets its keys back in its own autocast dtype.
     """
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, length: int, head_dim: int, device: torch.device):
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_kv_head: int,
+        length: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ):
         shape = (n_layer, batch, n_kv_head, length, head_dim)
-        self.keys = torch.zeros(shape, device=device)
-        self.values = torch.zeros(shape, device=device)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # filled positions
         self.positions: torch.Tensor | None = None  # (B, T) rotary positions of the current call
         self.attn_mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool, or None when nothing is masked
@@ -215,7 +226,8 @@ class Engine:
         """Fill a fresh cache with `tokens` (B, T); returns it and the logits of the last position."""
         config = self.model.config
         B, T = tokens.shape
-        cache = KVCache(config.n_layer, B, config.n_kv_head, self.context, config.head_dim, tokens.device)
+        kv_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 and self.decoder.native else torch.float32
+        cache = KVCache(config.n_layer, B, config.n_kv_head, self.context, config.head_dim, tokens.device, kv_dtype)
         cache.positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
         cache.attn_mask = None
         cache.padded = not valid.all()

@@ -110,7 +110,7 @@ def load() -> ctypes.CDLL | None:
     library.decode_step.restype = ctypes.c_int
     pointer, size = ctypes.c_void_p, ctypes.c_int
     arguments = dict(model=ctypes.POINTER(Model), tokens=pointer, positions=pointer, rows=size, keys=pointer)
-    arguments.update(values=pointer, length=size, mask=pointer, logits=pointer)
+    arguments.update(values=pointer, kv_bf16=size, length=size, mask=pointer, logits=pointer)
     library.decode_step.argtypes = list(arguments.values())  # in decode_step's order
     library.draw_tokens.restype = ctypes.c_int
     library.draw_tokens.argtypes = [pointer, size, size, ctypes.c_long, ctypes.c_float, pointer, pointer]

@@ -85,11 +85,12 @@ def test_kv_cache_generation_equals_full_recomputation_also_past_the_context():
 
 
 @pytest.mark.parametrize("weights", ["initial", "large"])
-@pytest.mark.parametrize("decoder", ["c fp32", "c int8", "torch"])
-@pytest.mark.parametrize("width", [32, 40])
+@pytest.mark.parametrize("decoder", ["c fp32", "c int8", "c bf16 cache", "torch"])
+@pytest.mark.parametrize("width", [32, 40, 72])
 def test_the_fused_decode_step_computes_what_the_model_computes(weights, decoder, width):
     # Grouped-query attention: 4 query heads, 2 key/value heads. A vocabulary of 266 leaves a partial
-    # block of 4 outputs in the C step's int8 dot products.
+    # block of 4 outputs in the C step's int8 dot products; width 72 gives heads of 18, a block of
+    # 16 and a tail in its attention's dot products.
     model = tiny_model(context=32, n_kv_head=2, n_embd=width, spare_ids=0 if width == 32 else 266 - TOKENIZER.n_vocab)
     # Small initial weights show the norms' epsilon; weights as large as a trained model's show every folded scale.
     with torch.no_grad():
@@ -100,16 +101,20 @@ def test_the_fused_decode_step_computes_what_the_model_computes(weights, decoder
     int8 = decoder.endswith("int8")
     if int8:  # rounding the weights is what int8 costs (benchmarks/NOTES.md); the arithmetic is checked here
         on_the_int8_grid(model)
-    engine = Engine(model, TOKENIZER, use_c=decoder.startswith("c"), int8_weights=int8)
+    bf16 = decoder.endswith("bf16 cache")  # a bf16 engine: bf16 prefill, keys and values cached in bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    engine = Engine(model, TOKENIZER, dtype, use_c=decoder.startswith("c"), int8_weights=int8)
     assert bool(engine.decoder.native) == decoder.startswith("c"), "the C decode step needs a C compiler (cc)"
-    # fp32 must agree to rounding error; int8 to that of the activations, which it rounds to 16 bits.
-    tolerance = 1e-3 if int8 else 1e-4
+    # fp32 must agree to rounding error; int8 to that of the activations, which it rounds to 16 bits;
+    # bf16 to bf16's (each cached key and value rounded by up to 2^-9).
+    tolerance = 0.03 if bf16 else 1e-3 if int8 else 1e-4
     tokens = torch.randint(0, TOKENIZER.n_vocab, (2, 20))
     valid = torch.ones_like(tokens, dtype=torch.bool)
     valid[1, :5] = False  # row 1 is left-padded: its first five positions must be masked out
     with torch.no_grad():
         for t in (6, 7, 19):
             cache, _ = engine._prefill(tokens[:, :t], valid[:, :t])
+            assert cache.keys.dtype == cache.values.dtype == dtype
             step = engine._decode(cache, tokens[:, t], valid[:, : t + 1])
             alone = [model(tokens[row : row + 1, 5 * row : t + 1])[0, -1] for row in (0, 1)]
             full = torch.stack(alone)
