@@ -6,8 +6,9 @@ Design decisions:
 - A batch of prompts of different lengths is left-padded; padded keys are masked out and each row
   gets its own rotary positions, so every row computes exactly what it would alone (until the
   window slides: a batch slides all rows together, when its longest row fills the context).
-- Prefill: a prompt is run through the model in one batched forward pass, with the matrices cast
-  once to the autocast dtype (autocast would cast them again on every pass, to the same values).
+- Prefill: a prompt is run through the model in one batched forward pass, on a CPU with the
+  matrices cast once to the autocast dtype (autocast would cast them again on every pass, to the
+  same values).
   A prompt of at most SHORT_PROMPT tokens goes through the decode step a token at a time instead,
   which costs less than the fixed cost of a forward pass (benchmarks/NOTES.md).
 - Sliding context: when a sequence fills the context, the engine keeps the newest half and
@@ -66,7 +67,7 @@ class KVCache:
 
     Stored in fp32, or in bf16 when the engine computes in bf16 and decodes in C (which reads either;
     the PyTorch decode step wants fp32): at a full context of the 5 x 320 model the cache is half as
-    many bytes per token as the int8 matrices, so halving it saves about 0.05 ms of a 0.43-ms step.
+    many bytes per token as the int8 matrices; halving it saved about 0.04 ms of a 0.45-ms step.
     A prefill gets its keys back in its own autocast dtype.
     """
 
@@ -144,7 +145,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = dtype
-        self.prefill_model = model if dtype == torch.float32 else with_matrices_in(model, dtype)
+        # On a CPU the prefill's matrices are cast once (with_matrices_in); on a GPU autocast's casts
+        # are cheap, and a copy of the model during training would cost GPU memory.
+        cast_once = dtype != torch.float32 and self.device.type == "cpu"
+        self.prefill_model = with_matrices_in(model, dtype) if cast_once else model
         self.context = model.config.context
         # dtype is the prefill's autocast; int8_weights the C decode step's matrices (model/decoder.py);
         # use_c=False chooses the PyTorch decode step, for comparison.
