@@ -24,6 +24,7 @@ from model.checkpoint import load_checkpoint
 from model.device import pick_dtype
 from model.engine import Engine, SamplingConfig
 from model.errors import run_cli
+from model.flags import add_int8_weights_flag
 
 
 def bytes_per_second(engine: Engine, tokens: int, seed: int) -> float:
@@ -48,9 +49,8 @@ def measure(checkpoint_dir: str, runs: int = 5, decoder: str = "c", int8_weights
     prompt_source = engine.generate([""], SamplingConfig(max_new_tokens=2 * context, seed=0, stop_at_special=False))[0]
     prompt = (prompt_source * 8).encode()[:1000].decode(errors="ignore")
     decoder = "c" if engine.decoder.native else "torch"  # what actually ran (c falls back without a compiler)
-    weights = "int8" if int8_weights and engine.decoder.native else "fp32"
     figures: dict = {"checkpoint": str(checkpoint.folder), "context": context, "runs": runs, "decoder": decoder}
-    figures["weights"] = weights
+    figures["weights"] = "int8" if int8_weights and engine.decoder.native else "fp32"
     for label, tokens in (("within_context", context), ("past_context", 4 * context)):
         bytes_per_second(engine, tokens, seed=0)  # warm-up
         rates = [bytes_per_second(engine, tokens, seed) for seed in range(1, runs + 1)]
@@ -75,12 +75,7 @@ def main() -> None:
         default="c",
         help="decode step: the compiled C one, or PyTorch's (model/decoder.py)",
     )
-    parser.add_argument(
-        "--int8-weights",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the C step's matrices in int8, as sample.py and the UI decode (--no-int8-weights: fp32)",
-    )
+    add_int8_weights_flag(parser)  # on by default, as sample.py and the UI decode
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
     figures = measure(args.checkpoint, args.runs, args.decoder, args.int8_weights)

@@ -11,7 +11,7 @@ import argparse
 
 
 def add_device_flags(parser: argparse.ArgumentParser, decoding: bool = True) -> None:
-    """--device and --dtype; with `decoding`, also --int8-weights for the C decode step."""
+    """--device and --dtype; with `decoding`, also --int8-weights (add_int8_weights_flag)."""
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(
         "--dtype",
@@ -20,10 +20,15 @@ def add_device_flags(parser: argparse.ArgumentParser, decoding: bool = True) -> 
         help="matmul precision of the forward passes (auto: bf16 where the hardware computes it natively)",
     )
     if decoding:
-        parser.add_argument(
-            "--int8-weights",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="decode with int8 copies of the matrices, one scale per output: a quarter of fp32's memory "
-            "traffic per token, no measurable change in bits per byte (--no-int8-weights: fp32, exact)",
-        )
+        add_int8_weights_flag(parser)
+
+
+def add_int8_weights_flag(parser: argparse.ArgumentParser) -> None:
+    """--int8-weights / --no-int8-weights: the C decode step's matrices (model/decoder.py)."""
+    parser.add_argument(
+        "--int8-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode with int8 copies of the matrices, one scale per output: a quarter of fp32's memory "
+        "traffic per token, no measurable change in bits per byte (--no-int8-weights: fp32, exact)",
+    )

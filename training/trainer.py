@@ -478,11 +478,13 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         keep_freed_memory()  # no page faults for memory a step frees and the next takes again
     sizing = budget_minutes(typed, saved) is not None  # the machine's speed will choose the model
     dtype = pick_dtype(device, unsized.dtype)
-    peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)  # for the MFU
+    # The MFU's denominator; budget runs are the benchmark's, so theirs is measured for longer.
+    peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)
+    measured = step_flops = None
     if sizing:
         measured = anchor_step_flops(device, dtype)
         step_flops = remembered_best(measured, machine_name(device, dtype), cache_folder(unsized))
-    config = compile_if_possible(assemble(typed, saved, step_flops if sizing else None), typed, device)
+    config = compile_if_possible(assemble(typed, saved, step_flops), typed, device)
     if config.init_from:
         base = load_checkpoint(config.init_from)
     if not resuming and (Path(config.out_dir) / "LATEST").exists():
