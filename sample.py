@@ -75,7 +75,8 @@ def main() -> None:
     args = build_parser().parse_args()
     from model.checkpoint import load_checkpoint, newest_run
     from model.device import pick_device, pick_dtype
-    from model.engine import Engine, SamplingConfig
+    from model.engine import Engine
+    from model.sampling import SamplingConfig
 
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,

@@ -22,9 +22,10 @@ import torch
 from benchmarks import report
 from model.checkpoint import load_checkpoint
 from model.device import pick_dtype
-from model.engine import Engine, SamplingConfig
+from model.engine import Engine
 from model.errors import run_cli
 from model.flags import add_int8_weights_flag
+from model.sampling import SamplingConfig
 
 
 def bytes_per_second(engine: Engine, tokens: int, seed: int) -> float:

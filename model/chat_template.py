@@ -25,8 +25,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from model.engine import Engine, SamplingConfig
+from model.engine import Engine
 from model.errors import UserError
+from model.sampling import SamplingConfig
 from model.tokenizer import ASSISTANT, DOC_SEPARATOR, END_OF_TURN, SYSTEM, USER, Tokenizer
 
 ROLES = ("system", "user", "assistant")

@@ -166,26 +166,36 @@ static void rotate(float *v, int d, const float *cos_, const float *sin_) {
     }
 }
 
+/* Scratch memory of one step for B rows, allocated once per call. */
+typedef struct {
+    float *x, *normed, *qkv, *attended, *hidden, *act, *scores, *rot;
+} Scratch;
+
+static void scratch_free(Scratch *s) {
+    free(s->x), free(s->normed), free(s->qkv), free(s->attended);
+    free(s->hidden), free(s->act), free(s->scores), free(s->rot);
+}
+
+static int scratch_alloc(Scratch *s, const Model *m, int B) {
+    const int C = m->n_embd, HD = m->n_head * m->head_dim, QKV = HD + 2 * m->n_kv_head * m->head_dim;
+    s->x = malloc(sizeof(float) * B * C), s->normed = malloc(sizeof(float) * B * C);
+    s->qkv = malloc(sizeof(float) * B * QKV), s->attended = malloc(sizeof(float) * B * HD);
+    s->hidden = malloc(sizeof(float) * B * 2 * m->mlp_hidden), s->act = malloc(sizeof(float) * B * m->mlp_hidden);
+    s->scores = malloc(sizeof(float) * m->context), s->rot = malloc(sizeof(float) * B * m->head_dim);
+    if (s->x && s->normed && s->qkv && s->attended && s->hidden && s->act && s->scores && s->rot) return 0;
+    scratch_free(s);
+    return -1;
+}
+
 /* tokens, positions (B,) -> logits (B, vocab). Writes position `length` of keys/values (bf16 if
- * kv_bf16, else fp32) and attends to positions 0..length; mask (B, length + 1) says which of them
- * each row may see (NULL: all).
- * Returns 0; -2 if a token or the length is out of range (nothing is written); -1 if scratch memory
- * could not be allocated. */
-int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int B, void *keys, void *values,
-                int kv_bf16, int length, const uint8_t *mask, float *logits) {
-    if (length < 0 || length >= m->context) return -2;
-    for (int b = 0; b < B; b++)
-        if (tokens[b] < 0 || tokens[b] >= m->vocab) return -2;
+ * kv_bf16, else fp32) and attends to positions 0..length; mask (B, mask_len) says which of the
+ * first mask_len positions each row may see (NULL: all), and every later position is seen. */
+static void forward(const Model *m, Scratch *s, const int64_t *tokens, const int64_t *positions, int B, void *keys,
+                    void *values, int kv_bf16, int length, const uint8_t *mask, int mask_len, float *logits) {
     const int C = m->n_embd, H = m->n_head, Hkv = m->n_kv_head, D = m->head_dim, F = m->mlp_hidden;
     const int QKV = (H + 2 * Hkv) * D, half = D / 2;
-    float *x = malloc(sizeof(float) * B * C), *normed = malloc(sizeof(float) * B * C);
-    float *qkv = malloc(sizeof(float) * B * QKV), *attended = malloc(sizeof(float) * B * H * D);
-    float *hidden = malloc(sizeof(float) * B * 2 * F), *act = malloc(sizeof(float) * B * F);
-    float *scores = malloc(sizeof(float) * (length + 1)), *rot = malloc(sizeof(float) * B * D);
-    if (!x || !normed || !qkv || !attended || !hidden || !act || !scores || !rot) {
-        free(x), free(normed), free(qkv), free(attended), free(hidden), free(act), free(scores), free(rot);
-        return -1;
-    }
+    float *x = s->x, *normed = s->normed, *qkv = s->qkv, *attended = s->attended;
+    float *hidden = s->hidden, *act = s->act, *scores = s->scores, *rot = s->rot;
     for (int b = 0; b < B; b++) {
         memcpy(x + b * C, m->embed + tokens[b] * C, sizeof(float) * C);
         for (int i = 0; i < half; i++) {  /* cos then sin of this row's position, per frequency */
@@ -216,7 +226,7 @@ int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions,
                 const long first = (((long)l * B + b) * Hkv + g) * m->context * D;  /* position 0 of this head */
                 float best = -INFINITY, total = 0.0f;
                 for (int t = 0; t <= length; t++) {
-                    const int seen = !mask || mask[(long)b * (length + 1) + t];
+                    const int seen = !mask || t >= mask_len || mask[(long)b * mask_len + t];
                     scores[t] = seen ? dot_cached(q, keys, first + (long)t * D, D, kv_bf16) : -INFINITY;
                     if (scores[t] > best) best = scores[t];
                 }
@@ -244,32 +254,169 @@ int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions,
     }
     for (int b = 0; b < B; b++) unit(x + b * C, normed + b * C, C, m->floor);
     matmul(normed, &m->head, logits, B, C, m->vocab);
-    free(x), free(normed), free(qkv), free(attended), free(hidden), free(act), free(scores), free(rot);
+}
+
+static int tokens_in_range(const Model *m, const int64_t *tokens, int B) {
+    for (int b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= m->vocab) return 0;
+    return 1;
+}
+
+/* One step (see forward), mask (B, length + 1) or NULL. Returns 0; -2 if a token or the length is
+ * out of range (nothing is written); -1 if scratch memory could not be allocated. */
+int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int B, void *keys, void *values,
+                int kv_bf16, int length, const uint8_t *mask, float *logits) {
+    if (length < 0 || length >= m->context || !tokens_in_range(m, tokens, B)) return -2;
+    Scratch s;
+    if (scratch_alloc(&s, m, B)) return -1;
+    forward(m, &s, tokens, positions, B, keys, values, kv_bf16, length, mask, length + 1, logits);
+    scratch_free(&s);
     return 0;
 }
 
-/* The token each row samples next: logits (B, n), rows `stride` floats apart -> tokens (B,), drawn
- * from softmax(logits / temperature) by the inverse CDF at u[b] in [0, 1): the first token whose
- * running sum of probabilities exceeds u[b]. Tokens at -inf are never drawn. The engine's PyTorch
- * draw (model/engine.py) computes the same thing in eight operations, each costing more dispatch than
- * this whole loop over the vocabulary. Returns 0, or -1 if scratch memory could not be allocated. */
-int draw_tokens(const float *logits, int B, int n, long stride, float temperature, const float *u, int64_t *tokens) {
-    float *p = malloc(sizeof(float) * n);
-    if (!p) return -1;
-    for (int b = 0; b < B; b++) {
-        const float *row = logits + b * stride;
-        float best = -INFINITY, total = 0.0f;
-        for (int i = 0; i < n; i++) best = row[i] > best ? row[i] : best;
-        for (int i = 0; i < n; i++) total += p[i] = expf((row[i] - best) / temperature);
-        const float target = u[b] * total;
-        int chosen = -1;
-        float sum = 0.0f;
-        for (int i = 0; i < n && chosen < 0; i++)
-            if (p[i] > 0.0f && (sum += p[i]) > target) chosen = i;
-        for (int i = n - 1; chosen < 0 && i >= 0; i--)  /* rounding left the sum at or under the target */
-            if (p[i] > 0.0f) chosen = i;
-        tokens[b] = chosen;
+/* How the next token is drawn from a row of logits: the engine's SamplingConfig (model/engine.py). */
+typedef struct {
+    int n;                 /* tokens that may be drawn: the first n logits of a row (the tokenizer's vocabulary) */
+    float temperature;     /* 0: greedy */
+    int top_k;             /* 0: off */
+    float top_p;           /* 1: off */
+    const uint8_t *banned; /* (n) 1 for a token never drawn; NULL: none */
+} Sampling;
+
+typedef struct {
+    float value;
+    int index;
+} Ranked;
+
+static int by_value_descending(const void *a, const void *b) {
+    const float x = ((const Ranked *)a)->value, y = ((const Ranked *)b)->value;
+    return (x < y) - (x > y);
+}
+
+/* The k-th largest of v (n): a min-heap of the k largest seen so far, whose root is the k-th. */
+static float kth_largest(const float *v, int n, int k, float *heap) {
+    for (int i = 0; i < n; i++) {
+        int at;
+        if (i < k) {  /* grow the heap: sift the new value up */
+            for (at = i; at > 0 && heap[(at - 1) / 2] > v[i]; at = (at - 1) / 2) heap[at] = heap[(at - 1) / 2];
+        } else if (v[i] > heap[0]) {  /* replace the root: sift the new value down */
+            for (at = 0; 2 * at + 1 < k;) {
+                int child = 2 * at + 1;
+                if (child + 1 < k && heap[child + 1] < heap[child]) child++;
+                if (heap[child] >= v[i]) break;
+                heap[at] = heap[child], at = child;
+            }
+        } else {
+            continue;
+        }
+        heap[at] = v[i];
     }
-    free(p);
+    return heap[0];
+}
+
+/* Scratch memory of draw for n tokens. */
+typedef struct {
+    float *weight, *heap;
+    Ranked *ranked;
+} DrawScratch;
+
+static void draw_scratch_free(DrawScratch *d) { free(d->weight), free(d->heap), free(d->ranked); }
+
+static int draw_scratch_alloc(DrawScratch *d, int n) {
+    d->weight = malloc(sizeof(float) * n), d->heap = malloc(sizeof(float) * n), d->ranked = malloc(sizeof(Ranked) * n);
+    if (d->weight && d->heap && d->ranked) return 0;
+    draw_scratch_free(d);
+    return -1;
+}
+
+/* The token drawn from one row of logits with u in [0, 1), exactly as the engine's PyTorch sampling
+ * does it (model/engine.py, Engine._sample): banned tokens out; the argmax at temperature 0; else
+ * logits under the k-th largest out (top-k), tokens past the smallest set whose probability reaches
+ * top_p out (top-p), then the inverse CDF of softmax(logits / temperature) at u: the first token
+ * whose running sum of probabilities exceeds u. */
+static int64_t draw(const float *logits, const Sampling *s, float u, DrawScratch *d) {
+    const int n = s->n;
+    float *weight = d->weight, best = -INFINITY;
+    int argmax = 0;
+    for (int i = 0; i < n; i++) {
+        weight[i] = s->banned && s->banned[i] ? -INFINITY : logits[i];
+        if (weight[i] > best) best = weight[i], argmax = i;
+    }
+    if (s->temperature == 0.0f || best == -INFINITY) return argmax;
+    if (s->top_k > 0 && s->top_k < n) {
+        const float kth = kth_largest(weight, n, s->top_k, d->heap);
+        for (int i = 0; i < n; i++) weight[i] = weight[i] < kth ? -INFINITY : weight[i];
+    }
+    for (int i = 0; i < n; i++) weight[i] = expf((weight[i] - best) / s->temperature);  /* -inf -> 0 */
+    if (s->top_p < 1.0f) {  /* keep each token whose likelier tokens hold at most top_p of the probability */
+        int count = 0;
+        float total = 0.0f, before = 0.0f;
+        for (int i = 0; i < n; i++)
+            if (weight[i] > 0.0f) d->ranked[count++] = (Ranked){weight[i], i}, total += weight[i];
+        qsort(d->ranked, count, sizeof(Ranked), by_value_descending);
+        for (int j = 0; j < count; j++) {
+            if (before > s->top_p * total) weight[d->ranked[j].index] = 0.0f;
+            before += d->ranked[j].value;
+        }
+    }
+    float total = 0.0f, sum = 0.0f;
+    for (int i = 0; i < n; i++) total += weight[i];
+    const float target = u * total;
+    for (int i = 0; i < n; i++)
+        if (weight[i] > 0.0f && (sum += weight[i]) > target) return i;
+    for (int i = n - 1; i >= 0; i--)  /* rounding left the sum at or under the target */
+        if (weight[i] > 0.0f) return i;
+    return argmax;
+}
+
+/* The token each row draws next: logits (B, >= s->n), rows `stride` floats apart, u (B,) in [0, 1)
+ * -> tokens (B,). Returns 0, or -1 if scratch memory could not be allocated. */
+int draw_tokens(const float *logits, int B, long stride, const Sampling *s, const float *u, int64_t *tokens) {
+    DrawScratch d;
+    if (draw_scratch_alloc(&d, s->n)) return -1;
+    for (int b = 0; b < B; b++) tokens[b] = draw(logits + b * stride, s, u[b], &d);
+    draw_scratch_free(&d);
     return 0;
+}
+
+/* Generation's inner loop, `count` times: a step that feeds each row its last token, then a draw
+ * of its next one, which the following step feeds (the engine's Python loop per token, in one call:
+ * benchmarks/NOTES.md, "Decoding a run of tokens in C"). last, positions (B,): each row's newest
+ * token, not yet in the cache, and its rotary position; the cache holds `length` positions, the
+ * first mask_len of them masked by mask (B, mask_len) (NULL: none). u (count, B) in [0, 1) ->
+ * out (count, B). A row is done once it draws a token flagged in stops (vocab; NULL: none); the loop
+ * ends early when every row is done (done (B) in and out). Returns the number of tokens drawn per
+ * row; -2 if a token is out of range or the steps would pass the cache; -1 if out of memory. */
+int decode_tokens(const Model *m, const Sampling *s, const int64_t *last, const int64_t *positions, int B,
+                  void *keys, void *values, int kv_bf16, int length, const uint8_t *mask, int mask_len,
+                  const uint8_t *stops, uint8_t *done, int count, const float *u, int64_t *out) {
+    if (count < 1 || length < 0 || length + count > m->context || !tokens_in_range(m, last, B)) return -2;
+    Scratch scratch;
+    DrawScratch d;
+    int64_t *position = malloc(sizeof(int64_t) * B);
+    float *logits = malloc(sizeof(float) * B * m->vocab);
+    if (!position || !logits || scratch_alloc(&scratch, m, B)) {
+        free(position), free(logits);
+        return -1;
+    }
+    if (draw_scratch_alloc(&d, s->n)) {
+        free(position), free(logits), scratch_free(&scratch);
+        return -1;
+    }
+    int drawn = 0;
+    for (const int64_t *feed = last; drawn < count; feed = out + (long)(drawn - 1) * B) {
+        for (int b = 0; b < B; b++) position[b] = positions[b] + drawn;
+        forward(m, &scratch, feed, position, B, keys, values, kv_bf16, length + drawn, mask, mask_len, logits);
+        int all_done = 1;
+        for (int b = 0; b < B; b++) {
+            const int64_t token = draw(logits + (long)b * m->vocab, s, u[(long)drawn * B + b], &d);
+            out[(long)drawn * B + b] = token;
+            done[b] |= stops && stops[token];
+            all_done &= done[b];
+        }
+        drawn++;
+        if (all_done) break;
+    }
+    free(position), free(logits), scratch_free(&scratch), draw_scratch_free(&d);
+    return drawn;
 }

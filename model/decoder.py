@@ -13,7 +13,8 @@ token on the overhead of its many small operations. This module computes the sam
   run once over the stacked q and k heads, attention for one query is two small matmuls and a
   softmax, and residual additions are fused into the matmul (`addmm`).
 - On a CPU, the whole step is one call into `model/decode_step.c` (built by `model/native.py`),
-  which removes the per-operation overhead altogether. With `int8_weights` its matrices are stored
+  which removes the per-operation overhead altogether; `decode_tokens` makes a run of steps, each
+  followed by its draw (model/sampling.py), in one call. With `int8_weights` its matrices are stored
   as int8 with one scale per output row: a quarter of the memory each token streams in fp32, at a
   cost too small to see in bits per byte (benchmarks/NOTES.md, "Int8 weights for the decode
   step"). Without a C compiler the PyTorch step below runs instead (fp32 weights: at batch 1,
@@ -147,11 +148,7 @@ class FusedDecoder:
     def _native_step(self, token, positions, keys, values, length: int, mask) -> torch.Tensor:
         """The same step in C: one call, no per-operation overhead (model/decode_step.c)."""
         B, c = token.size(0), self.config
-        shape = (c.n_layer, B, c.n_kv_head, c.context, c.head_dim)  # the layout decode_step.c indexes
-        if not (keys.is_contiguous() and values.is_contiguous() and keys.dtype == values.dtype in KV_DTYPES):
-            raise ValueError("the C decode step needs contiguous keys and values, both fp32 or both bf16")
-        if keys.shape != shape or values.shape != shape or positions.numel() != B:
-            raise ValueError(f"the C decode step needs keys and values of shape {shape} and one position per row")
+        self._check_cache(keys, values, B, positions)
         token, positions = token.long().contiguous(), positions.long().contiguous()
         mask = None if mask is None else mask.reshape(B, length + 1).contiguous()
         logits = torch.empty(B, c.vocab_size)
@@ -166,6 +163,44 @@ class FusedDecoder:
         if status != 0:
             raise MemoryError("the C decode step could not allocate its scratch memory")
         return logits
+
+    def _check_cache(self, keys, values, rows: int, positions) -> None:
+        """Refuse what decode_step.c would index out of bounds."""
+        c = self.config
+        shape = (c.n_layer, rows, c.n_kv_head, c.context, c.head_dim)  # the layout decode_step.c indexes
+        if not (keys.is_contiguous() and values.is_contiguous() and keys.dtype == values.dtype in KV_DTYPES):
+            raise ValueError("the C decode step needs contiguous keys and values, both fp32 or both bf16")
+        if keys.shape != shape or values.shape != shape or positions.numel() != rows:
+            raise ValueError(f"the C decode step needs keys and values of shape {shape} and one position per row")
+
+    def decode_tokens(self, sampler, last, positions, keys, values, length: int, mask, done, count: int):
+        """`count` steps of generation in one C call (decode_step.c's `decode_tokens`), each a step that
+        feeds every row its newest token and a draw of its next one by `sampler` (model/sampling.py).
+
+        last, positions (B,): the newest tokens, not yet in the cache, and their rotary positions;
+        the cache holds `length` positions; mask (B, >= length) bool or None masks the first of them.
+        done (B,) uint8 marks rows that need no more tokens, and is updated: the call ends early once
+        every row has drawn a stop token. Returns the tokens drawn, (steps, B).
+        """
+        B = last.size(0)
+        self._check_cache(keys, values, B, positions)
+        if not (done.dtype == torch.uint8 and done.is_contiguous() and done.numel() == B):
+            raise ValueError("the C decode loop needs `done` as contiguous uint8, one flag per row")
+        u = sampler.uniforms(count, B)
+        drawn = torch.empty(count, B, dtype=torch.long)
+        mask = None if mask is None else mask.to(torch.uint8).contiguous()
+        last, positions = last.long().contiguous(), positions.long().contiguous()
+        steps = self.native.decode_tokens(
+            self._native_model_ref, ctypes.byref(sampler.native), last.data_ptr(), positions.data_ptr(), B,
+            keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16), length,
+            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.size(1),
+            sampler.stop_flags.data_ptr(), done.data_ptr(), count, u.data_ptr(), drawn.data_ptr(),
+        )  # fmt: skip
+        if steps == -2:
+            raise IndexError(f"decode: a token id is outside the vocabulary or {count} steps pass the cache")
+        if steps < 0:
+            raise MemoryError("the C decode step could not allocate its scratch memory")
+        return drawn[:steps]
 
 
 def quantized(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

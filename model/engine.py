@@ -17,9 +17,14 @@ Design decisions:
   per token stays flat however long generation runs.
 - Streaming is UTF-8 safe: bytes go through an incremental decoder, so half a character is never
   emitted, and text that might be the start of a stop sequence is held back until it is decided.
-- Sampling knobs: temperature (0 = greedy), top-k, top-p, a seed for reproducibility, stop strings,
-  and stopping at the end-of-turn / document-separator tokens. No other special token is ever
-  sampled (turn markers or reserved tokens inside generated text would mean nothing).
+- Decoding runs in C a stretch at a time: where the C decode step is loaded, one call makes up to
+  TOKENS_PER_CALL steps and draws (model/decoder.py, `decode_tokens`), and Python looks at the text
+  between calls (streaming, stop strings). Per token, the Python loop around a step had cost about
+  as much again as the step (benchmarks/NOTES.md, "Decoding a run of tokens in C"). The C loop
+  ends early when every row has drawn a stop token; a stop string costs at most one call too many.
+  Without the C step, the PyTorch one decodes a token per round of the same loop.
+- Sampling (model/sampling.py): temperature (0 = greedy), top-k, top-p, a seed for
+  reproducibility, stop strings, and stopping at the end-of-turn / document-separator tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import codecs
 import contextlib
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
@@ -36,30 +40,11 @@ from model.decoder import FusedDecoder, single_thread
 from model.device import autocast
 from model.errors import UserError
 from model.gpt import GPT
-from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, Tokenizer
+from model.sampling import Sampler, SamplingConfig
+from model.tokenizer import Tokenizer
 
 SHORT_PROMPT = 8  # tokens; up to this many, prefill through the C decode step (see the module doc)
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 256
-    temperature: float = 0.8  # 0 means greedy
-    top_k: int = 0  # 0 means off
-    top_p: float = 1.0  # 1 means off
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
-    stop_at_special: bool = True  # end at the end-of-turn and document-separator tokens
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UserError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 <= self.temperature <= 100:
-            raise UserError(f"temperature must be between 0 and 100 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top-k must be 0 (off) or a positive number of tokens, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+TOKENS_PER_CALL = 16  # tokens decoded per call into C, between looks at the text (see the module doc)
 
 
 class KVCache:
@@ -172,20 +157,10 @@ class Engine:
         A prompt longer than the context is conditioned on its newest `context` tokens, as the
         sliding window would have done had the text been generated.
         """
-        sampling.validate()
+        sampler = Sampler(sampling, self.tokenizer, self.device, self.decoder.native)
         if not all(prompts):
             raise UserError("a prompt must have at least one token")
         prompts = [prompt[-self.context :] for prompt in prompts]  # the model sees at most its context
-        generator = torch.Generator(device=self.device)
-        if sampling.seed is None:
-            generator.seed()  # fresh randomness, without touching the global RNG
-        else:
-            generator.manual_seed(sampling.seed)
-        stop_ids = (
-            {self.tokenizer.special_ids[t] for t in (DOC_SEPARATOR, END_OF_TURN)} if sampling.stop_at_special else set()
-        )
-        # The only special tokens generation may produce are those that end it.
-        banned = torch.tensor([i for i in self.tokenizer.special_ids.values() if i not in stop_ids], device=self.device)
         # Every token of the call, prompts left-padded to the longest; the model sees columns start:end.
         width = max(len(p) for p in prompts)
         tokens = torch.zeros(len(prompts), width + sampling.max_new_tokens, dtype=torch.long, device=self.device)
@@ -195,33 +170,34 @@ class Engine:
             valid[row, : width - len(prompt)] = False
         start, end = 0, width
         streams = [TextStream(sampling.stop) for _ in prompts]
+        active = [True] * len(streams)
 
         # One intra-op thread decodes faster (model/decoder.py), and switching the thread count
         # between prefill and decode costs more (oneDNN rebuilds its kernels) than a second core
         # saves on a prompt of at most `context` tokens.
         with single_thread() if self.device.type == "cpu" else contextlib.nullcontext():
             cache, logits = self._prefill(tokens[:, :end], valid[:, :end])
-            active = [True] * len(streams)
-            for _ in range(sampling.max_new_tokens):
-                logits.index_fill_(1, banned, float("-inf"))
-                next_token = self._sample(logits, sampling, generator)  # (B,)
-                for row, token_id in enumerate(next_token.tolist()):  # one read of the batch's tokens
+            drawn = sampler.draw(logits)[:, None]  # (B, n): each row's tokens since the last look
+            while True:
+                for row, row_tokens in enumerate(drawn.tolist()):  # one read of the batch's tokens
                     if not active[row]:
                         continue
-                    ended = token_id in stop_ids
-                    piece = streams[row].push(b"" if ended else self.tokenizer.decode_bytes([token_id]), final=ended)
-                    if piece:
+                    ends = [i for i, token in enumerate(row_tokens) if token in sampler.stop_ids]
+                    data = self.tokenizer.decode_bytes(row_tokens[: ends[0]] if ends else row_tokens)
+                    if piece := streams[row].push(data, final=bool(ends)):
                         yield row, piece
-                    active[row] = not (ended or streams[row].stopped)
-                if not any(active):
-                    return
-                tokens[:, end] = next_token
-                end += 1
-                if cache.length + 1 > self.context:  # the window is full: keep the newest half
+                    active[row] = not (ends or streams[row].stopped)
+                tokens[:, end : end + drawn.size(1)] = drawn
+                end += drawn.size(1)
+                if not any(active) or end - width == sampling.max_new_tokens:
+                    break
+                if cache.length == self.context:  # the window is full: keep the newest half
                     start = end - self.context // 2
                     cache, logits = self._prefill(tokens[:, start:end], valid[:, start:end])
+                    drawn = sampler.draw(logits)[:, None]
                 else:
-                    logits = self._decode(cache, next_token, valid[:, start:end])
+                    steps = min(TOKENS_PER_CALL, sampling.max_new_tokens - (end - width), self.context - cache.length)
+                    drawn = self._decode(cache, tokens[:, end - 1], valid[:, start:end], sampler, active, steps)
             for row, still_going in enumerate(active):
                 if still_going and (piece := streams[row].push(b"", final=True)):
                     yield row, piece
@@ -249,50 +225,30 @@ class Engine:
         cache.length = T
         return cache, logits[:, -1]
 
-    def _decode(self, cache: KVCache, token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _decode(self, cache: KVCache, last: torch.Tensor, valid: torch.Tensor, sampler: Sampler, active, steps):
+        """Feed each row its newest token `last` (B,) and draw the next: `steps` times in one C call
+        where the C decode step is loaded, once in PyTorch otherwise. `valid` (B, cache.length + 1)
+        says which positions each row may see; `active` which rows still want tokens. Returns the
+        tokens drawn, (B, n)."""
+        if not self.decoder.native:
+            return sampler.draw(self._step(cache, last, valid))[:, None]
+        positions = cache.positions[:, -1] + 1
+        done = torch.tensor([not still_going for still_going in active], dtype=torch.uint8)
+        mask = valid if cache.padded else None
+        drawn = self.decoder.decode_tokens(
+            sampler, last, positions, cache.keys, cache.values, cache.length, mask, done, steps
+        )
+        cache.length += drawn.size(0)
+        cache.positions = positions[:, None] + (drawn.size(0) - 1)
+        return drawn.t()
+
+    def _step(self, cache: KVCache, token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """One step: feed one token per row, return the logits for the next."""
         cache.positions = cache.positions[:, -1:] + 1
         mask = valid[:, None, None, :] if cache.padded else None
         logits = self.decoder.step(token, cache.positions[:, 0], cache.keys, cache.values, cache.length, mask)
         cache.length += 1
         return logits
-
-    def _sample(self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-        """The next token of each row (B,) from its fp32 logits (B, vocab), as `sampling` says."""
-        logits = logits[:, : self.tokenizer.n_vocab]
-        if sampling.temperature == 0:
-            return logits.argmax(dim=-1)
-        if sampling.top_k and sampling.top_k < logits.size(-1):
-            kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if sampling.top_p < 1.0:
-            ordered, order = logits.sort(dim=-1, descending=True)
-            probs = torch.softmax(ordered / sampling.temperature, dim=-1)
-            outside = probs.cumsum(dim=-1) - probs > sampling.top_p  # the most likely token always stays
-            logits = torch.empty_like(logits).scatter_(-1, order, ordered.masked_fill(outside, float("-inf")))
-        u = torch.rand(logits.size(0), generator=generator, device=logits.device)
-        return self._draw(logits, sampling.temperature, u)
-
-    def _draw(self, logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
-        """Inverse-CDF sampling: each row's first token whose running probability exceeds its u in [0, 1)
-        (`u` a fresh, contiguous fp32 tensor of one number per row).
-
-        The same distribution as torch.multinomial at a third of its cost per token; in C (one call,
-        decode_step.c's `draw_tokens`) where the C decode step is loaded, in PyTorch otherwise.
-        """
-        native = self.decoder.native
-        if native is not None and logits.dtype == torch.float32 and logits.stride(-1) == 1:
-            tokens = torch.empty(logits.size(0), dtype=torch.long)
-            status = native.draw_tokens(
-                logits.data_ptr(), logits.size(0), logits.size(1), logits.stride(0), temperature,
-                u.data_ptr(), tokens.data_ptr(),
-            )  # fmt: skip
-            if status != 0:
-                raise MemoryError("the C sampling step could not allocate its scratch memory")
-            return tokens
-        cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
-        target = u[:, None] * cdf[:, -1:]  # in [0, total)
-        return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
 
 
 def with_matrices_in(model: GPT, dtype: torch.dtype) -> GPT:

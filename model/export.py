@@ -40,10 +40,10 @@ import torch
 from safetensors.torch import save_file
 
 from model.chat_template import TurnsTemplate, template_for
-from model.engine import SamplingConfig
 from model.errors import UserError, run_cli
 from model.files import WRITE_ERRORS, fsync, fsync_folder, remove_abandoned, temporary_name
 from model.gpt import GPT, ModelConfig
+from model.sampling import SamplingConfig
 from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, SPECIAL_TOKENS, Tokenizer, _bytes_to_unicode
 
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

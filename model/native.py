@@ -56,6 +56,18 @@ class Model(ctypes.Structure):
     ]
 
 
+class Sampling(ctypes.Structure):
+    """decode_step.c's `Sampling`: how a row's next token is drawn (model/sampling.py)."""
+
+    _fields_ = [
+        ("n", ctypes.c_int),
+        ("temperature", ctypes.c_float),
+        ("top_k", ctypes.c_int),
+        ("top_p", ctypes.c_float),
+        ("banned", ctypes.c_void_p),
+    ]
+
+
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
@@ -107,11 +119,15 @@ def load() -> ctypes.CDLL | None:
     except OSError as reason:
         print(f"note: generation uses the slower PyTorch decode step: {reason}", file=sys.stderr)
         return None
-    library.decode_step.restype = ctypes.c_int
     pointer, size = ctypes.c_void_p, ctypes.c_int
-    arguments = dict(model=ctypes.POINTER(Model), tokens=pointer, positions=pointer, rows=size, keys=pointer)
-    arguments.update(values=pointer, kv_bf16=size, length=size, mask=pointer, logits=pointer)
-    library.decode_step.argtypes = list(arguments.values())  # in decode_step's order
-    library.draw_tokens.restype = ctypes.c_int
-    library.draw_tokens.argtypes = [pointer, size, size, ctypes.c_long, ctypes.c_float, pointer, pointer]
+    step = dict(model=ctypes.POINTER(Model), tokens=pointer, positions=pointer, rows=size, keys=pointer)
+    step.update(values=pointer, kv_bf16=size, length=size, mask=pointer, logits=pointer)
+    draw = dict(logits=pointer, rows=size, stride=ctypes.c_long, sampling=ctypes.POINTER(Sampling))
+    draw.update(u=pointer, tokens=pointer)
+    run = dict(model=ctypes.POINTER(Model), sampling=ctypes.POINTER(Sampling), last=pointer, positions=pointer)
+    run.update(rows=size, keys=pointer, values=pointer, kv_bf16=size, length=size, mask=pointer, mask_len=size)
+    run.update(stops=pointer, done=pointer, count=size, u=pointer, out=pointer)
+    for function, arguments in ((library.decode_step, step), (library.draw_tokens, draw), (library.decode_tokens, run)):
+        function.restype = ctypes.c_int
+        function.argtypes = list(arguments.values())  # in the C function's order
     return library

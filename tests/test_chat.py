@@ -100,7 +100,8 @@ def test_scripted_terminal_chat_prints_one_reply_per_line(tiny_run):
     """Each stdin line is a user turn; each reply is what the shared engine and template give."""
     from model.chat_template import stream_reply
     from model.checkpoint import load_checkpoint
-    from model.engine import Engine, SamplingConfig
+    from model.engine import Engine
+    from model.sampling import SamplingConfig
 
     result = run_script(
         "sample.py",

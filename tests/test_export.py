@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import model.export
 from model.chat_template import TurnsTemplate
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.engine import Engine, SamplingConfig
+from model.engine import Engine
 from model.errors import UserError
 from model.export import export
 from model.gpt import GPT, ModelConfig
+from model.sampling import SamplingConfig
 from model.tokenizer import SPECIAL_TOKENS, build_char, train_bpe
 from tests.conftest import ROOT, make_text, run_script
 from tests.test_cli import assert_clean_error

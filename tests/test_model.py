@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.engine import SHORT_PROMPT, Engine, SamplingConfig, with_matrices_in
+from model import native
+from model.engine import SHORT_PROMPT, Engine, with_matrices_in
 from model.gpt import GPT, ModelConfig, causal_attention, cheap_dropout
-from model.tokenizer import build_char
+from model.sampling import Sampler, SamplingConfig
+from model.tokenizer import END_OF_TURN, build_char
 
 TOKENIZER = build_char(["abcdefghijklmnopqrstuvwxyz .,\n"])
 
@@ -115,7 +117,7 @@ def test_the_fused_decode_step_computes_what_the_model_computes(weights, decoder
         for t in (6, 7, 19):
             cache, _ = engine._prefill(tokens[:, :t], valid[:, :t])
             assert cache.keys.dtype == cache.values.dtype == dtype
-            step = engine._decode(cache, tokens[:, t], valid[:, : t + 1])
+            step = engine._step(cache, tokens[:, t], valid[:, : t + 1])
             alone = [model(tokens[row : row + 1, 5 * row : t + 1])[0, -1] for row in (0, 1)]
             full = torch.stack(alone)
             assert (step - full).abs().max() < tolerance * full.abs().max(), t
@@ -140,20 +142,25 @@ def test_the_portable_c_step_built_without_processor_tuning_computes_the_same(mo
         tokens = torch.randint(0, TOKENIZER.n_vocab, (1, 12))
         with torch.no_grad():
             cache, _ = engine._prefill(tokens[:, :11], torch.ones(1, 11, dtype=torch.bool))
-            step = engine._decode(cache, tokens[:, 11], torch.ones(1, 12, dtype=torch.bool))
+            step = engine._step(cache, tokens[:, 11], torch.ones(1, 12, dtype=torch.bool))
             full = model(tokens)[:, -1]
         assert (step - full).abs().max() < 1e-3 * full.abs().max()
     finally:
         native.load.cache_clear()  # the next test loads the tuned library again
 
 
-def test_the_c_decode_step_refuses_tokens_positions_and_caches_outside_its_arrays():
+def c_decoder_and_cache(rows: int):
+    """A C decoder of a 16-token tiny model, and an empty fp32 key/value cache for `rows` rows."""
     model = tiny_model(context=16)
     decoder = Engine(model, TOKENIZER).decoder
     assert decoder.native, "the C decode step needs a C compiler (cc)"
     c = model.config
-    keys = torch.zeros(c.n_layer, 1, c.n_kv_head, c.context, c.head_dim)
-    values = torch.zeros_like(keys)
+    keys = torch.zeros(c.n_layer, rows, c.n_kv_head, c.context, c.head_dim)
+    return decoder, c, keys, torch.zeros_like(keys)
+
+
+def test_the_c_decode_step_refuses_tokens_positions_and_caches_outside_its_arrays():
+    decoder, c, keys, values = c_decoder_and_cache(rows=1)
     for token, length in ((c.vocab_size, 3), (-1, 3), (0, c.context)):
         with pytest.raises(IndexError):
             decoder.step(torch.tensor([token]), torch.tensor([3]), keys, values, length, None)
@@ -229,17 +236,21 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_stops():
     assert stopped[0] == text[: text.find(stop)]
 
 
+def sampler_for(draw: str, **knobs) -> Sampler:
+    """A Sampler that draws in C ("c", which needs a compiler) or in PyTorch ("torch")."""
+    library = native.load() if draw == "c" else None
+    assert library or draw == "torch", "the C sampling step needs a C compiler (cc)"
+    return Sampler(SamplingConfig(**knobs), TOKENIZER, torch.device("cpu"), library)
+
+
 @pytest.mark.parametrize("draw", ["c", "torch"])
 def test_sampling_draws_from_the_tempered_softmax_cut_by_top_k_and_top_p(draw):
-    engine = Engine(tiny_model(), TOKENIZER, use_c=draw == "c")
-    assert bool(engine.decoder.native) == (draw == "c"), "the C sampling step needs a C compiler (cc)"
     n, rows = TOKENIZER.n_vocab, 20_000
     logits = torch.full((n,), float("-inf"))  # six possible tokens, the rest banned
     logits[10:16] = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
-    generator = torch.Generator().manual_seed(0)
 
     def frequencies(**knobs) -> torch.Tensor:
-        tokens = engine._sample(logits.expand(rows, n).contiguous(), SamplingConfig(**knobs), generator)
+        tokens = sampler_for(draw, seed=0, **knobs).draw(logits.expand(rows, n).contiguous())
         return torch.bincount(tokens, minlength=n).float() / rows
 
     def softmax_of(kept: int, temperature: float) -> torch.Tensor:
@@ -253,6 +264,75 @@ def test_sampling_draws_from_the_tempered_softmax_cut_by_top_k_and_top_p(draw):
     assert (frequencies(temperature=1.0, top_k=3) - softmax_of(3, 1.0)).abs().max() < 0.015
     # Probabilities 0.42, 0.25, 0.15, 0.09, ...: the first three reach 0.7 only with the third one.
     assert (frequencies(temperature=1.0, top_p=0.7) - softmax_of(3, 1.0)).abs().max() < 0.015
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(temperature=0),
+        dict(temperature=0.7),
+        dict(temperature=1.3, top_k=5),
+        dict(temperature=1.0, top_p=0.8),
+        dict(temperature=0.9, top_k=40, top_p=0.9),
+        dict(temperature=1.0, top_k=TOKENIZER.n_vocab),  # k as large as the vocabulary: no cut
+        dict(temperature=1.0, stop_at_special=False),  # every special token banned
+    ],
+)
+def test_the_c_sampler_draws_exactly_the_tokens_of_the_pytorch_rule(knobs):
+    """Same logits and the same random numbers (one seed): the same token in every row. The logits
+    are wider than the vocabulary, as a model's may be, and the likeliest ones in each row are banned."""
+    in_c, in_torch = sampler_for("c", seed=3, **knobs), sampler_for("torch", seed=3, **knobs)
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(500, TOKENIZER.n_vocab + 6)
+    logits[:, in_c.banned] += 20
+    drawn = in_c.draw(logits)
+    assert torch.equal(drawn, in_torch.draw(logits))
+    assert drawn.max() < TOKENIZER.n_vocab and not set(drawn.tolist()) & set(in_c.banned.tolist())
+    assert len(set(drawn.tolist())) > (1 if knobs["temperature"] == 0 else 50)  # not a constant
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(temperature=0), dict(temperature=1.0), dict(temperature=1.0, top_k=8, top_p=0.9)],
+)
+def test_decoding_runs_of_tokens_in_c_generates_what_the_pytorch_loop_generates(knobs):
+    """Three prompts of different lengths (left-padded), 70 tokens each: the C loop's runs of up to
+    TOKENS_PER_CALL tokens end at slides of the 32-token window and at the last token, and rows stop
+    at different times on the end-of-turn token, which this model draws often."""
+    model = tiny_model(context=32)
+    with torch.no_grad():
+        model.lm_head.weight[TOKENIZER.special_ids[END_OF_TURN]] *= 0.3 if knobs["temperature"] else 0.0
+        model.lm_head.weight[TOKENIZER.special_ids[END_OF_TURN]] += 0.05
+    prompts = [TOKENIZER.encode(text) for text in ("a", "the quick brown fox", "jumps over")]
+    sampling = SamplingConfig(max_new_tokens=70, seed=11, **knobs)
+    in_c, in_torch = Engine(model, TOKENIZER), Engine(model, TOKENIZER, use_c=False)
+    assert in_c.decoder.native, "the C decode step needs a C compiler (cc)"
+    texts = [[""] * 3, [""] * 3]
+    for engine, text in zip((in_c, in_torch), texts, strict=True):
+        for row, piece in engine.stream(prompts, sampling):
+            text[row] += piece
+    assert texts[0] == texts[1]
+    lengths = sorted(len(TOKENIZER.encode(text)) for text in texts[0])
+    assert lengths[0] < lengths[-1] and lengths[-1] > 32, lengths  # rows ended apart, one slid past the window
+
+
+def test_the_c_decode_loop_ends_when_every_row_is_done_and_refuses_to_pass_the_cache():
+    decoder, c, keys, values = c_decoder_and_cache(rows=2)
+    last, positions = torch.tensor([3, 4]), torch.tensor([0, 0])
+    greedy = sampler_for("c", temperature=0, stop_at_special=False)
+    done = torch.tensor([0, 0], dtype=torch.uint8)
+    drawn = decoder.decode_tokens(greedy, last, positions, keys, values, 0, None, done, 8)
+    assert drawn.shape == (8, 2) and done.tolist() == [0, 0]  # no token stops a row
+    stop = int(drawn[0, 0])  # row 0's first token now stops it; row 1 never draws it and is done already
+    assert stop not in drawn[:, 1].tolist()
+    greedy.stop_flags[stop] = 1
+    done = torch.tensor([0, 1], dtype=torch.uint8)
+    assert decoder.decode_tokens(greedy, last, positions, keys, values, 0, None, done, 8).shape == (1, 2)
+    assert done.tolist() == [1, 1]
+    with pytest.raises(IndexError):  # 8 more steps after 10 cached positions would pass the 16-token cache
+        decoder.decode_tokens(greedy, last, positions, keys, values, 10, None, done, 8)
+    with pytest.raises(IndexError):
+        decoder.decode_tokens(greedy, torch.tensor([3, c.vocab_size]), positions, keys, values, 0, None, done, 8)
 
 
 def test_generation_never_emits_special_tokens_except_the_ones_that_stop_it():

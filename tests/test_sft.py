@@ -9,8 +9,8 @@ import pytest
 
 from data.conversations import check, load_conversations
 from model.chat_template import stream_reply
-from model.engine import SamplingConfig
 from model.errors import UserError
+from model.sampling import SamplingConfig
 from tests.conftest import PAIRS, conversation, run_script
 from ui.models import ModelStore
 

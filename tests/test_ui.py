@@ -17,8 +17,8 @@ from gradio_client import Client  # noqa: E402
 
 from benchmarks.load import chat_arguments, free_port, reply_text  # noqa: E402
 from model.chat_template import stream_reply  # noqa: E402
-from model.engine import SamplingConfig  # noqa: E402
 from model.errors import UserError  # noqa: E402
+from model.sampling import SamplingConfig  # noqa: E402
 from tests.conftest import TINY, run_script  # noqa: E402
 from ui.app import build_app, example_prompts  # noqa: E402
 from ui.models import ModelStore  # noqa: E402

@@ -39,11 +39,12 @@ from data.prepare import DEFAULT_CACHE, Prepared, prepare
 from model.chat_template import TurnsTemplate, stream_reply
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_failed
 from model.device import autocast, can_compile, matmul_peak_flops, pick_device, pick_dtype
-from model.engine import Engine, SamplingConfig
+from model.engine import Engine
 from model.errors import UserError
 from model.evaluate import bits_per_byte, score
 from model.files import write_atomically
 from model.gpt import GPT, ModelConfig
+from model.sampling import SamplingConfig
 from training import distributed
 from training.allocator import keep_freed_memory
 from training.budget import describe

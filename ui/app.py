@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import gradio as gr
 
 from model.chat_template import message_text, stream_reply
-from model.engine import SamplingConfig
 from model.errors import UserError
+from model.sampling import SamplingConfig
 from ui.models import LoadedModel, ModelStore
 
 TRAIN_HINT = "No trained model found under `{root}/`. Train one with `python train.py`, then reload this page."
