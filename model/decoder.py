@@ -20,8 +20,9 @@ token on the overhead of its many small operations. This module computes the sam
   step"). Without a C compiler the PyTorch step below runs instead (fp32 weights: at batch 1,
   lower precision buys PyTorch no speed on a CPU).
 
-The engine decodes with a single intra-op thread (see `single_thread` below): with two threads
-the synchronisation per small GEMV costs more than the second core gives. Both steps are tested
+The PyTorch step runs on a single intra-op thread (see `single_thread` below): with two threads
+the synchronisation per small GEMV costs more than the second core gives. The C step is one
+thread of its own (two were tried: benchmarks/NOTES.md). Both steps are tested
 against `GPT.forward` (tests/test_model.py), which stays the reference implementation.
 """
 

@@ -172,10 +172,12 @@ class Engine:
         streams = [TextStream(sampling.stop) for _ in prompts]
         active = [True] * len(streams)
 
-        # One intra-op thread decodes faster (model/decoder.py), and switching the thread count
-        # between prefill and decode costs more (oneDNN rebuilds its kernels) than a second core
-        # saves on a prompt of at most `context` tokens.
-        with single_thread() if self.device.type == "cpu" else contextlib.nullcontext():
+        # The PyTorch decode step is faster on one intra-op thread (model/decoder.py), and switching
+        # the thread count between prefill and decode costs more (oneDNN rebuilds its kernels) than
+        # a second core saves on a prompt, so without the C step the whole call runs on one thread.
+        # The C step uses no PyTorch threads, so with it the prefill keeps all of them.
+        one_thread = self.device.type == "cpu" and not self.decoder.native
+        with single_thread() if one_thread else contextlib.nullcontext():
             cache, logits = self._prefill(tokens[:, :end], valid[:, :end])
             drawn = sampler.draw(logits)[:, None]  # (B, n): each row's tokens since the last look
             while True:
