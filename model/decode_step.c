@@ -13,6 +13,10 @@
  * keys/values (layers, B, kv heads, context, head dim) in fp32, or in bf16 (half the traffic of
  * attention over a long cache) when the engine computes in bf16. tests/test_model.py checks this
  * step against GPT.forward.
+ *
+ * The file also draws the next token (`draw`, the sampling rule of model/sampling.py) and runs the
+ * generation loop a stretch at a time (`decode_tokens`: step, draw, step, ...), so that a token
+ * costs no Python at all (benchmarks/NOTES.md, "Decoding a run of tokens in C").
  */
 #include <math.h>
 #include <stdint.h>
@@ -274,7 +278,7 @@ int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions,
     return 0;
 }
 
-/* How the next token is drawn from a row of logits: the engine's SamplingConfig (model/engine.py). */
+/* How the next token is drawn from a row of logits: SamplingConfig (model/sampling.py). */
 typedef struct {
     int n;                 /* tokens that may be drawn: the first n logits of a row (the tokenizer's vocabulary) */
     float temperature;     /* 0: greedy */
@@ -330,7 +334,7 @@ static int draw_scratch_alloc(DrawScratch *d, int n) {
 }
 
 /* The token drawn from one row of logits with u in [0, 1), exactly as the engine's PyTorch sampling
- * does it (model/engine.py, Engine._sample): banned tokens out; the argmax at temperature 0; else
+ * does it (reference_draw in model/sampling.py): banned tokens out; the argmax at temperature 0; else
  * logits under the k-th largest out (top-k), tokens past the smallest set whose probability reaches
  * top_p out (top-p), then the inverse CDF of softmax(logits / temperature) at u: the first token
  * whose running sum of probabilities exceeds u. */
@@ -349,10 +353,17 @@ static int64_t draw(const float *logits, const Sampling *s, float u, DrawScratch
     }
     for (int i = 0; i < n; i++) weight[i] = expf((weight[i] - best) / s->temperature);  /* -inf -> 0 */
     if (s->top_p < 1.0f) {  /* keep each token whose likelier tokens hold at most top_p of the probability */
+        /* A token of weight w has less likely ones holding at most n w, so the likelier ones hold
+         * more than top_p of the total when w < (1 - top_p) total / n: only the others are sorted
+         * (half that bound, for rounding). Without top-k that is a few hundred tokens, not all. */
         int count = 0;
         float total = 0.0f, before = 0.0f;
-        for (int i = 0; i < n; i++)
-            if (weight[i] > 0.0f) d->ranked[count++] = (Ranked){weight[i], i}, total += weight[i];
+        for (int i = 0; i < n; i++) total += weight[i];
+        const float least = 0.5f * (1.0f - s->top_p) * total / n;
+        for (int i = 0; i < n; i++) {
+            if (weight[i] > 0.0f && weight[i] >= least) d->ranked[count++] = (Ranked){weight[i], i};
+            else weight[i] = 0.0f;
+        }
         qsort(d->ranked, count, sizeof(Ranked), by_value_descending);
         for (int j = 0; j < count; j++) {
             if (before > s->top_p * total) weight[d->ranked[j].index] = 0.0f;
