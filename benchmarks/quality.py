@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from model.checkpoint import load_checkpoint
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -62,6 +64,7 @@ def train_and_score(train: Path, val: Path, out: Path, seed: int, flags: list[st
         "tokens_per_sec": final.get("tokens_per_sec"),
         "mfu": final.get("mfu"),
         "model": model_line.removeprefix("model: "),
+        "parameters": load_checkpoint(out).model_config.num_parameters(),
         "curve": [[r["time"], r["val_bpb"]] for r in records if "val_bpb" in r],
     }
 
@@ -103,8 +106,9 @@ def table(results: list[dict]) -> str:
     for budget in results:
         each = ", ".join(f"{r['bpb']:.3f}" for r in budget["runs"])
         steps = ", ".join(str(r["steps"]) for r in budget["runs"])
+        models = "; ".join(dict.fromkeys(r["model"] for r in budget["runs"]))  # each size the seeds got, once
         rows.append(
-            f"| {budget['minutes']:g} | {budget['runs'][0]['model']} | {len(budget['runs'])} | {steps} | "
+            f"| {budget['minutes']:g} | {models} | {len(budget['runs'])} | {steps} | "
             f"{budget['median_mfu']:.0%} | {each} | **{budget['median_bpb']:.3f}** |"
         )
     return "\n".join(rows) + "\n"

@@ -30,6 +30,8 @@ def test_quality_benchmark_trains_scores_and_writes_medians(corpus_file, tmp_pat
     low, high = sorted(r["bpb"] for r in budget["runs"])
     assert budget["median_bpb"] == (low + high) / 2 and 0 < low <= high < 8
     assert all(0 < r["mfu"] < 1.5 and r["curve"][-1][0] > 0 for r in budget["runs"])
+    # The size the suite picks the generation model by, as the training log printed it.
+    assert all(r["model"].startswith(f"{r['parameters'] / 1e6:.2f}M parameters") for r in budget["runs"])
     assert f"{budget['median_bpb']:.3f}" in (tmp_path / "quality.md").read_text()
 
 
