@@ -357,16 +357,16 @@ static int64_t draw(const float *logits, const Sampling *s, float u, DrawScratch
          * more than top_p of the total when w < (1 - top_p) total / n: only the others are sorted
          * (half that bound, for rounding). Without top-k that is a few hundred tokens, not all. */
         int count = 0;
-        float total = 0.0f, before = 0.0f;
-        for (int i = 0; i < n; i++) total += weight[i];
-        const float least = 0.5f * (1.0f - s->top_p) * total / n;
+        float mass = 0.0f, before = 0.0f;
+        for (int i = 0; i < n; i++) mass += weight[i];
+        const float least = 0.5f * (1.0f - s->top_p) * mass / n;
         for (int i = 0; i < n; i++) {
             if (weight[i] > 0.0f && weight[i] >= least) d->ranked[count++] = (Ranked){weight[i], i};
             else weight[i] = 0.0f;
         }
         qsort(d->ranked, count, sizeof(Ranked), by_value_descending);
         for (int j = 0; j < count; j++) {
-            if (before > s->top_p * total) weight[d->ranked[j].index] = 0.0f;
+            if (before > s->top_p * mass) weight[d->ranked[j].index] = 0.0f;
             before += d->ranked[j].value;
         }
     }
