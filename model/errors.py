@@ -8,6 +8,7 @@ status 2, so a user never sees a traceback for their own mistake. Bugs still rai
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -17,7 +18,8 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run an entry point, turning `UserError` and Ctrl-C into a one-line message and an exit code."""
+    """Run an entry point, turning `UserError` and Ctrl-C into a one-line message and an exit code
+    (and a closed output pipe into a quiet exit)."""
     try:
         main()
     except UserError as error:
@@ -26,3 +28,6 @@ def run_cli(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # whoever read the output stopped (`python sample.py ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail too
+        sys.exit(141)  # the status of a program stopped by SIGPIPE, as `head`'s shell expects

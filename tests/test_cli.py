@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 from tests.conftest import ROOT, run_script
 
@@ -72,6 +74,15 @@ def test_sample_streams_reproducible_text(tiny_run):
         "sample.py", "--checkpoint", str(tiny_run), "--prompt", "-", "--max-new-tokens", "5", stdin="Old stone"
     )
     assert piped.returncode == 0 and piped.stdout.startswith("Old stone")
+
+
+def test_sample_stops_quietly_when_its_reader_goes_away(tiny_run):
+    """`python sample.py ... | head -1`: the pipe closes before the text is written."""
+    command = [sys.executable, "sample.py", "--checkpoint", str(tiny_run), "--prompt", "The river"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # no reader: the first write fails with a broken pipe
+    assert process.wait(timeout=300) == 141
+    assert process.stderr.read() == ""
 
 
 def test_sample_defaults_to_the_newest_run_under_out(tiny_run, tmp_path):
