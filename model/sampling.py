@@ -62,7 +62,8 @@ class Sampler:
             self.generator.manual_seed(config.seed)
         specials = tokenizer.special_ids
         self.stop_ids = {specials[t] for t in (DOC_SEPARATOR, END_OF_TURN)} if config.stop_at_special else set()
-        self.banned = torch.tensor([i for i in specials.values() if i not in self.stop_ids], device=device)
+        banned = [i for i in specials.values() if i not in self.stop_ids]
+        self.banned = torch.tensor(banned, dtype=torch.long, device=device)
         self.library = library
         if library is not None:  # flags over the vocabulary, as decode_step.c reads them
             self.banned_flags = torch.zeros(self.vocab, dtype=torch.uint8).index_fill_(0, self.banned.cpu(), 1)
