@@ -189,7 +189,7 @@ class FusedDecoder:
             raise ValueError("the C decode loop needs `done` as contiguous uint8, one flag per row")
         u = sampler.uniforms(count, B)
         drawn = torch.empty(count, B, dtype=torch.long)
-        mask = None if mask is None else mask.to(torch.uint8).contiguous()
+        mask = None if mask is None else mask.contiguous()  # bool: one byte, 0 or 1, as C reads it
         last, positions = last.long().contiguous(), positions.long().contiguous()
         steps = self.native.decode_tokens(
             self._native_model_ref, ctypes.byref(sampler.native), last.data_ptr(), positions.data_ptr(), B,

@@ -66,12 +66,16 @@ class Sampler:
         self.banned = torch.tensor(banned, dtype=torch.long, device=device)
         self.library = library
         if library is not None:  # flags over the vocabulary, as decode_step.c reads them
-            self.banned_flags = torch.zeros(self.vocab, dtype=torch.uint8).index_fill_(0, self.banned.cpu(), 1)
-            self.stop_flags = torch.zeros(self.vocab, dtype=torch.uint8)
-            self.stop_flags[list(self.stop_ids)] = 1
+            self.banned_flags, self.stop_flags = self._flags(banned), self._flags(self.stop_ids)
             self.native = native.Sampling(
                 self.vocab, config.temperature, config.top_k, config.top_p, self.banned_flags.data_ptr()
             )
+
+    def _flags(self, ids) -> torch.Tensor:
+        """One uint8 per token of the vocabulary: 1 for `ids`, 0 for the rest."""
+        flags = torch.zeros(self.vocab, dtype=torch.uint8)
+        flags[list(ids)] = 1
+        return flags
 
     def uniforms(self, steps: int, rows: int) -> torch.Tensor:
         """(steps, rows) numbers in [0, 1), the same sequence however a call splits it into steps."""

@@ -68,10 +68,12 @@ def reference_greedy(model: GPT, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
-def engine_tokens(engine: Engine, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """Greedy generation through the engine, read back as token ids (via byte-exact decoding)."""
+def engine_tokens(
+    engine: Engine, prompts: list[list[int]], steps: int, sampling: SamplingConfig | None = None
+) -> list[str]:
+    """Each row's text from the engine's stream: `steps` greedy tokens unless `sampling` says otherwise."""
     texts = [""] * len(prompts)
-    sampling = SamplingConfig(max_new_tokens=steps, temperature=0, stop_at_special=False)
+    sampling = sampling or SamplingConfig(max_new_tokens=steps, temperature=0, stop_at_special=False)
     for row, piece in engine.stream(prompts, sampling):
         texts[row] += piece
     return texts
@@ -307,10 +309,7 @@ def test_decoding_runs_of_tokens_in_c_generates_what_the_pytorch_loop_generates(
     sampling = SamplingConfig(max_new_tokens=70, seed=11, **knobs)
     in_c, in_torch = Engine(model, TOKENIZER), Engine(model, TOKENIZER, use_c=False)
     assert in_c.decoder.native, "the C decode step needs a C compiler (cc)"
-    texts = [[""] * 3, [""] * 3]
-    for engine, text in zip((in_c, in_torch), texts, strict=True):
-        for row, piece in engine.stream(prompts, sampling):
-            text[row] += piece
+    texts = [engine_tokens(engine, prompts, 70, sampling) for engine in (in_c, in_torch)]
     assert texts[0] == texts[1]
     lengths = sorted(len(TOKENIZER.encode(text)) for text in texts[0])
     assert lengths[0] < lengths[-1] and lengths[-1] > 32, lengths  # rows ended apart, one slid past the window
