@@ -26,7 +26,7 @@ from training.budget import (
     machine_name,
     remembered_best,
 )
-from training.calibration import fit_temperature
+from training.calibration import fit_temperature, temperature_for_passes
 from training.config import assemble
 from training.trainer import Trainer, train
 
@@ -63,9 +63,16 @@ class StopsAtStep10(Trainer):
         return loss
 
 
-@pytest.mark.parametrize("delivered", ["last weights", "calibrated"])
+DELIVERED = {
+    "last weights": dict(pass_temperature=False),
+    "temperature from passes": {},
+    "calibrated": dict(calibration_tokens=1024),
+}
+
+
+@pytest.mark.parametrize("delivered", list(DELIVERED))
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus_file, tmp_path, delivered):
-    extra = dict(calibration_tokens=1024) if delivered == "calibrated" else {}
+    extra = DELIVERED[delivered]
     train(flags(corpus_file, tmp_path, "straight", **extra))
     config = assemble(flags(corpus_file, tmp_path, "interrupted", **extra))
     StopsAtStep10(config, None, resuming=False).run()
@@ -115,8 +122,39 @@ def test_the_output_temperature_is_fitted_on_held_out_training_tokens_and_folded
     assert losses_at[1.0] < min(losses_at[0.9], losses_at[1.1])
 
 
+def test_the_default_output_temperature_follows_the_passes_over_the_training_data(corpus_file, tmp_path):
+    assert temperature_for_passes(0.5) == temperature_for_passes(1.0) == 1.0  # data seen once: as trained
+    assert temperature_for_passes(10.0) == pytest.approx(1 + 0.062 * 3)
+    small = tmp_path / "small.txt"
+    small.write_text(corpus_file.read_text()[:15_000])
+    short = dict(max_steps=200, eval_interval=200)  # about 40 passes over the small text
+    trainer, _ = train(flags(small, tmp_path, "run", **short))
+    checkpoint = load_checkpoint(tmp_path / "run", latest=True)
+    passes = checkpoint.meta["tokens_seen"] / len(trainer.batches.tokens)
+    assert passes > 2  # the tiny corpus is seen several times, so the rule has something to do
+    temperature = checkpoint.meta["metrics"]["temperature"]
+    assert temperature == pytest.approx(temperature_for_passes(passes), abs=1e-4)
+    saved = checkpoint.load_model()
+    trained_norm = checkpoint.load_trainer_state()["trained_norm"]
+    assert torch.allclose(trained_norm, trainer.model.norm.weight)  # training goes on from its own norm
+    assert torch.allclose(saved.norm.weight, trained_norm / temperature_for_passes(passes))
+    # The temperature helps the held-out text of this overfitted run, and --no-pass-temperature turns it off.
+    val_tokens = trainer.data.tokens("val")
+    token_bytes = torch.tensor(trainer.tokenizer.token_byte_lengths())
+    as_trained = checkpoint.load_model()
+    with torch.no_grad():
+        as_trained.norm.weight.copy_(trained_norm)
+    assert (
+        bits_per_byte(saved, val_tokens, token_bytes)["bpb"] < bits_per_byte(as_trained, val_tokens, token_bytes)["bpb"]
+    )
+    train(flags(small, tmp_path, "plain", pass_temperature=False, **short))
+    plain = load_checkpoint(tmp_path / "plain", latest=True)
+    assert "temperature" not in plain.meta["metrics"]
+    assert torch.equal(plain.load_model().norm.weight, trained_norm)  # same seed and steps: the same training
+
+
 def test_checkpoint_round_trip_restores_weights_config_and_tokenizer(corpus_file, tmp_path):
-    trainer, metrics = train(flags(corpus_file, tmp_path, "run", max_steps=10))
+    trainer, metrics = train(flags(corpus_file, tmp_path, "run", max_steps=10, pass_temperature=False))
     checkpoint = load_checkpoint(tmp_path / "run")
     model = checkpoint.load_model()
     for name, tensor in trainer.model.state_dict().items():

@@ -49,6 +49,7 @@ class TrainConfig:
     cooldown: float = 0.4
     grad_clip: float = 1.0
     calibration_tokens: int = 0
+    pass_temperature: bool = True
     # budget
     max_steps: int | None = None
     max_minutes: float | None = 5.0
@@ -192,6 +193,9 @@ HELP = {
     "grad_clip": "clip the gradient norm to this (0 = off)",
     "calibration_tokens": "training tokens (the end of the split, at most 5%%) kept out of training to fit the "
     "output temperature, which the saved model carries in its final norm (0 = off)",
+    "pass_temperature": "when --calibration-tokens is 0, fold an output temperature of 1 + 0.062 x sqrt(passes over "
+    "the training data - 1) into the saved model, which a run that sees its data more than once needs "
+    "(training/calibration.py); --no-pass-temperature saves the model as trained",
     "max_steps": "stop after this many optimizer steps",
     "max_minutes": "stop after this many minutes of training; the schedule ends exactly then",
     "eval_interval": "evaluate, print a sample and save a checkpoint every this many steps",

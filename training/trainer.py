@@ -11,9 +11,10 @@ Design decisions:
   losses it would have had.
 - Evaluation reports validation loss and bits per byte on a fixed slice of the validation tokens,
   prints a short sample through the generation engine, appends to `metrics.jsonl` and saves a
-  checkpoint, all of the weights the run delivers: with `--calibration-tokens`, the output
-  temperature fitted on held-out training tokens folded into the final norm (training/calibration.py).
-  Training goes on from its own norm, which the checkpoint's trainer state keeps for `--resume`.
+  checkpoint, all of the weights the run delivers: the output temperature (set by the passes made over
+  the training data, or fitted on held-out training tokens with `--calibration-tokens`) folded into the
+  final norm (training/calibration.py). Training goes on from its own norm, which the checkpoint's
+  trainer state keeps for `--resume`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from model.sampling import SamplingConfig
 from training import distributed
 from training.allocator import keep_freed_memory
 from training.budget import describe
-from training.calibration import fit_temperature, held_out_count
+from training.calibration import fit_temperature, held_out_count, temperature_for_passes
 from training.config import TrainConfig, to_dict
 from training.memory import check_fits
 from training.optim import build_optimizers, lr_factor, set_lr
@@ -79,6 +80,7 @@ class Trainer:
             )
         self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda")
         self.calibration_tokens = None  # held-out training tokens that fit the output temperature
+        self.train_token_count = 0  # tokens in one pass over the training data (pre-training only)
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
         if resuming:
             self._restore(base)
@@ -96,6 +98,7 @@ class Trainer:
                 held_out = held_out_count(config.calibration_tokens, len(train_tokens))
                 self.calibration_tokens = train_tokens[len(train_tokens) - held_out :]
                 train_tokens = train_tokens[: len(train_tokens) - held_out]
+            self.train_token_count = len(train_tokens)
             try:
                 self.batches = Batches(
                     train_tokens, context, config.seed, config.token_noise, self.tokenizer.doc_separator
@@ -315,15 +318,14 @@ class Trainer:
         return loss
 
     def _evaluate_and_save(self, bar: tqdm) -> None:
-        """Evaluate, sample and save the weights this run delivers: with --calibration-tokens, the output
-        temperature fitted on the held-out training tokens folded into the final norm. Training then goes
-        on from its own norm (kept in the checkpoint for --resume)."""
-        if not (self.dist.is_main and self.calibration_tokens is not None):
+        """Evaluate, sample and save the weights this run delivers: the output temperature folded into the
+        final norm. Training then goes on from its own norm (kept in the checkpoint for --resume)."""
+        temperature = self._output_temperature() if self.dist.is_main else 1.0
+        if temperature == 1.0:
             self._evaluate_and_save_weights(bar)
             return
         norm = self.model.norm.weight
         trained_norm = norm.detach().clone()
-        temperature = fit_temperature(self.model, self.calibration_tokens, self.token_bytes, self.dtype)
         with torch.no_grad():
             norm.div_(temperature)
         try:
@@ -331,6 +333,15 @@ class Trainer:
         finally:
             with torch.no_grad():
                 norm.copy_(trained_norm)
+
+    def _output_temperature(self) -> float:
+        """Fitted on the held-out training tokens with --calibration-tokens, else set by the passes made
+        over the training data (--pass-temperature); 1 for chat fine-tuning (training/calibration.py)."""
+        if self.calibration_tokens is not None:
+            return fit_temperature(self.model, self.calibration_tokens, self.token_bytes, self.dtype)
+        if self.config.pass_temperature and self.train_token_count:
+            return temperature_for_passes(self.tokens_seen / self.train_token_count)
+        return 1.0
 
     def _evaluate_and_save_weights(
         self, bar: tqdm, trained_norm: torch.Tensor | None = None, temperature: float = 1.0
