@@ -8,14 +8,17 @@ the calibrated model with no new parameter), chosen in one of two ways:
 
 - By default, from the passes the run made over its training data: 1 + 0.062 x sqrt(passes - 1),
   and 1 for a run that saw its data once or less (`temperature_for_passes`). On the tuning split
-  (never the validation text) the best temperature of 11 runs, 90 seconds and 5 minutes, 3 to 17
-  passes, 1.7M to 11.4M parameters, lay within 0.03 of this curve, and the curve's temperature scored within
-  0.001 bits/byte of each run's best: 0.02-0.05 better than the model as trained (benchmarks/NOTES.md).
+  (never the validation text) the best temperatures of 11 runs (90 seconds and 5 minutes, 3 to 17
+  passes, 1.7M to 11.4M parameters) lay along this curve, and its temperature scored within 0.0015
+  bits/byte of each run's best: 0.019-0.030 better than as trained for the default models, 0.001-0.003
+  for a run that saw its data 3 times (benchmarks/NOTES.md). It assumes a run long enough to memorise
+  what it repeats, as budget-sized runs are: a 60-step toy run over 12 passes was not overconfident.
 - With `--calibration-tokens N`, fitted: the last N tokens of the training split (at most 5%) stay
   out of training, and every evaluation picks the temperature that minimises the loss on them. It
   needs no rule, but text from the end of the training split is easier for the model than new text
-  (it shares the plays' characters), so it chose 1.05-1.12 where 1.17-1.19 was best, and the tokens it
-  keeps cost training. Never the validation text: that would tune the model to the text it is scored on.
+  (probably because it continues the play the training text ends in), so in two 5-minute runs it chose
+  1.11 and 1.12 where about 1.18 was best, and the tokens it keeps cost training. Never the
+  validation text: that would tune the model to the text it is scored on.
 
 The loss is convex in 1 / temperature, so a golden-section search over logits computed once finds
 the fitted one in about a second.
