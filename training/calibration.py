@@ -35,7 +35,7 @@ from model.device import autocast
 from model.evaluate import windows
 from model.gpt import GPT
 
-PASS_SLOPE = 0.062  # the temperature rises with the square root of the passes beyond the first (fitted above)
+PASS_SLOPE = 0.062  # T rises with the square root of the passes beyond the first (chosen on the tuning split, above)
 MAX_SHARE = 0.05  # of the training split; a small corpus cannot give more to calibration
 INVERSE_RANGE = (0.1, 10.0)  # 1 / temperature is searched here: temperatures from 0.1 to 10
 

@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from model.errors import UserError
 from model.gpt import ModelConfig
 from training.budget import CHOSEN, sized_for_budget
+from training.calibration import PASS_SLOPE
 
 
 @dataclass
@@ -193,9 +194,9 @@ HELP = {
     "grad_clip": "clip the gradient norm to this (0 = off)",
     "calibration_tokens": "training tokens (the end of the split, at most 5%%) kept out of training to fit the "
     "output temperature, which the saved model carries in its final norm (0 = off)",
-    "pass_temperature": "when --calibration-tokens is 0, fold an output temperature of 1 + 0.062 x sqrt(passes over "
-    "the training data - 1) into the saved model, which a run that sees its data more than once needs "
-    "(training/calibration.py); --no-pass-temperature saves the model as trained",
+    "pass_temperature": f"when --calibration-tokens is 0, fold an output temperature of 1 + {PASS_SLOPE} x sqrt(passes over "
+    "the training data - 1) into the saved model: a run that sees a small corpus many times ends "
+    "overconfident (training/calibration.py); --no-pass-temperature saves the model as trained",
     "max_steps": "stop after this many optimizer steps",
     "max_minutes": "stop after this many minutes of training; the schedule ends exactly then",
     "eval_interval": "evaluate, print a sample and save a checkpoint every this many steps",
