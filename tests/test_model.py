@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,12 +70,12 @@ def reference_greedy(model: GPT, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
-def engine_tokens(
+def engine_texts(
     engine: Engine, prompts: list[list[int]], steps: int, sampling: SamplingConfig | None = None
 ) -> list[str]:
-    """Each row's text from the engine's stream: `steps` greedy tokens unless `sampling` says otherwise."""
+    """Each row's text from the engine's stream: `steps` tokens, greedy unless `sampling` says otherwise."""
     texts = [""] * len(prompts)
-    sampling = sampling or SamplingConfig(max_new_tokens=steps, temperature=0, stop_at_special=False)
+    sampling = replace(sampling or SamplingConfig(temperature=0, stop_at_special=False), max_new_tokens=steps)
     for row, piece in engine.stream(prompts, sampling):
         texts[row] += piece
     return texts
@@ -85,7 +87,7 @@ def test_kv_cache_generation_equals_full_recomputation_also_past_the_context():
     prompt = [TOKENIZER.doc_separator, *TOKENIZER.encode("hello there")]
     steps = 50  # slides the 16-token window several times
     expected = TOKENIZER.decode(reference_greedy(model, prompt, steps))
-    assert engine_tokens(engine, [prompt], steps) == [expected]
+    assert engine_texts(engine, [prompt], steps) == [expected]
 
 
 @pytest.mark.parametrize("weights", ["initial", "large"])
@@ -213,15 +215,15 @@ def test_a_prompt_longer_than_the_context_is_conditioned_on_its_newest_tokens():
     engine = Engine(model, TOKENIZER)
     prompt = [TOKENIZER.doc_separator, *TOKENIZER.encode("a long prompt, longer than the window")]
     assert len(prompt) > 16
-    assert engine_tokens(engine, [prompt], 10) == engine_tokens(engine, [prompt[-16:]], 10)
+    assert engine_texts(engine, [prompt], 10) == engine_texts(engine, [prompt[-16:]], 10)
 
 
 def test_a_batch_of_different_prompts_matches_each_prompt_alone():
     model = tiny_model(context=64)
     engine = Engine(model, TOKENIZER)
     prompts = [engine.encode_prompt(text) for text in ("a", "the quick brown fox", "jumps over")]
-    batch = engine_tokens(engine, prompts, 20)
-    alone = [engine_tokens(engine, [p], 20)[0] for p in prompts]
+    batch = engine_texts(engine, prompts, 20)
+    alone = [engine_texts(engine, [p], 20)[0] for p in prompts]
     assert batch == alone
 
 
@@ -306,10 +308,10 @@ def test_decoding_runs_of_tokens_in_c_generates_what_the_pytorch_loop_generates(
         model.lm_head.weight[TOKENIZER.special_ids[END_OF_TURN]] *= 0.3 if knobs["temperature"] else 0.0
         model.lm_head.weight[TOKENIZER.special_ids[END_OF_TURN]] += 0.05
     prompts = [TOKENIZER.encode(text) for text in ("a", "the quick brown fox", "jumps over")]
-    sampling = SamplingConfig(max_new_tokens=70, seed=11, **knobs)
+    sampling = SamplingConfig(seed=11, **knobs)
     in_c, in_torch = Engine(model, TOKENIZER), Engine(model, TOKENIZER, use_c=False)
     assert in_c.decoder.native, "the C decode step needs a C compiler (cc)"
-    texts = [engine_tokens(engine, prompts, 70, sampling) for engine in (in_c, in_torch)]
+    texts = [engine_texts(engine, prompts, 70, sampling) for engine in (in_c, in_torch)]
     assert texts[0] == texts[1]
     lengths = sorted(len(TOKENIZER.encode(text)) for text in texts[0])
     assert lengths[0] < lengths[-1] and lengths[-1] > 32, lengths  # rows ended apart, one slid past the window

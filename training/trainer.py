@@ -80,7 +80,6 @@ class Trainer:
             )
         self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda")
         self.calibration_tokens = None  # held-out training tokens that fit the output temperature
-        self.train_token_count = 0  # tokens in one pass over the training data (pre-training only)
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
         if resuming:
             self._restore(base)
@@ -98,7 +97,6 @@ class Trainer:
                 held_out = held_out_count(config.calibration_tokens, len(train_tokens))
                 self.calibration_tokens = train_tokens[len(train_tokens) - held_out :]
                 train_tokens = train_tokens[: len(train_tokens) - held_out]
-            self.train_token_count = len(train_tokens)
             try:
                 self.batches = Batches(
                     train_tokens, context, config.seed, config.token_noise, self.tokenizer.doc_separator
@@ -339,8 +337,8 @@ class Trainer:
         over the training data (--pass-temperature); 1 for chat fine-tuning (training/calibration.py)."""
         if self.calibration_tokens is not None:
             return fit_temperature(self.model, self.calibration_tokens, self.token_bytes, self.dtype)
-        if self.config.pass_temperature and self.train_token_count:
-            return temperature_for_passes(self.tokens_seen / self.train_token_count)
+        if self.config.pass_temperature and not self.chat:  # a pass is every window of the training tokens
+            return temperature_for_passes(self.tokens_seen / len(self.batches.tokens))
         return 1.0
 
     def _evaluate_and_save_weights(
