@@ -217,6 +217,9 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     assert assemble({"max_minutes": 5, "compile": False}, step_flops=laptop).compile is False
     # The Xeon with AMX (benchmarks/NOTES.md) steps 1.6x as fast: still 3 layers at 90 seconds, 5 at 5 minutes.
     assert [assemble({"max_minutes": m}, step_flops=1.6 * laptop).n_layer for m in (1.5, 5)] == [3, 5]
+    # ... and a probe that reads it 10% fast or slow does not change that (at depth ~ compute^(1/4) a 6% slow one did).
+    assert assemble({"max_minutes": 1.5}, step_flops=1.1 * 1.6 * laptop).n_layer == 3
+    assert assemble({"max_minutes": 5}, step_flops=0.9 * 1.6 * laptop).n_layer == 5
     assert assemble({"max_minutes": 60}, step_flops=1e14).n_layer == 12  # a big GPU: capped at GPT-2 small
     assert assemble({"max_minutes": 5, "n_layer": 7}, step_flops=laptop).n_layer == 7
     saved = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_kv_head": 2}

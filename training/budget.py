@@ -2,12 +2,15 @@
 
 nanochat derives every setting from one number, the depth. Here that number comes from the budget:
 the compute a run can spend is `minutes x 60 x the training FLOP/s this machine reaches`, and the
-depth grows with the fourth root of it (DEPTH_EXPONENT), anchored where the sweep found the optimum
-on the reference CPU. Parameters ~ depth^3 then grow with compute^(3/4): between the square root of
+depth grows with about the fourth root of it (DEPTH_EXPONENT, 0.26), anchored where the sweep found the
+optimum on the reference CPU. Parameters ~ depth^3 then grow with compute^0.78: between the square root of
 compute-optimal scaling, where data is plentiful, and compute^1 for a fixed corpus seen more and more
 times, where more compute is best spent on a bigger model. A 1 MB corpus is the second case: on the
 tuning split the sixth root (the square-root rule) picked 4 layers for 5 minutes on a machine where
-5 scored 0.03 better (benchmarks/NOTES.md has the four budget-and-machine points behind the 1/4).
+5 scored 0.03 better. Four budget-and-machine points bound the exponent to 0.24-0.33. Within that
+range 0.26 puts the two points nearest a rounding point (the Xeon's 90 seconds and 5 minutes) equally
+far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe that read the
+machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
 and dropout and input-token noise once the model is big enough to memorise a small corpus in its
 budget. One setting follows the minutes instead: from COMPILE_MINUTES on, `torch.compile` (about
@@ -57,7 +60,7 @@ ANCHOR_SHAPE = dict(n_layer=ANCHOR_DEPTH, n_embd=192, n_head=3, n_kv_head=3, con
 ANCHOR_BATCH = 16
 ANCHOR_STEP_FLOPS = 15_252 * 10_922_112  # FLOP/s, = 167 GFLOP/s
 ANCHOR_COMPUTE = 1.5 * 60 * ANCHOR_STEP_FLOPS
-DEPTH_EXPONENT = 1 / 4  # depth ~ compute^(1/4); 1/6 under-sized data-limited 5-minute runs (benchmarks/NOTES.md)
+DEPTH_EXPONENT = 0.26  # depth ~ compute^0.26; 1/6 under-sized data-limited 5-minute runs (benchmarks/NOTES.md)
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
 TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
