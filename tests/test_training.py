@@ -28,6 +28,7 @@ from training.budget import (
 )
 from training.calibration import fit_temperature, temperature_for_passes
 from training.config import assemble
+from training.muon import StackedMuon
 from training.trainer import Trainer, train
 
 
@@ -151,6 +152,37 @@ def test_the_default_output_temperature_follows_the_passes_over_the_training_dat
     plain = load_checkpoint(tmp_path / "plain", latest=True)
     assert "temperature" not in plain.meta["metrics"]
     assert torch.equal(plain.load_model().norm.weight, trained_norm)  # same seed and steps: the same training
+
+
+def test_stacked_muon_takes_the_same_steps_as_pytorchs_muon():
+    """Three steps on a real model (square, tall and wide matrices, with weight decay): the same
+    weights as torch.optim.Muon up to bf16 rounding, the same momentum buffers, and state dicts that
+    load into each other."""
+    config = ModelConfig(n_layer=2, n_embd=64, n_head=2, n_kv_head=1, context=16, vocab_size=97)
+    models = [GPT(config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    settings = dict(lr=0.05, weight_decay=0.4, momentum=0.95, adjust_lr_fn="original", ns_steps=4)
+    optimizers = [
+        kind([p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n], **settings)
+        for kind, model in zip((torch.optim.Muon, StackedMuon), models, strict=True)
+    ]
+    tokens = torch.randint(0, 97, (3, 4, 17), generator=torch.Generator().manual_seed(0))
+    start = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    for batch in tokens:
+        for model, optimizer in zip(models, optimizers, strict=True):
+            model(batch[:, :-1], batch[:, 1:]).backward()
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+    theirs, ours = (dict(model.named_parameters()) for model in models)
+    shapes = {tuple(p.shape) for p in optimizers[1].param_groups[0]["params"]}
+    assert {(64, 64), (32, 64), (192, 64), (64, 192), (97, 64)} <= shapes  # q/o, GQA k/v, MLP up and down, head
+    for name in theirs:
+        moved = (theirs[name] - start[name]).norm()
+        assert (ours[name] - theirs[name]).norm() <= 0.02 * moved + 1e-6, name
+    for param_theirs, param_ours in zip(*(o.param_groups[0]["params"] for o in optimizers), strict=True):
+        buffers = [o.state[p]["momentum_buffer"] for o, p in zip(optimizers, (param_theirs, param_ours), strict=True)]
+        torch.testing.assert_close(buffers[0], buffers[1], rtol=0.05, atol=1e-4)
+    optimizers[0].load_state_dict(optimizers[1].state_dict())  # checkpoints of either resume with the other
 
 
 def test_checkpoint_round_trip_restores_weights_config_and_tokenizer(corpus_file, tmp_path):
