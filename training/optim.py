@@ -3,10 +3,10 @@
 - Muon for the hidden weight matrices (attention and MLP projections): it orthogonalises each
   update (Newton-Schulz), which makes every direction of a matrix learn at the same rate. In the
   speed-run literature (modded-nanogpt, nanochat) it reaches a given loss in markedly fewer steps
-  than AdamW, which is what a time-limited CPU run needs. PyTorch ships it (`torch.optim.Muon`);
-  we run its iterations on stacks of same-shaped matrices (training/muon.py), 2.3x as fast on small
-  matrices. Its orthogonalisation is matmul work that is not the model's: 16% of the default CPU step with
-  PyTorch's 5 iterations, so we run 4 (NS_STEPS; same scores on the tuning split, benchmarks/NOTES.md).
+  than AdamW, which is what a time-limited CPU run needs. PyTorch ships it (`torch.optim.Muon`).
+  Its orthogonalisation is matmul work that is not the model's: 16% of the default CPU step with
+  PyTorch's 5 iterations, so we run 4 (NS_STEPS; same scores on the tuning split, benchmarks/NOTES.md),
+  on stacks of same-shaped matrices (training/muon.py: 2.3x as fast for small matrices).
 - AdamW for what Muon does not suit: embeddings, the output head and the norm scales (1-D).
   The token embedding gets its own, larger learning rate (`--embed-lr`, 0.01 against 0.003): a
   row only learns when its token occurs. benchmarks/NOTES.md has the sweep: 0.1 is best for 90
