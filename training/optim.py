@@ -8,7 +8,7 @@
   PyTorch's 5 iterations, so we run 4 (NS_STEPS; same scores on the tuning split, benchmarks/NOTES.md),
   on stacks of same-shaped matrices (training/muon.py: 2.3x as fast for small matrices).
 - AdamW for what Muon does not suit: embeddings, the output head and the norm scales (1-D).
-  The token embedding gets its own, larger learning rate (`--embed-lr`, 0.01 against 0.0015 in the cpu preset): a
+  The token embedding gets its own, larger learning rate (`--embed-lr`, several times `--lr`): a
   row only learns when its token occurs. benchmarks/NOTES.md has the sweep: 0.1 is best for 90
   seconds at 4 x 256 but memorises the corpus in longer runs; 0.01 is the compromise.
   `--optimizer adamw` uses AdamW for everything, for comparison.
