@@ -109,13 +109,15 @@ def test_help_explains_every_flag():
     import sample
     from model import export
     from training.budget import CHOSEN
-    from training.config import build_parser
+    from training.config import PRESETS, build_parser
 
     for parser in (build_parser(), sample.build_parser(), export.build_parser()):
         undocumented = [a.option_strings for a in parser._actions if not a.help]
         assert not undocumented
     chosen = [a for a in build_parser()._actions if a.dest in CHOSEN]  # the budget rule's settings say so
     assert len(chosen) == len(CHOSEN) and all("sized for --max-minutes" in a.help for a in chosen)
+    preset_set = [a for a in build_parser()._actions if a.dest in PRESETS["cpu"]]  # the default preset's values
+    assert preset_set and all(f"{PRESETS['cpu'][a.dest]} in the cpu preset" in a.help for a in preset_set)
     result = run_script("train.py", "--help")
     assert result.returncode == 0 and "--max-minutes" in result.stdout and "--preset" in result.stdout
 
