@@ -2,9 +2,9 @@
 
     python -m benchmarks.generation --checkpoint out/base [--runs 5]
 
-- Throughput: sample `context` tokens, then `4 x context` tokens (the second run slides its window
-  three times), at temperature 0.8 with a fixed seed per run. Output bytes over wall time. "Flat"
-  means the long run is about as fast per byte as the short one.
+- Throughput: sample `context` tokens, then `4 x context` tokens (three quarters of the second run
+  are past the context, where the cache rolls), at temperature 0.8 with a fixed seed per run.
+  Output bytes over wall time. "Flat" means the long run is about as fast per byte as the short one.
 - Time to first token: a 1,000-byte prompt (the model's own sampled text, so any corpus works),
   timed from the call to the first text piece. A prompt longer than the context is cut to its
   newest tokens, as the engine documents.

@@ -11,8 +11,10 @@
  * a compiler, generation uses the PyTorch step instead. Layouts are those FusedDecoder builds:
  * fp32 matrices input-major (in, out), int8 ones output-major (out, in), norm scales folded in,
  * keys/values (layers, B, kv heads, context, head dim) in fp32, or in bf16 (half the traffic of
- * attention over a long cache) when the engine computes in bf16. tests/test_model.py checks this
- * step against GPT.forward.
+ * attention over a long cache) when the engine computes in bf16. The cache is a ring: stream
+ * position p lives in slot p % context, so past the context each token overwrites the oldest and
+ * attends to the newest `context` (model/engine.py says why). tests/test_model.py checks this step
+ * against GPT.forward.
  *
  * The file also draws the next token (`draw`, the sampling rule of model/sampling.py) and runs the
  * generation loop a stretch at a time (`decode_tokens`: step, draw, step, ...), so that a token
@@ -191,13 +193,17 @@ static int scratch_alloc(Scratch *s, const Model *m, int B) {
     return -1;
 }
 
-/* tokens, positions (B,) -> logits (B, vocab). Writes position `length` of keys/values (bf16 if
- * kv_bf16, else fp32) and attends to positions 0..length; mask (B, mask_len) says which of the
- * first mask_len positions each row may see (NULL: all), and every later position is seen. */
+/* tokens, positions (B,) -> logits (B, vocab). Writes stream position `length` of keys/values (bf16
+ * if kv_bf16, else fp32) into slot length % context and attends to every filled slot, the newest
+ * `context` positions; mask (B, mask_len) says which of the first mask_len stream positions
+ * (mask_len <= context: the prompt's padding) each row may see (NULL: all), and every later
+ * position is seen, including one that has overwritten a masked slot. */
 static void forward(const Model *m, Scratch *s, const int64_t *tokens, const int64_t *positions, int B, void *keys,
                     void *values, int kv_bf16, int length, const uint8_t *mask, int mask_len, float *logits) {
     const int C = m->n_embd, H = m->n_head, Hkv = m->n_kv_head, D = m->head_dim, F = m->mlp_hidden;
     const int QKV = (H + 2 * Hkv) * D, half = D / 2;
+    const int slot = length % m->context, filled = length < m->context ? length + 1 : m->context;
+    const int overwritten = length - m->context; /* slots 0..this hold positions past the first context */
     float *x = s->x, *normed = s->normed, *qkv = s->qkv, *attended = s->attended;
     float *hidden = s->hidden, *act = s->act, *scores = s->scores, *rot = s->rot;
     for (int b = 0; b < B; b++) {
@@ -220,7 +226,7 @@ static void forward(const Model *m, Scratch *s, const int64_t *tokens, const int
                 rotate(v, D, rot + b * D, rot + b * D + half);
             }
             for (int g = 0; g < Hkv; g++) {
-                const long at = ((((long)l * B + b) * Hkv + g) * m->context + length) * D;
+                const long at = ((((long)l * B + b) * Hkv + g) * m->context + slot) * D;
                 store_cached(keys, at, row + (H + g) * D, D, kv_bf16);
                 store_cached(values, at, row + (H + Hkv + g) * D, D, kv_bf16);
             }
@@ -229,14 +235,14 @@ static void forward(const Model *m, Scratch *s, const int64_t *tokens, const int
                 const float *q = row + h * D;
                 const long first = (((long)l * B + b) * Hkv + g) * m->context * D;  /* position 0 of this head */
                 float best = -INFINITY, total = 0.0f;
-                for (int t = 0; t <= length; t++) {
-                    const int seen = !mask || t >= mask_len || mask[(long)b * mask_len + t];
+                for (int t = 0; t < filled; t++) {
+                    const int seen = !mask || t >= mask_len || t <= overwritten || mask[(long)b * mask_len + t];
                     scores[t] = seen ? dot_cached(q, keys, first + (long)t * D, D, kv_bf16) : -INFINITY;
                     if (scores[t] > best) best = scores[t];
                 }
                 float *out = attended + ((long)b * H + h) * D;
                 memset(out, 0, sizeof(float) * D);
-                for (int t = 0; t <= length; t++) {
+                for (int t = 0; t < filled; t++) {
                     const float p = expf(scores[t] - best);
                     total += p;
                     add_cached(out, p, values, first + (long)t * D, D, kv_bf16);
@@ -266,14 +272,14 @@ static int tokens_in_range(const Model *m, const int64_t *tokens, int B) {
     return 1;
 }
 
-/* One step (see forward), mask (B, length + 1) or NULL. Returns 0; -2 if a token or the length is
- * out of range (nothing is written); -1 if scratch memory could not be allocated. */
+/* One step (see forward), mask (B, mask_len) or NULL. Returns 0; -2 if a token, the length or
+ * mask_len is out of range (nothing is written); -1 if scratch memory could not be allocated. */
 int decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int B, void *keys, void *values,
-                int kv_bf16, int length, const uint8_t *mask, float *logits) {
-    if (length < 0 || length >= m->context || !tokens_in_range(m, tokens, B)) return -2;
+                int kv_bf16, int length, const uint8_t *mask, int mask_len, float *logits) {
+    if (length < 0 || mask_len < 0 || mask_len > m->context || !tokens_in_range(m, tokens, B)) return -2;
     Scratch s;
     if (scratch_alloc(&s, m, B)) return -1;
-    forward(m, &s, tokens, positions, B, keys, values, kv_bf16, length, mask, length + 1, logits);
+    forward(m, &s, tokens, positions, B, keys, values, kv_bf16, length, mask, mask_len, logits);
     scratch_free(&s);
     return 0;
 }
@@ -393,15 +399,18 @@ int draw_tokens(const float *logits, int B, long stride, const Sampling *s, cons
 /* Generation's inner loop, `count` times: a step that feeds each row its last token, then a draw
  * of its next one, which the following step feeds (the engine's Python loop per token, in one call:
  * benchmarks/NOTES.md, "Decoding a run of tokens in C"). last, positions (B,): each row's newest
- * token, not yet in the cache, and its rotary position; the cache holds `length` positions, the
- * first mask_len of them masked by mask (B, mask_len) (NULL: none). u (count, B) in [0, 1) ->
+ * token, not yet in the cache, and its rotary position; `length` positions have entered the cache
+ * (the newest `context` of them are in it), the first mask_len of them masked by mask (B, mask_len)
+ * (NULL: none). u (count, B) in [0, 1) ->
  * out (count, B). A row is done once it draws a token flagged in stops (vocab; NULL: none); the loop
  * ends early when every row is done (done (B) in and out). Returns the number of tokens drawn per
- * row; -2 if a token is out of range or the steps would pass the cache; -1 if out of memory. */
+ * row; -2 if a token, the length or mask_len is out of range; -1 if out of memory. */
 int decode_tokens(const Model *m, const Sampling *s, const int64_t *last, const int64_t *positions, int B,
                   void *keys, void *values, int kv_bf16, int length, const uint8_t *mask, int mask_len,
                   const uint8_t *stops, uint8_t *done, int count, const float *u, int64_t *out) {
-    if (count < 1 || length < 0 || length + count > m->context || !tokens_in_range(m, last, B)) return -2;
+    if (count < 1 || length < 0 || length > INT32_MAX - count || mask_len < 0 || mask_len > m->context ||
+        !tokens_in_range(m, last, B))
+        return -2;
     Scratch scratch;
     DrawScratch d;
     int64_t *position = malloc(sizeof(int64_t) * B);

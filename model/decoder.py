@@ -118,8 +118,10 @@ class FusedDecoder:
     ) -> torch.Tensor:
         """token, positions (B,) -> logits (B, vocab) of the next token.
 
-        keys/values (n_layer, B, n_kv_head, context, head_dim) hold `length` filled positions; this
-        step writes position `length` and attends to 0..length. `mask` (B, 1, 1, length + 1) bool or None.
+        keys/values (n_layer, B, n_kv_head, context, head_dim) are a ring (decode_step.c): `length`
+        positions have entered it, this step writes position `length` into slot length % context and
+        attends to every filled slot. `mask` (B, mask_len <= context) bool or None says which of the
+        first mask_len positions each row may see (a left-padded prompt); later ones are all seen.
         No autograd here (the weights are detached copies), and no `inference_mode` wrapper either:
         entering it costs about 10 us a token, and the engine calls this inside its own.
         """
@@ -130,17 +132,22 @@ class FusedDecoder:
         cos, sin = self.rotary(positions[:, None])  # (B, 1, 1, D)
         sin = sin * self.sign
         x = self.embed[token]  # (B, C)
+        slot, filled = length % c.context, min(length + 1, c.context)
+        if mask is not None:  # per slot: a masked position stays masked until a later one overwrites it
+            seen = torch.ones(B, filled, dtype=torch.bool)
+            seen[:, : mask.size(1)] = mask | (torch.arange(mask.size(1)) <= length - c.context)
+            mask = seen[:, None, None, :]
         for i, w in enumerate(self.layers):
             qkv = self._unit(x, self.floor) @ w["qkv"]
             qk = self._unit(qkv[:, : (H + Hkv) * D].view(B, H + Hkv, 1, D), self.head_floor) * w["qk_norm"]
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)  # rotary embedding
-            keys[i, :, :, length] = qk[:, H:, 0]
-            values[i, :, :, length] = qkv[:, (H + Hkv) * D :].view(B, Hkv, D)
+            keys[i, :, :, slot] = qk[:, H:, 0]
+            values[i, :, :, slot] = qkv[:, (H + Hkv) * D :].view(B, Hkv, D)
             q = qk[:, :H].reshape(B, Hkv, H // Hkv, D)  # query heads grouped by the key/value head they share
-            scores = q @ keys[i, :, :, : length + 1].transpose(-1, -2)  # (B, Hkv, H/Hkv, length + 1)
+            scores = q @ keys[i, :, :, :filled].transpose(-1, -2)  # (B, Hkv, H/Hkv, filled)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            y = torch.softmax(scores, dim=-1) @ values[i, :, :, : length + 1]
+            y = torch.softmax(scores, dim=-1) @ values[i, :, :, :filled]
             x = torch.addmm(x, y.view(B, H * D), w["o"])
             gate, up = (self._unit(x, self.floor) @ w["gate_up"]).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate) * up, w["down"])
@@ -151,15 +158,16 @@ class FusedDecoder:
         B, c = token.size(0), self.config
         self._check_cache(keys, values, B, positions)
         token, positions = token.long().contiguous(), positions.long().contiguous()
-        mask = None if mask is None else mask.reshape(B, length + 1).contiguous()
+        mask = None if mask is None else mask.contiguous()  # bool: one byte, 0 or 1, as C reads it
         logits = torch.empty(B, c.vocab_size)
         status = self.native.decode_step(
             self._native_model_ref, token.data_ptr(), positions.data_ptr(), B, keys.data_ptr(), values.data_ptr(),
-            int(keys.dtype == torch.bfloat16), length, None if mask is None else mask.data_ptr(), logits.data_ptr(),
+            int(keys.dtype == torch.bfloat16), length, None if mask is None else mask.data_ptr(),
+            0 if mask is None else mask.size(1), logits.data_ptr(),
         )  # fmt: skip
         if status == -2:
             raise IndexError(
-                f"decode step: a token id is outside the vocabulary or position {length} is past the cache"
+                f"decode step: a token id is outside the vocabulary, or the length {length} or the mask is out of range"
             )
         if status != 0:
             raise MemoryError("the C decode step could not allocate its scratch memory")
@@ -179,7 +187,8 @@ class FusedDecoder:
         feeds every row its newest token and a draw of its next one by `sampler` (model/sampling.py).
 
         last, positions (B,): the newest tokens, not yet in the cache, and their rotary positions;
-        the cache holds `length` positions; mask (B, >= length) bool or None masks the first of them.
+        `length` positions have entered the cache (a ring, see `step`); mask (B, mask_len <= context)
+        bool or None masks the first of them.
         done (B,) uint8 marks rows that need no more tokens, and is updated: the call ends early once
         every row has drawn a stop token. Returns the tokens drawn, (steps, B).
         """
@@ -198,7 +207,7 @@ class FusedDecoder:
             sampler.stop_flags.data_ptr(), done.data_ptr(), count, u.data_ptr(), drawn.data_ptr(),
         )  # fmt: skip
         if steps == -2:
-            raise IndexError(f"decode: a token id is outside the vocabulary or {count} steps pass the cache")
+            raise IndexError("decode: a token id is outside the vocabulary, or the length or the mask is out of range")
         if steps < 0:
             raise MemoryError("the C decode step could not allocate its scratch memory")
         return drawn[:steps]

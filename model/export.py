@@ -23,8 +23,9 @@ Design decisions:
 - The folder is built under a temporary name and renamed into place (model/files.py), so an
   interrupted export never leaves a half-written model where a user expects one.
 
-What the format cannot say: our engine slides its window when a sequence fills the context
-(model/engine.py); `transformers` simply continues with positions past `max_position_embeddings`.
+What the export leaves out: past the context our engine attends to the newest `context` positions
+(a rolling cache, model/engine.py); the exported model attends to everything, with positions past
+`max_position_embeddings`. (Qwen3's `sliding_window` could say it; not set or tested here.)
 """
 
 from __future__ import annotations

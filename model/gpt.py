@@ -4,7 +4,7 @@ Design decisions (each one is what makes small models train better, and each map
 weight onto Hugging Face's Qwen3 architecture, so an export needs no retraining):
 - Rotary position embeddings (RoPE, Llama's "rotate half" layout) instead of learned positions:
   attention depends only on relative distance, which generalises better and lets the generation
-  engine slide its window without re-learning positions.
+  engine keep a rolling cache past the context (each token attends to the newest `context`).
 - RMSNorm before each sub-block (pre-norm), with a learned scale: cheaper than LayerNorm and just
   as good; pre-norm keeps gradients healthy without warm-up tricks.
 - QK norm: an RMSNorm on each head's queries and keys before RoPE (as in Qwen3). It bounds the

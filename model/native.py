@@ -121,7 +121,7 @@ def load() -> ctypes.CDLL | None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int
     step = dict(model=ctypes.POINTER(Model), tokens=pointer, positions=pointer, rows=size, keys=pointer)
-    step.update(values=pointer, kv_bf16=size, length=size, mask=pointer, logits=pointer)
+    step.update(values=pointer, kv_bf16=size, length=size, mask=pointer, mask_len=size, logits=pointer)
     draw = dict(logits=pointer, rows=size, stride=ctypes.c_long, sampling=ctypes.POINTER(Sampling))
     draw.update(u=pointer, tokens=pointer)
     run = dict(model=ctypes.POINTER(Model), sampling=ctypes.POINTER(Sampling), last=pointer, positions=pointer)

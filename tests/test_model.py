@@ -55,15 +55,27 @@ def test_future_tokens_never_change_past_logits():
     assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
 
 
+class SlidingWindow:
+    """Stands in for a cache in GPT.forward: caches nothing, lets each position attend to itself and
+    the `width - 1` before it, at its own rotary position."""
+
+    def __init__(self, length: int, width: int):
+        i = torch.arange(length)
+        self.positions = i[None]
+        self.attn_mask = ((i[:, None] >= i[None]) & (i[:, None] - i[None] < width))[None, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
+
+
 def reference_greedy(model: GPT, prompt: list[int], steps: int) -> list[int]:
-    """Greedy decoding that recomputes the whole window every token (no cache), sliding like the engine."""
-    context = model.config.context
-    sequence, start, out = list(prompt), 0, []
+    """Greedy decoding that recomputes the whole sequence every token (no cache), each position
+    attending to the newest `context` ones: what the engine's rolling cache computes."""
+    sequence, out = list(prompt), []
     for _ in range(steps):
-        if len(sequence) - start > context:
-            start = len(sequence) - context // 2
+        window = SlidingWindow(len(sequence), model.config.context)
         with torch.no_grad():
-            logits = model(torch.tensor([sequence[start:]]))[0, -1, : TOKENIZER.n_vocab].clone()
+            logits = model(torch.tensor([sequence]), cache=window)[0, -1, : TOKENIZER.n_vocab].clone()
         logits[list(TOKENIZER.special_ids.values())] = float("-inf")  # generation never emits them
         out.append(int(logits.argmax()))
         sequence.append(out[-1])
@@ -85,7 +97,7 @@ def test_kv_cache_generation_equals_full_recomputation_also_past_the_context():
     model = tiny_model(context=16)
     engine = Engine(model, TOKENIZER)
     prompt = [TOKENIZER.doc_separator, *TOKENIZER.encode("hello there")]
-    steps = 50  # slides the 16-token window several times
+    steps = 50  # wraps the 16-token ring several times
     expected = TOKENIZER.decode(reference_greedy(model, prompt, steps))
     assert engine_texts(engine, [prompt], steps) == [expected]
 
@@ -163,11 +175,12 @@ def c_decoder_and_cache(rows: int):
     return decoder, c, keys, torch.zeros_like(keys)
 
 
-def test_the_c_decode_step_refuses_tokens_positions_and_caches_outside_its_arrays():
+def test_the_c_decode_step_refuses_tokens_lengths_masks_and_caches_outside_its_arrays():
     decoder, c, keys, values = c_decoder_and_cache(rows=1)
-    for token, length in ((c.vocab_size, 3), (-1, 3), (0, c.context)):
+    too_long = torch.ones(1, c.context + 1, dtype=torch.bool)  # a mask reaching past the ring's slots
+    for token, length, mask in ((c.vocab_size, 3, None), (-1, 3, None), (0, -1, None), (0, 3, too_long)):
         with pytest.raises(IndexError):
-            decoder.step(torch.tensor([token]), torch.tensor([3]), keys, values, length, None)
+            decoder.step(torch.tensor([token]), torch.tensor([3]), keys, values, length, mask)
     short = keys[:, :, :, :8].contiguous()  # a cache shorter than the context it would be indexed by
     with pytest.raises(ValueError):
         decoder.step(torch.tensor([0]), torch.tensor([3]), short, short.clone(), 3, None)
@@ -301,7 +314,7 @@ def test_the_c_sampler_draws_exactly_the_tokens_of_the_pytorch_rule(knobs):
 )
 def test_decoding_runs_of_tokens_in_c_generates_what_the_pytorch_loop_generates(knobs):
     """Three prompts of different lengths (left-padded), 70 tokens each: the C loop's runs of up to
-    TOKENS_PER_CALL tokens end at slides of the 32-token window and at the last token, and rows stop
+    TOKENS_PER_CALL tokens run across the wrap of the 32-slot ring and end at the last token, and rows stop
     at different times on the end-of-turn token, which this model draws often."""
     model = tiny_model(context=32)
     with torch.no_grad():
@@ -314,10 +327,10 @@ def test_decoding_runs_of_tokens_in_c_generates_what_the_pytorch_loop_generates(
     texts = [engine_texts(engine, prompts, 70, sampling) for engine in (in_c, in_torch)]
     assert texts[0] == texts[1]
     lengths = sorted(len(TOKENIZER.encode(text)) for text in texts[0])
-    assert lengths[0] < lengths[-1] and lengths[-1] > 32, lengths  # rows ended apart, one slid past the window
+    assert lengths[0] < lengths[-1] and lengths[-1] > 32, lengths  # rows ended apart, one went past the context
 
 
-def test_the_c_decode_loop_ends_when_every_row_is_done_and_refuses_to_pass_the_cache():
+def test_the_c_decode_loop_ends_when_every_row_is_done_and_refuses_masks_past_the_ring():
     decoder, c, keys, values = c_decoder_and_cache(rows=2)
     last, positions = torch.tensor([3, 4]), torch.tensor([0, 0])
     greedy = sampler_for("c", temperature=0, stop_at_special=False)
@@ -330,8 +343,9 @@ def test_the_c_decode_loop_ends_when_every_row_is_done_and_refuses_to_pass_the_c
     done = torch.tensor([0, 1], dtype=torch.uint8)
     assert decoder.decode_tokens(greedy, last, positions, keys, values, 0, None, done, 8).shape == (1, 2)
     assert done.tolist() == [1, 1]
-    with pytest.raises(IndexError):  # 8 more steps after 10 cached positions would pass the 16-token cache
-        decoder.decode_tokens(greedy, last, positions, keys, values, 10, None, done, 8)
+    too_long = torch.ones(2, c.context + 1, dtype=torch.bool)  # masks more positions than the ring has slots
+    with pytest.raises(IndexError):
+        decoder.decode_tokens(greedy, last, positions, keys, values, 10, too_long, done, 8)
     with pytest.raises(IndexError):
         decoder.decode_tokens(greedy, torch.tensor([3, c.vocab_size]), positions, keys, values, 0, None, done, 8)
 
