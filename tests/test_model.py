@@ -57,23 +57,26 @@ def test_future_tokens_never_change_past_logits():
 
 class SlidingWindow:
     """Stands in for a cache in GPT.forward: caches nothing, lets each position attend to itself and
-    the `width - 1` before it, at its own rotary position."""
+    the `width - 1` before it, except the first `pads` positions (left padding, which nothing else
+    sees and which takes no rotary positions)."""
 
-    def __init__(self, length: int, width: int):
+    def __init__(self, length: int, width: int, pads: int = 0):
         i = torch.arange(length)
-        self.positions = i[None]
-        self.attn_mask = ((i[:, None] >= i[None]) & (i[:, None] - i[None] < width))[None, None]
+        self.positions = (i - pads).clamp(min=0)[None]
+        band = (i[:, None] >= i[None]) & (i[:, None] - i[None] < width) & (i[None] >= pads)
+        self.attn_mask = (band | torch.eye(length, dtype=torch.bool))[None, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return k, v
 
 
-def reference_greedy(model: GPT, prompt: list[int], steps: int) -> list[int]:
+def reference_greedy(model: GPT, prompt: list[int], steps: int, pads: int = 0) -> list[int]:
     """Greedy decoding that recomputes the whole sequence every token (no cache), each position
-    attending to the newest `context` ones: what the engine's rolling cache computes."""
-    sequence, out = list(prompt), []
+    attending to the newest `context` ones: what the engine's rolling cache computes (`pads`: the
+    prompt left-padded by that many positions, as in a batch with a longer prompt)."""
+    sequence, out = [0] * pads + list(prompt), []
     for _ in range(steps):
-        window = SlidingWindow(len(sequence), model.config.context)
+        window = SlidingWindow(len(sequence), model.config.context, pads)
         with torch.no_grad():
             logits = model(torch.tensor([sequence]), cache=window)[0, -1, : TOKENIZER.n_vocab].clone()
         logits[list(TOKENIZER.special_ids.values())] = float("-inf")  # generation never emits them
@@ -100,6 +103,21 @@ def test_kv_cache_generation_equals_full_recomputation_also_past_the_context():
     steps = 50  # wraps the 16-token ring several times
     expected = TOKENIZER.decode(reference_greedy(model, prompt, steps))
     assert engine_texts(engine, [prompt], steps) == [expected]
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+def test_a_left_padded_row_keeps_its_padding_masked_until_the_ring_overwrites_it(use_c):
+    """Past the context a batch's rows share one ring, so a padded row attends to the newest `context`
+    positions of its padded sequence (pads masked), which is what the reference computes."""
+    model = tiny_model(context=16)
+    engine = Engine(model, TOKENIZER, use_c=use_c)
+    assert bool(engine.decoder.native) == use_c, "the C decode step needs a C compiler (cc)"
+    prompts = [[TOKENIZER.doc_separator, *TOKENIZER.encode(text)] for text in ("hello there, friend", "hi")]
+    pads = len(prompts[0]) - len(prompts[1])
+    steps = 40
+    expected = [TOKENIZER.decode(reference_greedy(model, prompts[0], steps))]
+    expected.append(TOKENIZER.decode(reference_greedy(model, prompts[1], steps, pads)))
+    assert pads > 2 and engine_texts(engine, prompts, steps) == expected
 
 
 @pytest.mark.parametrize("weights", ["initial", "large"])
