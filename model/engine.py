@@ -164,15 +164,15 @@ class Engine:
         if not all(prompts):
             raise UserError("a prompt must have at least one token")
         prompts = [prompt[-self.context :] for prompt in prompts]  # the model sees at most its context
-        # Every token of the call, prompts left-padded to the longest; columns up to `end` are filled.
+        # The prompts, left-padded to the longest; `valid` marks the real tokens.
         width = max(len(p) for p in prompts)
-        tokens = torch.zeros(len(prompts), width + sampling.max_new_tokens, dtype=torch.long, device=self.device)
-        valid = torch.ones(len(prompts), width + sampling.max_new_tokens, dtype=torch.bool, device=self.device)
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        valid = torch.ones(len(prompts), width, dtype=torch.bool, device=self.device)
         for row, prompt in enumerate(prompts):
-            tokens[row, width - len(prompt) : width] = torch.tensor(prompt)
+            tokens[row, width - len(prompt) :] = torch.tensor(prompt)
             valid[row, : width - len(prompt)] = False
-        end = width
-        padding = None if valid.all() else valid[:, :width]  # the prompts' padding, which the decode steps mask
+        padding = None if valid.all() else valid  # what the decode steps mask
+        generated = 0
         streams = [TextStream(sampling.stop) for _ in prompts]
         active = [True] * len(streams)
 
@@ -182,7 +182,7 @@ class Engine:
         # The C step uses no PyTorch threads, so with it the prefill keeps all of them.
         one_thread = self.device.type == "cpu" and not self.decoder.native
         with single_thread() if one_thread else contextlib.nullcontext():
-            cache, logits = self._prefill(tokens[:, :end], valid[:, :end])
+            cache, logits = self._prefill(tokens, valid)
             drawn = sampler.draw(logits)[:, None]  # (B, n): each row's tokens since the last look
             while True:
                 for row, row_tokens in enumerate(drawn.tolist()):  # one read of the batch's tokens
@@ -193,12 +193,11 @@ class Engine:
                     if piece := streams[row].push(data, final=bool(ends)):
                         yield row, piece
                     active[row] = not (ends or streams[row].stopped)
-                tokens[:, end : end + drawn.size(1)] = drawn
-                end += drawn.size(1)
-                if not any(active) or end - width == sampling.max_new_tokens:
+                generated += drawn.size(1)
+                if not any(active) or generated == sampling.max_new_tokens:
                     break
-                steps = min(TOKENS_PER_CALL, sampling.max_new_tokens - (end - width))
-                drawn = self._decode(cache, tokens[:, end - 1], padding, sampler, active, steps)
+                steps = min(TOKENS_PER_CALL, sampling.max_new_tokens - generated)
+                drawn = self._decode(cache, drawn[:, -1], padding, sampler, active, steps)
             for row, still_going in enumerate(active):
                 if still_going and (piece := streams[row].push(b"", final=True)):
                     yield row, piece

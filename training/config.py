@@ -227,11 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not MISSING else None
         kind = field.type.split(" |")[0] if isinstance(field.type, str) else field.type
-        shown = str(default)
-        if field.name in PRESETS["cpu"]:
-            shown = f"{PRESETS['cpu'][field.name]} in the cpu preset, else {default}"
         if field.name in CHOSEN:
             shown = f"sized for --max-minutes in the cpu preset, else {default}"
+        elif field.name in PRESETS["cpu"]:
+            shown = f"{PRESETS['cpu'][field.name]} in the cpu preset, else {default}"
+        else:
+            shown = str(default)
         if kind == "bool":
             parser.add_argument(
                 flag,
