@@ -209,7 +209,6 @@ class Engine:
         kv_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 and self.decoder.native else torch.float32
         cache = KVCache(config.n_layer, B, config.n_kv_head, self.context, config.head_dim, tokens.device, kv_dtype)
         cache.positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
-        cache.attn_mask = None
         padded = not valid.all()
         if self.decoder.native and T <= SHORT_PROMPT and not padded:  # a token at a time
             for t in range(T):
