@@ -13,8 +13,8 @@ far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe
 machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
 and dropout and input-token noise once the model is big enough to memorise a small corpus in its
-budget. One setting follows the minutes instead: from COMPILE_MINUTES on, `torch.compile` (about
-half a minute to build on first use) pays for itself in faster steps.
+budget. One setting follows the minutes instead: from COMPILE_MINUTES on, `torch.compile` (about a
+minute to build on first use on two cores, seconds once cached) pays for itself in faster steps.
 The schedule needs nothing: it already ends exactly when the budget does (training/optim.py).
 
 The FLOP/s come from timing real training steps of the anchor model (`anchor_step_flops`), not from
@@ -64,7 +64,7 @@ DEPTH_EXPONENT = 0.26  # depth ~ compute^0.26; 1/6 under-sized data-limited 5-mi
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
 TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
-COMPILE_MINUTES = 3.0  # compiling costs ~30 s cold, ~15 s cached, and buys ~25% faster steps (benchmarks/NOTES.md)
+COMPILE_MINUTES = 3.0  # compiling costs 30-60 s cold, 5-15 s cached; steps 25-42% faster: pays from ~2.5 min (NOTES.md)
 REMEMBERED = "step_flops.json"  # (earlier versions kept matmul peaks in peak_flops.json)
 CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise", "compile")  # what this rule fills in
 

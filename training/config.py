@@ -210,8 +210,8 @@ HELP = {
     "init_from": "start a new run from the weights (and tokenizer) of this checkpoint",
     "device": "auto, cpu, cuda or cuda:N",
     "dtype": "auto (bf16 where the hardware has it), bf16 or fp32",
-    "compile": "compile the model with torch.compile (faster steps after ~30 s of compiling; a CPU needs a "
-    "C++ compiler such as g++)",
+    "compile": "compile the model with torch.compile (faster steps after about a minute of compiling on a CPU the first "
+    "time, seconds once cached; a CPU needs a C++ compiler such as g++)",
     "seed": "random seed for initialisation and data order",
     "preset": f"named defaults: {', '.join(PRESETS)} (cpu: ~5 minutes on 2 cores; tiny: seconds; "
     "chat: fine-tuning, the default with --chat-data; gpu: GPT-2 small)",

@@ -443,7 +443,8 @@ class Trainer:
         )
         if c.compile:
             print(
-                "compiling the model: the first step waits for it (about half a minute on a CPU, less once cached)",
+                "compiling the model: the first step waits for it (about a minute on a 2-core CPU the first time, "
+                "seconds once inductor has cached it)",
                 flush=True,
             )
 
