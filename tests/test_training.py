@@ -28,7 +28,7 @@ from training.budget import (
 )
 from training.calibration import fit_temperature, temperature_for_passes
 from training.config import assemble
-from training.muon import StackedMuon
+from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon
 from training.trainer import Trainer, train
 
 
@@ -183,6 +183,66 @@ def test_stacked_muon_takes_the_same_steps_as_pytorchs_muon():
         buffers = [o.state[p]["momentum_buffer"] for o, p in zip(optimizers, (param_theirs, param_ours), strict=True)]
         torch.testing.assert_close(buffers[0], buffers[1], rtol=0.05, atol=1e-4)
     optimizers[0].load_state_dict(optimizers[1].state_dict())  # checkpoints of either resume with the other
+    optimizers[1].load_state_dict(optimizers[0].state_dict())  # PyTorch's has no NorMuon setting: ours keeps its own
+    assert optimizers[1].param_groups[0]["normuon_beta2"] == 0.0
+
+
+def test_normuon_gives_every_neuron_a_step_of_the_same_size_and_keeps_the_updates_norm():
+    """One step from fresh state on a tall, a wide and a square matrix: with NorMuon every neuron (a
+    row; a column of the wide matrix) moves by the same amount, and each matrix moves as far as plain
+    Muon moves it. A second step keeps one running mean square per neuron."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 48), (24, 24)]
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [torch.randn(shape, generator=generator) for shape in shapes]
+    moves = []
+    for normuon_beta2 in (0.0, 0.95):
+        params = [torch.nn.Parameter(weights.clone()) for weights in start]
+        optimizer = StackedMuon(params, lr=0.1, weight_decay=0.0, adjust_lr_fn="original", normuon_beta2=normuon_beta2)
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad.clone()
+        optimizer.step()
+        moves.append([(weights - param).detach() for weights, param in zip(start, params, strict=True)])
+    for plain, normalised, (rows, columns) in zip(*moves, shapes, strict=True):
+        neurons = normalised.norm(dim=0 if rows < columns else 1)
+        torch.testing.assert_close(neurons, neurons.mean().expand_as(neurons), rtol=1e-3, atol=0)
+        plain_neurons = plain.norm(dim=0 if rows < columns else 1)
+        assert plain_neurons.std() > 0.01 * plain_neurons.mean()  # without it they differ
+        torch.testing.assert_close(normalised.norm(), plain.norm(), rtol=1e-3, atol=0)
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = -grad
+    optimizer.step()
+    assert [tuple(optimizer.state[p]["neuron_second_moment"].shape) for p in params] == [(48, 1), (1, 48), (24, 1)]
+
+
+def test_cautious_weight_decay_spares_weights_the_update_pushes_away_from_zero_and_momentum_warms_up():
+    generator = torch.Generator().manual_seed(1)
+    before, grad = torch.randn(32, 16, generator=generator), torch.randn(32, 16, generator=generator)
+    lr, weight_decay = 0.1, 0.4
+    after = {}
+    for cautious in (False, True):
+        param = torch.nn.Parameter(before.clone())
+        optimizer = StackedMuon([param], lr=lr, weight_decay=weight_decay, cautious_weight_decay=cautious)
+        param.grad = grad.clone()
+        optimizer.step()
+        after[cautious] = param.detach()
+    step_lr, decay = lr * 2**0.5, lr * weight_decay  # `adjust_lr_fn="original"`: sqrt(32 / 16)
+    update = (before * (1 - decay) - after[False]) / step_lr  # the orthogonalised update both took
+    decayed = update * before >= 0
+    assert 0.3 < decayed.float().mean() < 0.7
+    torch.testing.assert_close(after[True], before - decay * before * decayed - step_lr * update)
+
+    param = torch.nn.Parameter(before.clone())
+    optimizer = StackedMuon([param], lr=lr, momentum=0.95, momentum_warmup=0.85)
+    param.grad = grad.clone()
+    optimizer.step()
+    buffer = optimizer.state[param]["momentum_buffer"]
+    torch.testing.assert_close(buffer, 0.15 * grad)  # the first step's momentum is 0.85
+    optimizer.param_groups[0]["steps_taken"] = MOMENTUM_WARMUP_STEPS // 2  # halfway: 0.90
+    expected = buffer + 0.10 * (grad - buffer)
+    optimizer.step()
+    torch.testing.assert_close(optimizer.state[param]["momentum_buffer"], expected)
+    assert optimizer.param_groups[0]["steps_taken"] == MOMENTUM_WARMUP_STEPS // 2 + 1
 
 
 def test_checkpoint_round_trip_restores_weights_config_and_tokenizer(corpus_file, tmp_path):

@@ -1,10 +1,32 @@
-"""Muon with its Newton-Schulz iterations run on stacks of same-shaped matrices.
+"""Muon with its Newton-Schulz iterations run on stacks of same-shaped matrices, and the refinements
+of nanochat's Muon.
 
 `torch.optim.Muon` orthogonalises one matrix at a time. A small model's matrices are small (320 x 320
 and 320 x 896 in the 5-minute default), and on a CPU a product that size leaves most of the matrix
 unit idle, so the orthogonalisation took a fifth of the training step. The same products on a stack
 of every matrix of one shape (`torch.baddbmm`) run 2.3x as fast on the Xeon with AMX: 27 ms against
 62 ms for the 35 matrices of 5 x 320 (benchmarks/NOTES.md, "Muon on stacks of matrices").
+
+On top, the refinements nanochat's Muon has (measured together on the tuning split: "nanochat's Muon"
+in benchmarks/NOTES.md). Each is off unless asked for, so the class's defaults take
+`torch.optim.Muon`'s steps (a test checks it):
+- `polar_express`: each Newton-Schulz iteration gets its own coefficients (Amsel et al. 2025, "The
+  Polar Express"; nanochat's table), in place of PyTorch's one polynomial. The table is made for
+  five iterations and we run four (`training/optim.py`, NS_STEPS): the first four rows leave the
+  update's singular values further from 1 than PyTorch's four do (0.43-1.58 against 0.68-1.14 for
+  a Gaussian matrix), and NorMuon then resizes each neuron's step. That combination is what was
+  measured; without the table the other three scored level on one seed and 0.004 worse on another.
+- `normuon_beta2`: NorMuon (Li et al. 2025). An orthogonalised update moves every direction of a
+  matrix equally, but its neurons (rows, one per output) still get updates of unequal size. NorMuon
+  keeps a running mean of each neuron's mean squared update (decay `normuon_beta2`), divides the
+  neuron's update by its root, then scales the whole update back to the orthogonalised one's
+  Frobenius norm, so the learning rate keeps its meaning. In a wide matrix the neurons are the
+  columns (the inputs), as in nanochat. Its state is one vector per matrix.
+- `cautious_weight_decay`: decay a weight only where this step's update also pulls it towards zero
+  (nanochat's "cautious" weight decay), so weight decay never fights the update.
+- `momentum_warmup`: the momentum starts at this value and rises linearly to `momentum` over the first
+  MOMENTUM_WARMUP_STEPS steps (modded-nanogpt's 0.85 over 300), so the early updates follow the early,
+  fast-changing gradients more closely. The steps taken are counted in the optimizer's state.
 
 Everything else is PyTorch's Muon, unchanged: its hyperparameters, its checks and momentum buffers
 (`_init_group`, so checkpoints saved by either resume with the other), its per-matrix learning-rate
@@ -16,11 +38,26 @@ from __future__ import annotations
 import torch
 from torch.optim._muon import _adjust_lr
 
+# (a, b, c) of iterations 1, 2, ...: X <- a X + (b A + c A^2) X with A = X X^T, for inputs divided by
+# POLAR_EXPRESS_MARGIN x their Frobenius norm (nanochat's table, made for five iterations)
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_MARGIN = 1.02
+MOMENTUM_WARMUP_STEPS = 300
+EXTRAS = {"polar_express": False, "normuon_beta2": 0.0, "cautious_weight_decay": False, "momentum_warmup": None}
 
-def orthogonalise(updates: list[torch.Tensor], coefficients: tuple[float, float, float], steps: int, eps: float):
-    """PyTorch Muon's quintic Newton-Schulz iteration (`torch.optim._muon._zeropower_via_newtonschulz`)
-    on every update, in bf16, each matrix of a shape stacked with the others of that shape."""
-    a, b, c = coefficients
+
+def orthogonalise(
+    updates: list[torch.Tensor], coefficients: list[tuple[float, float, float]], eps: float, margin: float = 1.0
+) -> list[torch.Tensor]:
+    """The quintic Newton-Schulz iteration of PyTorch's Muon (`torch.optim._muon._zeropower_via_newtonschulz`),
+    one iteration per row of `coefficients`, on every update, in bf16, each matrix of a shape stacked
+    with the others of that shape. Each update is first divided by `margin` x its Frobenius norm."""
     tall = [update.size(0) > update.size(1) for update in updates]
     wide = [update.T if flip else update for update, flip in zip(updates, tall, strict=True)]
     by_shape: dict[torch.Size, list[int]] = {}  # iterate on the wide orientation: the Gram matrix is the small side
@@ -29,8 +66,8 @@ def orthogonalise(updates: list[torch.Tensor], coefficients: tuple[float, float,
     results: list[torch.Tensor] = [torch.empty(0)] * len(updates)
     for indices in by_shape.values():
         stack = torch.stack([wide[i] for i in indices]).bfloat16()
-        stack = stack / stack.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
-        for _ in range(steps):
+        stack = stack / (margin * stack.norm(dim=(1, 2), keepdim=True)).clamp(min=eps)  # spectral norm at most 1
+        for a, b, c in coefficients:
             gram = stack @ stack.mT
             gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
             stack = torch.baddbmm(stack, gram_update, stack, beta=a)
@@ -39,8 +76,45 @@ def orthogonalise(updates: list[torch.Tensor], coefficients: tuple[float, float,
     return results
 
 
+def neuron_dim(matrix: torch.Tensor) -> int:
+    """The dimension to average over for one value per neuron: a neuron is a row of the weight (an
+    output), whose weights run along dimension 1, except in a wide matrix, whose neurons are its
+    columns (its inputs)."""
+    return 0 if matrix.size(0) < matrix.size(1) else 1
+
+
+def normalise_neurons(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon: divide each neuron's update by the root of its running mean square (updated here, in
+    place), then give the result the Frobenius norm `update` had."""
+    update = update.float()
+    second_moment.lerp_(update.square().mean(dim=neuron_dim(update), keepdim=True), 1 - beta2)
+    scaled = update * second_moment.clamp(min=1e-10).rsqrt()
+    return scaled * (update.norm() / scaled.norm().clamp(min=1e-10))
+
+
 class StackedMuon(torch.optim.Muon):
-    """`torch.optim.Muon` whose orthogonalisation runs on stacks of same-shaped matrices."""
+    """`torch.optim.Muon` whose orthogonalisation runs on stacks of same-shaped matrices, with
+    nanochat's refinements where asked for (the module docstring)."""
+
+    def __init__(self, params, **settings):
+        extras = {name: settings.pop(name, default) for name, default in EXTRAS.items()}
+        if extras["polar_express"] and settings.get("ns_steps", 5) > len(POLAR_EXPRESS):
+            raise ValueError(f"Polar Express has coefficients for at most {len(POLAR_EXPRESS)} iterations")
+        if not 0 <= extras["normuon_beta2"] < 1:
+            raise ValueError(f"normuon_beta2 must be in [0, 1), got {extras['normuon_beta2']}")
+        super().__init__(params, **settings)
+        self.defaults.update(extras)
+        for group in self.param_groups:  # saved with the optimizer's state, like PyTorch's own settings
+            group.update(extras, steps_taken=0)
+
+    def __setstate__(self, state: dict) -> None:
+        """Optimizer state saved without these settings (PyTorch's Muon, or before they existed) resumes
+        with this optimizer's, past its momentum warm-up."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for name, default in EXTRAS.items():
+                group.setdefault(name, self.defaults.get(name, default))
+            group.setdefault("steps_taken", MOMENTUM_WARMUP_STEPS)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -52,12 +126,30 @@ class StackedMuon(torch.optim.Muon):
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
             momentum, updates = group["momentum"], []
+            if group["momentum_warmup"] is not None:
+                warmed = min(1.0, group["steps_taken"] / MOMENTUM_WARMUP_STEPS)
+                momentum = group["momentum_warmup"] + warmed * (momentum - group["momentum_warmup"])
+            group["steps_taken"] += 1
             for grad, buffer in zip(grads, buffers, strict=True):
                 buffer.lerp_(grad, 1 - momentum)
                 updates.append(grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
-            orthogonal = orthogonalise(updates, group["ns_coefficients"], group["ns_steps"], group["eps"])
-            lr = group["lr"]
+            if group["polar_express"]:
+                coefficients, margin = POLAR_EXPRESS[: group["ns_steps"]], POLAR_EXPRESS_MARGIN
+            else:
+                coefficients, margin = [group["ns_coefficients"]] * group["ns_steps"], 1.0
+            orthogonal = orthogonalise(updates, list(coefficients), group["eps"], margin)
+            lr, decay = group["lr"], group["lr"] * group["weight_decay"]
             for param, update in zip(params, orthogonal, strict=True):
-                param.mul_(1 - lr * group["weight_decay"])
+                if group["normuon_beta2"]:
+                    state = self.state[param]
+                    if "neuron_second_moment" not in state:
+                        shape = list(param.shape)
+                        shape[neuron_dim(param)] = 1
+                        state["neuron_second_moment"] = torch.zeros(shape, device=param.device)
+                    update = normalise_neurons(update, state["neuron_second_moment"], group["normuon_beta2"])
+                if group["cautious_weight_decay"]:
+                    param.sub_(param * (update * param >= 0), alpha=decay)
+                else:
+                    param.mul_(1 - decay)
                 param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
         return loss
