@@ -85,11 +85,17 @@ def neuron_dim(matrix: torch.Tensor) -> int:
 
 def normalise_neurons(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
     """NorMuon: divide each neuron's update by the root of its running mean square (updated here, in
-    place), then give the result the Frobenius norm `update` had."""
-    update = update.float()
-    second_moment.lerp_(update.square().mean(dim=neuron_dim(update), keepdim=True), 1 - beta2)
-    scaled = update * second_moment.clamp(min=1e-10).rsqrt()
-    return scaled * (update.norm() / scaled.norm().clamp(min=1e-10))
+    place), then give the result the Frobenius norm `update` had. Both norms follow from the neurons'
+    mean squares, so the update is read twice (its squares, its scaling) rather than once an operation:
+    this work is memory traffic (benchmarks/NOTES.md, "nanochat's Muon")."""
+    dim = neuron_dim(update)
+    mean_square = torch.linalg.vector_norm(update, dim=dim, keepdim=True, dtype=torch.float32).square() / update.size(
+        dim
+    )
+    second_moment.lerp_(mean_square, 1 - beta2)
+    scale = second_moment.clamp(min=1e-10).rsqrt()
+    scale *= (mean_square.sum() / (mean_square * scale.square()).sum().clamp(min=1e-20)).sqrt()
+    return update * scale  # a bf16 update times fp32 scales: fp32
 
 
 class StackedMuon(torch.optim.Muon):
@@ -103,7 +109,7 @@ class StackedMuon(torch.optim.Muon):
         if not 0 <= extras["normuon_beta2"] < 1:
             raise ValueError(f"normuon_beta2 must be in [0, 1), got {extras['normuon_beta2']}")
         super().__init__(params, **settings)
-        self.defaults.update(extras)
+        self.defaults.update(extras, steps_taken=0)  # also what `add_param_group` gives a later group
         for group in self.param_groups:  # saved with the optimizer's state, like PyTorch's own settings
             group.update(extras, steps_taken=0)
 
