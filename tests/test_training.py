@@ -204,9 +204,10 @@ def test_normuon_gives_every_neuron_a_step_of_the_same_size_and_keeps_the_update
         optimizer.step()
         moves.append([(weights - param).detach() for weights, param in zip(start, params, strict=True)])
     for plain, normalised, (rows, columns) in zip(*moves, shapes, strict=True):
-        neurons = normalised.norm(dim=0 if rows < columns else 1)
+        each_neuron = 0 if rows < columns else 1  # the wide matrix's neurons are its columns
+        neurons = normalised.norm(dim=each_neuron)
         torch.testing.assert_close(neurons, neurons.mean().expand_as(neurons), rtol=1e-3, atol=0)
-        plain_neurons = plain.norm(dim=0 if rows < columns else 1)
+        plain_neurons = plain.norm(dim=each_neuron)
         assert plain_neurons.std() > 0.01 * plain_neurons.mean()  # without it they differ
         torch.testing.assert_close(normalised.norm(), plain.norm(), rtol=1e-3, atol=0)
     for param, grad in zip(params, grads, strict=True):

@@ -35,6 +35,8 @@ scale (`_adjust_lr`). Only `step` is replaced.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.optim._muon import _adjust_lr
 
@@ -53,7 +55,7 @@ EXTRAS = {"polar_express": False, "normuon_beta2": 0.0, "cautious_weight_decay":
 
 
 def orthogonalise(
-    updates: list[torch.Tensor], coefficients: list[tuple[float, float, float]], eps: float, margin: float = 1.0
+    updates: list[torch.Tensor], coefficients: Sequence[tuple[float, float, float]], eps: float, margin: float = 1.0
 ) -> list[torch.Tensor]:
     """The quintic Newton-Schulz iteration of PyTorch's Muon (`torch.optim._muon._zeropower_via_newtonschulz`),
     one iteration per row of `coefficients`, on every update, in bf16, each matrix of a shape stacked
@@ -83,16 +85,17 @@ def neuron_dim(matrix: torch.Tensor) -> int:
     return 0 if matrix.size(0) < matrix.size(1) else 1
 
 
-def normalise_neurons(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
-    """NorMuon: divide each neuron's update by the root of its running mean square (updated here, in
-    place), then give the result the Frobenius norm `update` had. Both norms follow from the neurons'
-    mean squares, so the update is read twice (its squares, its scaling) rather than once an operation:
-    this work is memory traffic (benchmarks/NOTES.md, "nanochat's Muon")."""
+def normalise_neurons(update: torch.Tensor, state: dict, beta2: float) -> torch.Tensor:
+    """NorMuon: divide each neuron's update by the root of its running mean square (kept in the
+    matrix's optimizer `state`, from zero), then give the result the Frobenius norm `update` had. Both
+    norms follow from the neurons' mean squares, so the update is read twice (its squares, its scaling)
+    rather than once an operation: this work is memory traffic (benchmarks/NOTES.md, "nanochat's Muon")."""
     dim = neuron_dim(update)
-    mean_square = torch.linalg.vector_norm(update, dim=dim, keepdim=True, dtype=torch.float32).square() / update.size(
-        dim
-    )
-    second_moment.lerp_(mean_square, 1 - beta2)
+    sum_square = torch.linalg.vector_norm(update, dim=dim, keepdim=True, dtype=torch.float32).square()
+    mean_square = sum_square / update.size(dim)
+    if "neuron_second_moment" not in state:
+        state["neuron_second_moment"] = torch.zeros_like(mean_square)
+    second_moment = state["neuron_second_moment"].lerp_(mean_square, 1 - beta2)
     scale = second_moment.clamp(min=1e-10).rsqrt()
     scale *= (mean_square.sum() / (mean_square * scale.square()).sum().clamp(min=1e-20)).sqrt()
     return update * scale  # a bf16 update times fp32 scales: fp32
@@ -143,16 +146,11 @@ class StackedMuon(torch.optim.Muon):
                 coefficients, margin = POLAR_EXPRESS[: group["ns_steps"]], POLAR_EXPRESS_MARGIN
             else:
                 coefficients, margin = [group["ns_coefficients"]] * group["ns_steps"], 1.0
-            orthogonal = orthogonalise(updates, list(coefficients), group["eps"], margin)
+            orthogonal = orthogonalise(updates, coefficients, group["eps"], margin)
             lr, decay = group["lr"], group["lr"] * group["weight_decay"]
             for param, update in zip(params, orthogonal, strict=True):
                 if group["normuon_beta2"]:
-                    state = self.state[param]
-                    if "neuron_second_moment" not in state:
-                        shape = list(param.shape)
-                        shape[neuron_dim(param)] = 1
-                        state["neuron_second_moment"] = torch.zeros(shape, device=param.device)
-                    update = normalise_neurons(update, state["neuron_second_moment"], group["normuon_beta2"])
+                    update = normalise_neurons(update, self.state[param], group["normuon_beta2"])
                 if group["cautious_weight_decay"]:
                     param.sub_(param * (update * param >= 0), alpha=decay)
                 else:
