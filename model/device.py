@@ -3,7 +3,8 @@
 bf16 autocast is the biggest single speed lever on CPUs that have native bf16 matmuls (AVX-512
 BF16 or AMX on x86): about 4x the fp32 matmul rate on the reference machine. On CPUs without them
 bf16 is emulated and slower, so "auto" only turns it on where the hardware has it. Weights and
-optimizer state stay in fp32 either way; autocast only changes the precision of the matmuls.
+optimizer state stay in fp32 either way; autocast changes the precision of the matmuls (and, in
+training, of the residual stream between them: model/gpt.py).
 """
 
 from __future__ import annotations

@@ -404,6 +404,22 @@ def test_a_tiny_model_overfits_a_small_batch():
     assert first > 4.0 and loss.item() < 0.1
 
 
+def test_training_under_bf16_autocast_carries_a_bf16_residual_stream_and_scoring_an_fp32_one():
+    """The cast halves the bytes the elementwise passes move in training; scoring and generation must
+    not pay for it in precision, and the fp32 embedding must still get its gradient."""
+    model = tiny_model()
+    batch = torch.randint(0, TOKENIZER.n_vocab, (2, 9))
+    seen = []
+    model.layers[1].register_forward_pre_hook(lambda block, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()(batch[:, :-1], batch[:, 1:]).backward()
+        model.eval()(batch)
+    model(batch)  # no autocast: fp32 throughout
+    assert seen == [torch.bfloat16, torch.float32, torch.float32]
+    gradient = model.embed_tokens.weight.grad
+    assert gradient.dtype == torch.float32 and gradient[batch[:, :-1].unique()].abs().sum(dim=1).min() > 0
+
+
 def test_the_config_counts_the_parameters_the_model_will_have():
     """The memory check (training/memory.py) sizes a run from the config before building it."""
     shapes = [
