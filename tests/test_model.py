@@ -414,7 +414,7 @@ def test_training_under_bf16_autocast_carries_a_bf16_residual_stream_and_scoring
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.train()(batch[:, :-1], batch[:, 1:]).backward()
         model.eval()(batch)
-    model(batch)  # no autocast: fp32 throughout
+    model.train()(batch)  # training without autocast (a CPU without bf16): fp32 throughout
     assert seen == [torch.bfloat16, torch.float32, torch.float32]
     gradient = model.embed_tokens.weight.grad
     assert gradient.dtype == torch.float32 and gradient[batch[:, :-1].unique()].abs().sum(dim=1).min() > 0
