@@ -11,7 +11,7 @@
 4. Tokenizer and data (benchmarks/data_speed.py): BPE on 1 MB and 100 MB, preparing 100 MB.
 
 Writes `benchmarks.json`, `benchmarks.md` and `loss_vs_time.png` to `--out`. The full suite takes
-about half an hour on 2 cores (23.5 minutes on the Xeon at ab1d588); `--quick` runs every part small
+about half an hour on 2 cores (24 minutes on the Xeon at 291600a); `--quick` runs every part small
 (seconds to minutes) to check that it works. Nothing else should run on the machine meanwhile.
 """
 
