@@ -22,10 +22,9 @@ Design decisions:
   turn or document, never sample the other special tokens.
 - The folder is built under a temporary name and renamed into place (model/files.py), so an
   interrupted export never leaves a half-written model where a user expects one.
-
-What the export leaves out: past the context our engine attends to the newest `context` positions
-(a rolling cache, model/engine.py); the exported model attends to everything, with positions past
-`max_position_embeddings`. (Qwen3's `sliding_window` could say it; not set or tested here.)
+- Past the context our engine attends to the newest `context` positions (a rolling cache,
+  model/engine.py), so the export declares a sliding window as wide as the context in every layer:
+  `transformers` then computes the same thing past `max_position_embeddings` too (tested).
 """
 
 from __future__ import annotations
@@ -78,7 +77,9 @@ def qwen3_config(config: ModelConfig, tokenizer: Tokenizer, dtype: str, chat: bo
         "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "use_sliding_window": False,
+        "use_sliding_window": True,  # past the context, attend to the newest `context` positions,
+        "sliding_window": config.context,  # as our engine's rolling cache does (model/engine.py)
+        "max_window_layers": 0,  # in every layer
         "initializer_range": 0.02,
         "use_cache": True,
         "bos_token_id": special[DOC_SEPARATOR],

@@ -26,6 +26,7 @@ from model.sampling import SamplingConfig
 from model.tokenizer import SPECIAL_TOKENS, build_char, train_bpe
 from tests.conftest import ROOT, make_text, run_script
 from tests.test_cli import assert_clean_error
+from tests.test_model import SlidingWindow
 
 ALPHABET = "abcdefghijklmnop ABCD   \n\n\t0123456789.,;:'!?()-—éüß€日本語🙂" + "'s 've 're"
 
@@ -101,6 +102,19 @@ def test_exported_logits_match_ours_on_random_prompts(exported, tiny_run):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_past_the_context_the_export_attends_to_the_newest_context_positions_as_our_engine_does(exported, tiny_run):
+    ours = load_checkpoint(tiny_run).load_model()
+    theirs = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
+    length = 2 * ours.config.context + 9
+    ids = torch.randint(0, ours.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = ours(ids, cache=SlidingWindow(length, ours.config.context))  # the rolling cache's attention
+        got = theirs(ids).logits
+        everything = ours(ids)  # attending to every earlier position instead
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[:, -1], everything[:, -1], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("fixture", ["exported", "exported_chat"])
 def test_greedy_generation_gives_the_same_tokens(fixture, request, tiny_run, chat_run):
     folder = request.getfixturevalue(fixture)
@@ -118,7 +132,7 @@ def test_greedy_generation_gives_the_same_tokens(fixture, request, tiny_run, cha
             for q in ("What colour is the river?", "Who keeps the lantern?")
         ]
     for prompt in prompts:
-        new = context - len(prompt)
+        new = 2 * context  # past the context too: our rolling cache, their sliding window
         text = "".join(piece for _, piece in engine.stream([prompt], SamplingConfig(max_new_tokens=new, temperature=0)))
         with torch.inference_mode():
             output = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new)
@@ -128,6 +142,8 @@ def test_greedy_generation_gives_the_same_tokens(fixture, request, tiny_run, cha
         assert not any(tokenizer.is_special(t) for t in generated)
         assert tokenizer.decode(generated) == text
         assert len(generated) > 5
+        if fixture == "exported":  # the base model runs on past the context (a chat reply ends sooner)
+            assert len(prompt) + len(generated) > context
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])
