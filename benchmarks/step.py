@@ -2,7 +2,7 @@
 
     python -m benchmarks.step                           # the default 5-minute model, 4 x 256
     python -m benchmarks.step --compare attention       # our CPU attention against PyTorch's kernel
-    python -m benchmarks.step --compare dropout         # our random-byte dropout against F.dropout
+    python -m benchmarks.step --compare dropout         # our dropout masks (model/dropout.py) against F.dropout
     python -m benchmarks.step --dropout 0 --compile
     python -m benchmarks.step --compile --system-malloc  # without training/allocator.py's setting
 
@@ -39,7 +39,7 @@ from training.optim import build_optimizers
 PARTS = ("forward", "backward", "clip", "adamw", "muon")
 OURS = {"dropout": model.gpt.cheap_dropout, "attention": model.gpt.causal_attention}
 STOCK = {  # what each would be with PyTorch's own kernels
-    "dropout": lambda x, p: F.dropout(x, p) if p else x,
+    "dropout": lambda x, p, seed=None: F.dropout(x, p) if p else x,
     "attention": model.gpt.fused_causal_attention,
 }
 

@@ -15,9 +15,8 @@ weight onto Hugging Face's Qwen3 architecture, so an export needs no retraining)
 - Grouped-query attention is available (`n_kv_head < n_head`) to shrink the KV cache.
 - Residual dropout (off by default) for runs that see their data many times; Qwen3 has no such
   layer, which is fine: dropout is training-only and the exported model computes the same thing.
-  On a CPU its mask is drawn 8 bits at a time (`cheap_dropout`): PyTorch's CPU dropout draws a
-  full random number per element, and the cheaper mask takes about 8% off the default training
-  step (`python -m benchmarks.step --compare dropout`, benchmarks/NOTES.md).
+  On a CPU its masks are cheaper than PyTorch's (model/dropout.py): random bytes in eager steps,
+  a hash of the element's index that is never stored in compiled ones.
 - Attention: `F.scaled_dot_product_attention`'s fused kernel, except in CPU training, where two
   batched matmuls and a softmax take about 10% off the step (`causal_attention`).
 - In training under bf16 autocast the residual stream is bf16 too (the embedding's output is cast):
@@ -39,6 +38,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.dropout import cheap_dropout, dropout_seeds
 
 
 @dataclass
@@ -204,22 +205,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def cheap_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout whose mask comes from one random byte per element (p rounded to a multiple of 1/256).
-
-    `F.dropout` on a CPU draws a full random number per element; slicing 64-bit random integers into
-    bytes draws an eighth as many. Kept elements are scaled so the expectation is unchanged.
-    """
-    if p == 0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p)  # fused, with its own fast random numbers, on a GPU
-    threshold = min(255, round(p * 256))  # p just below 1 must still keep something
-    bits = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 7) // 8,), dtype=torch.int64, device=x.device)
-    keep = bits.view(torch.uint8)[: x.numel()].view(x.shape) >= threshold
-    return x * keep * (256 / (256 - threshold))
-
-
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -229,10 +214,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, seeds=None):
+        """`seeds` (2,): the two dropout masks' seeds when compiled on a CPU (model/dropout.py), else None."""
         drop = self.dropout if self.training else 0.0
-        x = x + cheap_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache), drop)
-        return x + cheap_dropout(self.mlp(self.post_attention_layernorm(x)), drop)
+        attn_seed, mlp_seed = (None, None) if seeds is None else seeds
+        x = x + cheap_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache), drop, attn_seed)
+        return x + cheap_dropout(self.mlp(self.post_attention_layernorm(x)), drop, mlp_seed)
 
 
 class GPT(nn.Module):
@@ -291,8 +278,11 @@ class GPT(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, C)
         if self.training and torch.is_autocast_enabled(x.device.type):  # train with a bf16 residual stream
             x = x.to(torch.get_autocast_dtype(x.device.type))  # (the module docstring)
-        for block in self.layers:
-            x = block(x, cos, sin, cache)
+        seeds = None
+        if self.training and self.config.dropout:
+            seeds = dropout_seeds(2 * len(self.layers), x.device)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, None if seeds is None else seeds[2 * i : 2 * i + 2])
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x).float()  # (B, T, vocab)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model import native
 from model.engine import SHORT_PROMPT, Engine, with_matrices_in
-from model.gpt import GPT, ModelConfig, causal_attention, cheap_dropout
+from model.gpt import GPT, ModelConfig, causal_attention
 from model.sampling import Sampler, SamplingConfig
 from model.tokenizer import END_OF_TURN, build_char
 
@@ -429,26 +429,6 @@ def test_the_config_counts_the_parameters_the_model_will_have():
     ]
     for config in shapes:
         assert config.num_parameters() == GPT(config).num_parameters()
-
-
-@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
-def test_cheap_dropout_drops_its_share_keeps_the_expectation_and_passes_gradients_through_the_mask(p):
-    torch.manual_seed(0)
-    x = torch.randn(64, 128, 128, requires_grad=True)
-    y = cheap_dropout(x, p)
-    kept = y != 0
-    share = round(p * 256) / 256
-    assert abs((1 - kept.float().mean().item()) - share) < 0.005  # 1M elements: the standard error is 0.0004
-    assert abs(share - p) <= 1 / 512
-    torch.testing.assert_close(y[kept], x[kept] / (1 - share))
-    ones = cheap_dropout(torch.ones(1_000_000), p)
-    assert abs(ones.mean().item() - 1) < 0.01  # expectation unchanged
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, kept.float() / (1 - share))
-    rows = kept.view(64, -1).float().mean(1)
-    assert rows.std() < 0.01, "masks differ row to row, no row dropped wholesale"
-    assert cheap_dropout(x, 0.0) is x
-    assert not torch.equal(cheap_dropout(x, p) != 0, kept), "a new mask each call"
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (3, 1)])
