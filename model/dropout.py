@@ -6,8 +6,8 @@ on a CPU its mask, not its arithmetic, is what costs:
   per element from 64-bit random integers instead (p rounded to a multiple of 1/256), about 8% off
   the eager step (benchmarks/NOTES.md, "Cheaper dropout").
 - Compiled (`torch.compile` on a CPU): the random bytes come from inductor's random-number kernels,
-  and the mask is saved for the backward pass as one byte per element; writing those masks took
-  about 30 ms of a 355 ms step of the 5-minute model. So under compilation the mask is a hash of
+  and the mask is saved for the backward pass as one byte per element: dropout cost about 45 ms
+  of a 355-ms step of the 5-minute model, most of it writing and reading those masks. So under compilation the mask is a hash of
   each element's index and a per-site seed (`hashed_keep`): inductor computes it inside the kernel
   that applies it, and the backward pass recomputes it from the seed (activation checkpointing of
   just the mask, which `torch.compile` turns into recomputation inside the backward's kernels)
