@@ -6,14 +6,15 @@ on a CPU its mask, not its arithmetic, is what costs:
   per element from 64-bit random integers instead (p rounded to a multiple of 1/256), about 8% off
   the eager step (benchmarks/NOTES.md, "Cheaper dropout").
 - Compiled (`torch.compile` on a CPU): the random bytes come from inductor's random-number kernels,
-  and the mask is saved for the backward pass as one byte per element: dropout cost about 45 ms
-  of a 355-ms step of the 5-minute model, most of it writing and reading those masks. So under compilation the mask is a hash of
-  each element's index and a per-site seed (`hashed_keep`): inductor computes it inside the kernel
-  that applies it, and the backward pass recomputes it from the seed (activation checkpointing of
-  just the mask, which `torch.compile` turns into recomputation inside the backward's kernels)
-  instead of saving it. The seeds, one 31-bit random number per dropout site and forward pass, come
-  from the model's random generator (`dropout_seeds`), so a seeded run is reproducible and every
-  step and site gets a fresh mask (benchmarks/NOTES.md, "Dropout masks from a hash").
+  and the mask is saved for the backward pass as one byte per element: dropout cost about 45 ms of
+  a 355-ms step of the 5-minute model, most of it writing and reading those masks. So under
+  compilation the mask is a hash of each element's index and a per-site seed (`hashed_keep`):
+  inductor computes it inside the kernel that applies it, and the backward pass recomputes it from
+  the seed instead of saving it (activation checkpointing around the masked multiply, which
+  `torch.compile` turns into recomputation inside the backward's own kernels). The seeds, one
+  31-bit random number per dropout site and forward pass, come from the model's random generator
+  (`dropout_seeds`), so a seeded run is reproducible and every step and site gets a fresh mask
+  (benchmarks/NOTES.md, "Dropout masks from a hash").
 - On a GPU, `F.dropout` is already fused with fast random numbers: it stays.
 
 Either way the mask drops round(256 p) / 256 of the elements and scales the rest by 256 / (256 -
