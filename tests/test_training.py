@@ -68,6 +68,7 @@ DELIVERED = {
     "last weights": dict(pass_temperature=False),
     "temperature from passes": {},
     "calibrated": dict(calibration_tokens=1024),
+    "dropout": dict(dropout=0.2),  # the masks come from the saved random state
 }
 
 

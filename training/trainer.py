@@ -62,6 +62,8 @@ class Trainer:
         self.device = self.dist.device
         self.dtype = pick_dtype(self.device, config.dtype)
         self.out_dir = Path(config.out_dir)
+        # The MFU's denominator, measured before seeding: its random matrices would move the dropout masks.
+        self.peak_flops = peak_flops or matmul_peak_flops(self.device, self.dtype)
         torch.manual_seed(config.seed)
 
         self.chat = bool(config.chat_data)
@@ -113,7 +115,6 @@ class Trainer:
         self.metrics: dict = {}
         self.best: dict = base.meta.get("best", {}) if resuming else {}  # step and val_bpb of the best evaluation
         self.stop_requested = False
-        self.peak_flops = peak_flops or matmul_peak_flops(self.device, self.dtype)
         self.step_rates: list[float] = []  # tokens per second of each step of this session
 
     def request_stop(self, *_signal_args) -> None:
