@@ -11,7 +11,7 @@ from model.gpt import GPT, ModelConfig
 
 
 def check_a_dropout(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
-    """y is x with its share of elements dropped and the rest scaled; returns the kept mask."""
+    """y is x with its share of elements dropped and the rest scaled; returns dy/dx, the scaled kept mask."""
     kept = y != 0
     share = round(p * 256) / 256
     assert abs((1 - kept.float().mean().item()) - share) < 0.005  # 1M elements: the standard error is 0.0004
@@ -19,7 +19,7 @@ def check_a_dropout(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
     torch.testing.assert_close(y[kept], x[kept] / (1 - share))
     rows = kept.view(x.size(0), -1).float().mean(1)
     assert rows.std() < 0.01, "masks differ row to row, no row dropped wholesale"
-    return kept
+    return kept.float() / (1 - share)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
@@ -27,13 +27,13 @@ def test_random_byte_dropout_drops_its_share_keeps_the_expectation_and_passes_gr
     torch.manual_seed(0)
     x = torch.randn(64, 128, 128, requires_grad=True)
     y = cheap_dropout(x, p)
-    kept = check_a_dropout(x, y, p)
+    gradient = check_a_dropout(x, y, p)
     ones = cheap_dropout(torch.ones(1_000_000), p)
     assert abs(ones.mean().item() - 1) < 0.01  # expectation unchanged
     y.sum().backward()
-    torch.testing.assert_close(x.grad, kept.float() / (1 - round(p * 256) / 256))
+    torch.testing.assert_close(x.grad, gradient)
     assert cheap_dropout(x, 0.0) is x
-    assert not torch.equal(cheap_dropout(x, p) != 0, kept), "a new mask each call"
+    assert not torch.equal(cheap_dropout(x, p) != 0, y != 0), "a new mask each call"
 
 
 def test_the_hashed_mask_looks_random_byte_by_byte_and_pair_by_pair():
@@ -65,9 +65,9 @@ def test_compiled_hashed_dropout_recomputes_the_forward_mask_in_the_backward_pas
     loss = compiled(x, seed)
     loss.backward()
     eager = cheap_dropout(x.detach(), p, seed)  # the same hash, computed eagerly
-    kept = check_a_dropout(x.detach(), eager, p)
+    gradient = check_a_dropout(x.detach(), eager, p)
     torch.testing.assert_close(loss, (eager * 3).sum(), rtol=1e-4, atol=1e-2)
-    torch.testing.assert_close(x.grad, 3 * kept.float() / (1 - round(p * 256) / 256))
+    torch.testing.assert_close(x.grad, 3 * gradient)
 
 
 def test_only_a_compiled_cpu_forward_draws_seeds_and_a_compiled_model_trains_with_fresh_masks_each_step():
@@ -77,6 +77,12 @@ def test_only_a_compiled_cpu_forward_draws_seeds_and_a_compiled_model_trains_wit
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=64, context=16, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, dropout=0.5))
     x, y = torch.randint(0, 64, (2, 4, 16))
+    graphs = []  # what torch.compile traces: one seed draw, and a recomputed hashed mask at each dropout site
+    torch.compile(model, backend=lambda graph, _: graphs.append(graph) or graph.forward)(x, y)
+    calls = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert (
+        calls.count("tag_activation_checkpoint") == 2 * model.config.n_layer and sum("randint" in c for c in calls) == 1
+    )
     compiled = torch.compile(model)
     losses = [compiled(x, y).item() for _ in range(3)]
     assert len(set(losses)) == 3, "each forward pass draws new masks"
