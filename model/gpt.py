@@ -214,10 +214,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache=None, seeds=None):
-        """`seeds` (2,): the two dropout masks' seeds when compiled on a CPU (model/dropout.py), else None."""
+    def forward(self, x, cos, sin, cache=None, seeds=(None, None)):
+        """`seeds`: the two dropout masks' seeds when compiled on a CPU (model/dropout.py), else Nones."""
         drop = self.dropout if self.training else 0.0
-        attn_seed, mlp_seed = (None, None) if seeds is None else seeds
+        attn_seed, mlp_seed = seeds
         x = x + cheap_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache), drop, attn_seed)
         return x + cheap_dropout(self.mlp(self.post_attention_layernorm(x)), drop, mlp_seed)
 
@@ -278,11 +278,10 @@ class GPT(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, C)
         if self.training and torch.is_autocast_enabled(x.device.type):  # train with a bf16 residual stream
             x = x.to(torch.get_autocast_dtype(x.device.type))  # (the module docstring)
-        seeds = None
-        if self.training and self.config.dropout:
-            seeds = dropout_seeds(2 * len(self.layers), x.device)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, None if seeds is None else seeds[2 * i : 2 * i + 2])
+        seeds = dropout_seeds(2 * len(self.layers), x.device) if self.training and self.config.dropout else None
+        pairs = [(None, None)] * len(self.layers) if seeds is None else seeds.view(-1, 2)
+        for block, pair in zip(self.layers, pairs, strict=True):
+            x = block(x, cos, sin, cache, pair)
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x).float()  # (B, T, vocab)
