@@ -61,6 +61,7 @@ def build_optimizers(model: GPT, config: TrainConfig, fused: bool = False) -> li
             momentum=0.95,
             adjust_lr_fn="original",
             ns_steps=NS_STEPS,
+            compiled=config.compile,
             **REFINEMENTS,
         )
         optimizers.append(muon)
