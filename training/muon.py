@@ -130,11 +130,11 @@ def finish_update(
     docstring). `lr` and `decay` may be 0-d tensors, so one compiled copy serves every step."""
     if second_moment is not None:
         update = normalise_neurons(update, second_moment, beta2)
-    if cautious:
-        param.sub_(param * (update * param >= 0) * decay)
-    else:
-        param.sub_(param * decay)
-    param.sub_(update * lr)
+    decayed = param * (update * param >= 0) if cautious else param
+    if isinstance(lr, torch.Tensor):  # compiled: one expression, which inductor fuses
+        param.sub_(decayed * decay + update * lr)
+    else:  # eager: the scalings folded into the in-place kernels
+        param.sub_(decayed, alpha=decay).sub_(update, alpha=lr)
 
 
 class StackedMuon(torch.optim.Muon):
