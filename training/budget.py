@@ -113,8 +113,8 @@ def sized_for_budget(minutes: float, step_flops: float) -> dict:
     Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
     gets residual dropout (DROPOUT: nanoGPT's 0.2 for Tiny Shakespeare; 0.25, tried when the 5-minute
     run got about 980 steps instead of 870, scored level with it over six seeds of the tuning split)
-    and has TOKEN_NOISE of its input tokens replaced by random ones (benchmarks/NOTES.md has the sweeps behind both). Budgets of
-    COMPILE_MINUTES or more are compiled.
+    and has TOKEN_NOISE of its input tokens replaced by random ones (benchmarks/NOTES.md has the
+    sweeps behind both). Budgets of COMPILE_MINUTES or more are compiled.
     """
     depth = depth_for(minutes, step_flops)
     regularised = depth > ANCHOR_DEPTH
