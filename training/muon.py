@@ -119,22 +119,24 @@ def finish_update(
     update: torch.Tensor,
     second_moment: torch.Tensor | None,
     lr: float | torch.Tensor,
+    lr_scale: float,
     decay: float | torch.Tensor,
     beta2: float,
     cautious: bool,
 ) -> None:
     """One matrix's step once its update is orthogonal: NorMuon's neuron-wise sizes (when given the
     matrix's `second_moment`), weight decay (cautious: only where the update also pulls the weight
-    towards zero), then the update itself. Every operation here reads and writes the whole matrix, so
-    on a CPU this tail is memory traffic, which compiling fuses into a few passes (the module
-    docstring). `lr` and `decay` may be 0-d tensors, so one compiled copy serves every step."""
+    towards zero), then the update itself, `lr` x `lr_scale` (the matrix's own factor, fixed by its
+    shape). Every operation here reads and writes the whole matrix, so on a CPU this tail is memory
+    traffic, which compiling fuses into a few passes (the module docstring). `lr` and `decay` may be
+    0-d tensors, so one compiled copy serves every step."""
     if second_moment is not None:
         update = normalise_neurons(update, second_moment, beta2)
     decayed = param * (update * param >= 0) if cautious else param
     if isinstance(lr, torch.Tensor):  # compiled: one expression, which inductor fuses
-        param.sub_(decayed * decay + update * lr)
+        param.sub_(decayed * decay + update * (lr * lr_scale))
     else:  # eager: the scalings folded into the in-place kernels
-        param.sub_(decayed, alpha=decay).sub_(update, alpha=lr)
+        param.sub_(decayed, alpha=decay).sub_(update, alpha=lr * lr_scale)
 
 
 class StackedMuon(torch.optim.Muon):
@@ -149,6 +151,7 @@ class StackedMuon(torch.optim.Muon):
             raise ValueError(f"normuon_beta2 must be in [0, 1), got {extras['normuon_beta2']}")
         super().__init__(params, **settings)
         self.compiled = compiled
+        self._scalars: dict[str, torch.Tensor] = {}  # the compiled functions' changing settings, by name
         self._momentum = torch.compile(momentum_update, dynamic=False) if compiled else momentum_update
         self._finish = torch.compile(finish_update, dynamic=False) if compiled else finish_update
         self.defaults.update(extras, steps_taken=0)  # also what `add_param_group` gives a later group
@@ -164,11 +167,17 @@ class StackedMuon(torch.optim.Muon):
                 group.setdefault(name, self.defaults.get(name, default))
             group.setdefault("steps_taken", MOMENTUM_WARMUP_STEPS)
 
-    def _scalar(self, value: float) -> float | torch.Tensor:
-        """A setting that changes from step to step, as the compiled functions take it: a 0-d tensor,
-        an input to the compiled graph (a Python float would be compiled in as a constant and
-        recompiled at every new value)."""
-        return torch.tensor(value) if self.compiled else value
+    def _scalar(self, name: str, value: float, device: torch.device) -> float | torch.Tensor:
+        """A setting that changes from step to step, as the compiled functions take it: a 0-d tensor
+        on the weights' device, an input to the compiled graph (a Python float would be compiled in as
+        a constant and recompiled at every new value). One tensor per setting, refilled each step: on a
+        GPU a new tensor from a Python number would be a copy from the host, and a CPU tensor would
+        mix devices in the compiled graph."""
+        if not self.compiled:
+            return value
+        if name not in self._scalars or self._scalars[name].device != device:
+            self._scalars[name] = torch.empty((), device=device)
+        return self._scalars[name].fill_(value)
 
     def _second_moment(self, param: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """NorMuon's running mean square of each neuron's update, kept in the matrix's state (from zero)."""
@@ -193,16 +202,19 @@ class StackedMuon(torch.optim.Muon):
                 warmed = min(1.0, group["steps_taken"] / MOMENTUM_WARMUP_STEPS)
                 momentum = group["momentum_warmup"] + warmed * (momentum - group["momentum_warmup"])
             group["steps_taken"] += 1
-            momentum = self._scalar(momentum)
+            device = params[0].device if params else torch.device("cpu")
+            momentum = self._scalar("momentum", momentum, device)
             updates = [self._momentum(g, b, momentum, group["nesterov"]) for g, b in zip(grads, buffers, strict=True)]
             if group["polar_express"]:
                 coefficients, margin = POLAR_EXPRESS[: group["ns_steps"]], POLAR_EXPRESS_MARGIN
             else:
                 coefficients, margin = [group["ns_coefficients"]] * group["ns_steps"], 1.0
             orthogonal = orthogonalise(updates, coefficients, group["eps"], margin)
-            lr, decay, beta2 = group["lr"], self._scalar(group["lr"] * group["weight_decay"]), group["normuon_beta2"]
+            lr = self._scalar("lr", group["lr"], device)
+            decay = self._scalar("decay", group["lr"] * group["weight_decay"], device)
+            beta2 = group["normuon_beta2"]
             for param, update in zip(params, orthogonal, strict=True):
                 second_moment = self._second_moment(param, update) if beta2 else None
-                param_lr = self._scalar(_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
-                self._finish(param, update, second_moment, param_lr, decay, beta2, group["cautious_weight_decay"])
+                lr_scale = _adjust_lr(1.0, group["adjust_lr_fn"], param.shape)  # PyTorch's, linear in lr
+                self._finish(param, update, second_moment, lr, lr_scale, decay, beta2, group["cautious_weight_decay"])
         return loss
