@@ -223,7 +223,7 @@ def test_compiled_muon_takes_the_same_steps_as_the_eager_one():
             states = [optimizer.state[param] for optimizer, param in zip(optimizers, (eager, compiled), strict=True)]
             for key in ("momentum_buffer", "neuron_second_moment"):
                 torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-5, atol=1e-7)
-    assert optimizers[1].param_groups[0]["steps_taken"] == 3  # the momentum warmed up over the steps
+    assert optimizers[1].param_groups[0]["steps_taken"] == 3  # every step counted, which the warm-up reads
 
 
 def test_normuon_gives_every_neuron_a_step_of_the_same_size_and_keeps_the_updates_norm():
