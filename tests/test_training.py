@@ -344,6 +344,9 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
         0.05,
     )
     assert assemble({"max_minutes": 5, "token_noise": 0.0}, step_flops=laptop).token_noise == 0  # typed wins
+    # ... and the head's learning rate halves with them (a quarter of the dataclass default).
+    assert (sizes[0].lr, sizes[1].lr) == (1.5e-3, 7.5e-4) and assemble({"max_steps": 9}).lr == 1.5e-3
+    assert assemble({"max_minutes": 5, "lr": 0.002}, step_flops=laptop).lr == 0.002
     # Compiling pays from three minutes on: the 90-second run stays eager, --no-compile wins.
     assert (sizes[0].compile, sizes[1].compile) == (False, True)
     assert assemble({"max_minutes": 5, "compile": False}, step_flops=laptop).compile is False

@@ -65,9 +65,12 @@ MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this 
 HEAD_DIM = 64
 DROPOUT = 0.2  # residual dropout at depth > 3; 0.25 was level with it over six seeds of the tuning split (NOTES.md)
 TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
+HEAD_LR = 1.5e-3  # AdamW's learning rate (the head and norm scales) in the cpu preset, half the dataclass default
+MEMORISING_HEAD_LR = 7.5e-4  # ... at depth > 3: better on six seeds at 5 minutes, worse at 90 s (NOTES.md)
 COMPILE_MINUTES = 3.0  # compiling costs 30-60 s cold, 5-15 s cached; steps 25-42% faster: pays from ~2.5 min (NOTES.md)
 REMEMBERED = "step_flops.json"  # (earlier versions kept matmul peaks in peak_flops.json)
-CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise", "compile")  # what this rule fills in
+# What this rule fills in:
+CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise", "lr", "compile")
 
 
 def anchor_step_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.5) -> float:
@@ -112,15 +115,16 @@ def sized_for_budget(minutes: float, step_flops: float) -> dict:
 
     Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
     gets residual dropout (DROPOUT: nanoGPT's 0.2 for Tiny Shakespeare; 0.25, tried when the 5-minute
-    run got about 980 steps instead of 870, scored level with it over six seeds of the tuning split)
-    and has TOKEN_NOISE of its input tokens replaced by random ones (benchmarks/NOTES.md has the
-    sweeps behind both). Budgets of COMPILE_MINUTES or more are compiled.
+    run got about 980 steps instead of 870, scored level with it over six seeds of the tuning split),
+    has TOKEN_NOISE of its input tokens replaced by random ones, and its output head learns at half
+    the rate (MEMORISING_HEAD_LR; benchmarks/NOTES.md has the sweeps behind all three). Budgets of
+    COMPILE_MINUTES or more are compiled.
     """
     depth = depth_for(minutes, step_flops)
     regularised = depth > ANCHOR_DEPTH
-    dropout, noise = (DROPOUT, TOKEN_NOISE) if regularised else (0.0, 0.0)
+    dropout, noise, lr = (DROPOUT, TOKEN_NOISE, MEMORISING_HEAD_LR) if regularised else (0.0, 0.0, HEAD_LR)
     compiled = minutes >= COMPILE_MINUTES
-    return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout, noise, compiled), strict=True))
+    return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout, noise, lr, compiled), strict=True))
 
 
 def describe(minutes: float, step_flops: float, measured: float, config: TrainConfig) -> str:
@@ -129,7 +133,8 @@ def describe(minutes: float, step_flops: float, measured: float, config: TrainCo
     return (
         f"budget {minutes:g} min x {step_flops / 1e9:,.0f} GFLOP/s of training steps{now} = "
         f"{minutes * 60 * step_flops:.2g} FLOPs -> {config.n_layer} layers x {config.n_embd} wide, dropout "
-        f"{config.dropout:g}, token noise {config.token_noise:g}, {'compiled' if config.compile else 'eager'} "
+        f"{config.dropout:g}, token noise {config.token_noise:g}, head lr {config.lr:g}, "
+        f"{'compiled' if config.compile else 'eager'} "
         f"({'/'.join('--' + name.replace('_', '-') for name in CHOSEN)} choose yourself)"
     )
 
