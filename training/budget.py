@@ -12,9 +12,10 @@ range 0.26 puts the two points nearest a rounding point (the Xeon's 90 seconds a
 far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe that read the
 machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
-and dropout and input-token noise once the model is big enough to memorise a small corpus in its
-budget. One setting follows the minutes instead: from COMPILE_MINUTES on, `torch.compile` (about a
-minute to build on first use on two cores, seconds once cached) pays for itself in faster steps.
+and dropout, input-token noise and a slower output head once the model is big enough to memorise
+a small corpus in its budget. One setting follows the minutes instead: from COMPILE_MINUTES on,
+`torch.compile` (about a minute to build on first use on two cores, seconds once cached) pays for
+itself in faster steps.
 The schedule needs nothing: it already ends exactly when the budget does (training/optim.py).
 
 The FLOP/s come from timing real training steps of the anchor model (`anchor_step_flops`), not from
