@@ -229,9 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = field.default if field.default is not MISSING else None
         kind = field.type.split(" |")[0] if isinstance(field.type, str) else field.type
         if field.name in CHOSEN and field.name in PRESETS["cpu"]:
-            shown = (
-                f"sized for --max-minutes in the cpu preset ({PRESETS['cpu'][field.name]} without it), else {default}"
-            )
+            value = PRESETS["cpu"][field.name]
+            shown = f"sized for --max-minutes in the cpu preset, {value} in the cpu preset without it, else {default}"
         elif field.name in CHOSEN:
             shown = f"sized for --max-minutes in the cpu preset, else {default}"
         elif field.name in PRESETS["cpu"]:
