@@ -228,11 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not MISSING else None
         kind = field.type.split(" |")[0] if isinstance(field.type, str) else field.type
-        if field.name in CHOSEN and field.name in PRESETS["cpu"]:
-            value = PRESETS["cpu"][field.name]
-            shown = f"sized for --max-minutes in the cpu preset, {value} in the cpu preset without it, else {default}"
-        elif field.name in CHOSEN:
-            shown = f"sized for --max-minutes in the cpu preset, else {default}"
+        if field.name in CHOSEN:
+            preset_value = PRESETS["cpu"].get(field.name)
+            unsized = "" if preset_value is None else f", {preset_value} in the cpu preset without it"
+            shown = f"sized for --max-minutes in the cpu preset{unsized}, else {default}"
         elif field.name in PRESETS["cpu"]:
             shown = f"{PRESETS['cpu'][field.name]} in the cpu preset, else {default}"
         else:
