@@ -21,6 +21,7 @@ from tests.conftest import ROOT, TINY
 from training.budget import (
     ANCHOR_SHAPE,
     ANCHOR_STEP_FLOPS,
+    MAX_PASSES,
     REMEMBERED,
     anchor_step_flops,
     depth_for,
@@ -333,6 +334,22 @@ def test_a_run_points_best_at_its_lowest_evaluation(corpus_file, tmp_path):
     assert load_checkpoint(tmp_path / "run", latest=True).step == 40
 
 
+def test_a_run_stops_after_max_passes_over_its_data_with_the_schedule_ended_there(corpus_file, tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text(corpus_file.read_text()[:15_000])
+    trainer, _ = train(flags(small, tmp_path, "run", max_steps=500, max_passes=3, eval_interval=0))
+    window = 8 * 64  # the tiny preset's batch x context
+    train_tokens = len(trainer.batches.tokens)
+    assert trainer.step == -(-3 * train_tokens // window) < 500  # the first step that completes three passes
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    factors = [r["lr_factor"] for r in records if "lr_factor" in r]
+    assert factors[-1] < 0.2 < max(factors) == 1.0  # the cooldown ran down to the passes (step 500's is at 1.0 here)
+    assert "stopped after 3 passes over the training data (--max-passes)" in capsys.readouterr().out
+    for bad in ({"max_passes": -1}, {"max_passes": 2, "chat_data": "builtin"}):
+        with pytest.raises(UserError, match="--max-passes"):
+            assemble({"max_steps": 9, **bad})
+
+
 def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     laptop = ANCHOR_STEP_FLOPS  # the reference machine's training FLOP/s
     sizes = [assemble({"max_minutes": m}, step_flops=laptop) for m in (1.5, 5, 60)]
@@ -343,10 +360,14 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
         0.2,
         0.05,
     )
+    assert sizes[2].dropout == 0.3  # ... and more of it from depth 6, which memorises faster
     assert assemble({"max_minutes": 5, "token_noise": 0.0}, step_flops=laptop).token_noise == 0  # typed wins
     # ... and the head's learning rate halves with them (a quarter of the dataclass default).
     assert (sizes[0].lr, sizes[1].lr) == (1.5e-3, 7.5e-4) and assemble({"max_steps": 9}).lr == 1.5e-3
     assert assemble({"max_minutes": 5, "lr": 0.002}, step_flops=laptop).lr == 0.002
+    # Every sized run stops after MAX_PASSES over its data; a --max-steps run has no such limit; 0 lifts it.
+    assert all(c.max_passes == MAX_PASSES for c in sizes) and assemble({"max_steps": 9}).max_passes == 0
+    assert assemble({"max_minutes": 5, "max_passes": 0}, step_flops=laptop).max_passes == 0
     # Compiling pays from three minutes on: the 90-second run stays eager, --no-compile wins.
     assert (sizes[0].compile, sizes[1].compile) == (False, True)
     assert assemble({"max_minutes": 5, "compile": False}, step_flops=laptop).compile is False
@@ -389,11 +410,14 @@ def test_the_budget_sizes_from_the_best_rate_this_machine_has_shown(corpus_file,
     train({**run, "out_dir": str(tmp_path / "first"), "progress": False, "sample_tokens": 0})
     measured = json.loads((cache / REMEMBERED).read_text())[machine]
     assert 0 < measured < 0.8 * matmul_peak_flops(cpu, torch.float32, seconds=0.3)
-    # ... and one whose remembered rate is 100 times this machine's gets the model sized for that rate.
-    (cache / REMEMBERED).write_text(json.dumps({machine: 100 * measured}))
+    # ... and one whose remembered rate is 1,000 times this machine's gets the model sized for that rate
+    # (100 times was not enough when a run sharing the machine made the probe read a tenth of its speed).
+    (cache / REMEMBERED).write_text(json.dumps({machine: 1000 * measured}))
     trainer, _ = train({**run, "out_dir": str(tmp_path / "run"), "progress": False, "sample_tokens": 0})
-    assert trainer.config.n_layer == depth_for(0.05, 100 * measured) > depth_for(0.05, measured)
-    assert f"x {100 * measured / 1e9:,.0f} GFLOP/s of training steps (the best measured here" in capsys.readouterr().out
+    assert trainer.config.n_layer == depth_for(0.05, 1000 * measured) > depth_for(0.05, measured)
+    assert (
+        f"x {1000 * measured / 1e9:,.0f} GFLOP/s of training steps (the best measured here" in capsys.readouterr().out
+    )
 
 
 def test_compile_without_a_compiler_is_refused_in_one_line(corpus_file, tmp_path, monkeypatch):

@@ -12,11 +12,13 @@ range 0.26 puts the two points nearest a rounding point (the Xeon's 90 seconds a
 far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe that read the
 machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
-and dropout, input-token noise and a slower output head once the model is big enough to memorise
-a small corpus in its budget. One setting follows the minutes instead: from COMPILE_MINUTES on,
+and dropout (more from depth 6), input-token noise and a slower output head once the model is big
+enough to memorise a small corpus in its budget. One setting follows the minutes instead: from COMPILE_MINUTES on,
 `torch.compile` (about a minute to build on first use on two cores, seconds once cached) pays for
 itself in faster steps.
-The schedule needs nothing: it already ends exactly when the budget does (training/optim.py).
+The schedule ends exactly when the budget does (training/optim.py), or earlier, after MAX_PASSES over
+the training data: a 1 MB corpus runs out before a 15-minute budget on two cores does, and the run
+that went on memorising it ended worse than the 5-minute one (benchmarks/NOTES.md, "Longer budgets").
 
 The FLOP/s come from timing real training steps of the anchor model (`anchor_step_flops`), not from
 the matmul peak. Small models spend much of a step outside big matmuls (norms, softmax, Muon), and
@@ -65,13 +67,15 @@ DEPTH_EXPONENT = 0.26  # depth ~ compute^0.26; 1/6 under-sized data-limited 5-mi
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
 DROPOUT = 0.2  # residual dropout at depth > 3; 0.25 was level with it over six seeds of the tuning split (NOTES.md)
+DEEP_DEPTH, DEEP_DROPOUT = 6, 0.3  # from depth 6 (10 and 15 minutes on the Xeon) more: "Longer budgets" in NOTES.md
 TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
 HEAD_LR = 1.5e-3  # AdamW's learning rate (the head and norm scales) in the cpu preset, half the dataclass default
 MEMORISING_HEAD_LR = 7.5e-4  # ... at depth > 3: better on six seeds at 5 minutes, worse at 90 s (NOTES.md)
+MAX_PASSES = 12.0  # a sized run stops after this many passes over its data (benchmarks/NOTES.md, "Longer budgets")
 COMPILE_MINUTES = 3.0  # compiling costs 30-60 s cold, 5-15 s cached; steps 25-42% faster: pays from ~2.5 min (NOTES.md)
 REMEMBERED = "step_flops.json"  # (earlier versions kept matmul peaks in peak_flops.json)
 # What this rule fills in:
-CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise", "lr", "compile")
+CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise", "lr", "compile", "max_passes")
 
 
 def anchor_step_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.5) -> float:
@@ -111,21 +115,28 @@ def depth_for(minutes: float, step_flops: float) -> int:
 
 
 def sized_for_budget(minutes: float, step_flops: float) -> dict:
-    """The model's shape and regularisation for a run of `minutes` on a machine whose training steps
-    reach `step_flops` model FLOP/s (`anchor_step_flops`).
+    """The model's shape, regularisation and limits for a run of `minutes` on a machine whose training
+    steps reach `step_flops` model FLOP/s (`anchor_step_flops`).
 
     Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
     gets residual dropout (DROPOUT: nanoGPT's 0.2 for Tiny Shakespeare; 0.25, tried when the 5-minute
-    run got about 980 steps instead of 870, scored level with it over six seeds of the tuning split),
-    has TOKEN_NOISE of its input tokens replaced by random ones, and its output head learns at half
-    the rate (MEMORISING_HEAD_LR; benchmarks/NOTES.md has the sweeps behind all three). Budgets of
+    run got about 980 steps instead of 870, scored level with it over six seeds of the tuning split;
+    DEEP_DROPOUT from DEEP_DEPTH, the 15-minute model here, which memorises faster), has TOKEN_NOISE of
+    its input tokens replaced by random ones, and its output head learns at half the rate
+    (MEMORISING_HEAD_LR; benchmarks/NOTES.md has the sweeps behind all of them). Every sized run stops
+    after MAX_PASSES over its data, however long the budget: past that a small corpus is memorised
+    faster than it is learnt, and a longer run would end worse than a shorter one. Budgets of
     COMPILE_MINUTES or more are compiled.
     """
     depth = depth_for(minutes, step_flops)
-    regularised = depth > ANCHOR_DEPTH
-    dropout, noise, lr = (DROPOUT, TOKEN_NOISE, MEMORISING_HEAD_LR) if regularised else (0.0, 0.0, HEAD_LR)
+    if depth > ANCHOR_DEPTH:
+        dropout = DEEP_DROPOUT if depth >= DEEP_DEPTH else DROPOUT
+        noise, lr = TOKEN_NOISE, MEMORISING_HEAD_LR
+    else:
+        dropout, noise, lr = 0.0, 0.0, HEAD_LR
     compiled = minutes >= COMPILE_MINUTES
-    return dict(zip(CHOSEN, (depth, HEAD_DIM * depth, depth, depth, dropout, noise, lr, compiled), strict=True))
+    chosen = (depth, HEAD_DIM * depth, depth, depth, dropout, noise, lr, compiled, MAX_PASSES)
+    return dict(zip(CHOSEN, chosen, strict=True))
 
 
 def describe(minutes: float, step_flops: float, measured: float, config: TrainConfig) -> str:
@@ -135,7 +146,7 @@ def describe(minutes: float, step_flops: float, measured: float, config: TrainCo
         f"budget {minutes:g} min x {step_flops / 1e9:,.0f} GFLOP/s of training steps{now} = "
         f"{minutes * 60 * step_flops:.2g} FLOPs -> {config.n_layer} layers x {config.n_embd} wide, dropout "
         f"{config.dropout:g}, token noise {config.token_noise:g}, head lr {config.lr:g}, "
-        f"{'compiled' if config.compile else 'eager'} "
+        f"{'compiled' if config.compile else 'eager'}, at most {config.max_passes:g} passes over the data "
         f"({'/'.join('--' + name.replace('_', '-') for name in CHOSEN)} choose yourself)"
     )
 

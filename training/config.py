@@ -54,6 +54,7 @@ class TrainConfig:
     # budget
     max_steps: int | None = None
     max_minutes: float | None = 5.0
+    max_passes: float = 0.0  # 0 = no limit
     # evaluation and output
     eval_interval: int = 200
     eval_tokens: int = 65536
@@ -101,6 +102,12 @@ class TrainConfig:
             self.max_minutes is not None and self.max_minutes <= 0
         ):
             raise UserError("--max-steps and --max-minutes must be positive")
+        if self.max_passes < 0:
+            raise UserError(f"--max-passes must be 0 (no limit) or more, got {self.max_passes}")
+        if self.chat_data and self.max_passes:
+            raise UserError(
+                "--max-passes applies to pre-training; chat fine-tuning stops on --max-steps or --max-minutes"
+            )
         if min(self.lr, self.muon_lr, self.embed_lr) <= 0 or self.weight_decay < 0 or not 0 <= self.cooldown <= 1:
             raise UserError("learning rates must be positive, weight decay >= 0, cooldown in [0, 1]")
         if not 0 <= self.dropout < 1:
@@ -202,6 +209,8 @@ HELP = {
     "overconfident (training/calibration.py); --no-pass-temperature saves the model as trained",
     "max_steps": "stop after this many optimizer steps",
     "max_minutes": "stop after this many minutes of training; the schedule ends exactly then",
+    "max_passes": "stop after this many passes over the training data, if that comes before the other budgets "
+    "(the schedule then ends there): a small corpus seen more often is memorised (0 = no limit)",
     "eval_interval": "evaluate, print a sample and save a checkpoint every this many steps",
     "eval_tokens": "validation tokens scored at each evaluation during training",
     "sample_tokens": "tokens in the sample printed at each evaluation (0 = none)",

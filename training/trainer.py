@@ -263,6 +263,12 @@ class Trainer:
                 f"MFU {self._mfu(rate):.0%} of the {self.peak_flops / 1e9:,.0f} GFLOP/s {str(self.dtype).removeprefix('torch.')} "
                 "matmul peak measured at start"
             )
+        if self.dist.is_main and c.max_passes and self.tokens_seen >= c.max_passes * len(self.batches.tokens):
+            budget = f" of {c.max_minutes:g}" if c.max_minutes else ""
+            print(
+                f"stopped after {c.max_passes:g} passes over the training data (--max-passes) at {self.elapsed / 60:.1f}"
+                f"{budget} minutes: more passes memorise a corpus this small; more text, not more time, would help"
+            )
         if self.stop_requested and self.dist.is_main and self._progress() < 1:
             print(f"stopped at step {self.step}; continue with: python train.py --resume --out-dir {self.out_dir}")
         self.dist.close()
@@ -290,7 +296,8 @@ class Trainer:
         c = self.config
         steps = self.step / c.max_steps if c.max_steps else 0.0
         minutes = self.elapsed / 60 / c.max_minutes if c.max_minutes else 0.0
-        return max(steps, minutes)
+        passes = self.tokens_seen / c.max_passes / len(self.batches.tokens) if c.max_passes else 0.0
+        return max(steps, minutes, passes)
 
     def _train_step(self) -> float:
         c = self.config
@@ -428,7 +435,14 @@ class Trainer:
         c, m = self.config, self.model.config
 
         budget = " and ".join(
-            filter(None, [c.max_steps and f"{c.max_steps} steps", c.max_minutes and f"{c.max_minutes:g} minutes"])
+            filter(
+                None,
+                [
+                    c.max_steps and f"{c.max_steps} steps",
+                    c.max_minutes and f"{c.max_minutes:g} minutes",
+                    c.max_passes and f"{c.max_passes:g} passes over the data",
+                ],
+            )
         )
         if not self.chat:
             splits = self.data.manifest["splits"]
