@@ -6,6 +6,7 @@ machine class) live here, next to the table that compares against them, and nowh
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -56,6 +57,18 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
             out.append(
                 (f"val bits/byte, {budget['minutes']:g} min budget (median)", f"{budget['median_bpb']:.3f}", "", "")
             )
+    budgets = sorted(figures.get("quality", []), key=lambda budget: budget["minutes"])
+    if len(budgets) > 1:  # issue 5: longer budgets improve or hold steady, never end worse than a shorter one
+        medians = [budget["median_bpb"] for budget in budgets]
+        steady = all(longer <= shorter for shorter, longer in itertools.pairwise(medians))
+        out.append(
+            (
+                "val bits/byte, " + " / ".join(f"{budget['minutes']:g}" for budget in budgets) + " min (medians)",
+                " / ".join(f"{median:.3f}" for median in medians),
+                "each <= the shorter budget's",
+                "yes" if steady else "no",
+            )
+        )
     if "mfu" in figures:
         add("MFU of the default training step", figures["mfu"], TARGETS["mfu"], "high", "{:.0%}")
     generation = figures.get("generation", {})

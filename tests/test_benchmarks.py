@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from benchmarks import report
 from tests.conftest import run_script
 
 
@@ -62,6 +63,24 @@ def test_the_suite_writes_json_markdown_and_a_plot_with_every_figure(corpus_file
     table = (tmp_path / "benchmarks.md").read_text()
     assert f"{figures['quality'][0]['median_bpb']:.3f}" in table and "time to first token" in table
     assert (tmp_path / "loss_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_table_says_whether_a_longer_budget_ended_worse_than_a_shorter_one():
+    def steady_row(medians: dict[float, float]) -> tuple[str, str, str, str]:
+        quality = [{"minutes": minutes, "median_bpb": bpb, "runs": []} for minutes, bpb in medians.items()]
+        (row,) = [row for row in report.rows({"quality": quality}) if row[2] == "each <= the shorter budget's"]
+        return row
+
+    assert steady_row({5: 1.946, 1.5: 1.997, 15: 1.946}) == (
+        "val bits/byte, 1.5 / 5 / 15 min (medians)",
+        "1.997 / 1.946 / 1.946",
+        "each <= the shorter budget's",
+        "yes",
+    )
+    assert steady_row({1.5: 1.997, 5: 1.946, 15: 1.982})[3] == "no"
+    assert not [
+        row for row in report.rows({"quality": [{"minutes": 5, "median_bpb": 1.9}]}) if "<= the shorter" in row[2]
+    ]
 
 
 def test_bad_suite_input_is_one_line():

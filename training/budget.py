@@ -13,9 +13,9 @@ far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe
 machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
 and dropout (more from depth 6), input-token noise and a slower output head once the model is big
-enough to memorise a small corpus in its budget. One setting follows the minutes instead: from COMPILE_MINUTES on,
-`torch.compile` (about a minute to build on first use on two cores, seconds once cached) pays for
-itself in faster steps.
+enough to memorise a small corpus in its budget. One setting follows the minutes instead: from
+COMPILE_MINUTES on, `torch.compile` (about a minute to build on first use on two cores, seconds once
+cached) pays for itself in faster steps.
 The schedule ends exactly when the budget does (training/optim.py), or earlier, after MAX_PASSES over
 the training data: a 1 MB corpus runs out before a 15-minute budget on two cores does, and the run
 that went on memorising it ended worse than the 5-minute one (benchmarks/NOTES.md, "Longer budgets").
@@ -121,7 +121,7 @@ def sized_for_budget(minutes: float, step_flops: float) -> dict:
     Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
     gets residual dropout (DROPOUT: nanoGPT's 0.2 for Tiny Shakespeare; 0.25, tried when the 5-minute
     run got about 980 steps instead of 870, scored level with it over six seeds of the tuning split;
-    DEEP_DROPOUT from DEEP_DEPTH, the 15-minute model here, which memorises faster), has TOKEN_NOISE of
+    DEEP_DROPOUT from DEEP_DEPTH, the 10- and 15-minute model here, which memorises faster), has TOKEN_NOISE of
     its input tokens replaced by random ones, and its output head learns at half the rate
     (MEMORISING_HEAD_LR; benchmarks/NOTES.md has the sweeps behind all of them). Every sized run stops
     after MAX_PASSES over its data, however long the budget: past that a small corpus is memorised
