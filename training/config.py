@@ -208,7 +208,7 @@ HELP = {
     "the training data - 1) into the saved model: a run that sees a small corpus many times ends "
     "overconfident (training/calibration.py); --no-pass-temperature saves the model as trained",
     "max_steps": "stop after this many optimizer steps",
-    "max_minutes": "stop after this many minutes of training; the schedule ends exactly then",
+    "max_minutes": "stop after this many minutes of training; the schedule ends exactly then (or at --max-passes)",
     "max_passes": "stop after this many passes over the training data, if that comes before the other budgets "
     "(the schedule then ends there): a small corpus seen more often is memorised (0 = no limit)",
     "eval_interval": "evaluate, print a sample and save a checkpoint every this many steps",

@@ -4,8 +4,9 @@ Design decisions:
 - One program for one process or many (torchrun): the data for each step depends only on
   (seed, step) (see data/loader.py), gradients are averaged by DDP, and only rank 0 evaluates,
   prints and writes. The same flags give the same global batch either way.
-- Budgets: `--max-steps`, `--max-minutes`, or both (whichever ends first). The learning-rate
-  schedule follows the budget, so a time-limited run decays into its deadline.
+- Budgets: `--max-steps`, `--max-minutes`, `--max-passes` over the training data, or several
+  (whichever ends first). The learning-rate schedule follows the budget, so a time-limited run
+  decays into its deadline, and a pass-limited one into its last pass.
 - Resume restores everything the next step depends on: weights, optimizer moments, step, elapsed
   time and RNG state; the data order needs no state. So a resumed run continues with the same
   losses it would have had.
