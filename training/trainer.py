@@ -264,7 +264,7 @@ class Trainer:
                 f"MFU {self._mfu(rate):.0%} of the {self.peak_flops / 1e9:,.0f} GFLOP/s {str(self.dtype).removeprefix('torch.')} "
                 "matmul peak measured at start"
             )
-        if self.dist.is_main and c.max_passes and self.tokens_seen >= c.max_passes * len(self.batches.tokens):
+        if self.dist.is_main and c.max_passes and self._passes() / c.max_passes >= 1:
             budget = f" of {c.max_minutes:g}" if c.max_minutes else ""
             print(
                 f"stopped after {c.max_passes:g} passes over the training data (--max-passes) at {self.elapsed / 60:.1f}"
@@ -297,8 +297,12 @@ class Trainer:
         c = self.config
         steps = self.step / c.max_steps if c.max_steps else 0.0
         minutes = self.elapsed / 60 / c.max_minutes if c.max_minutes else 0.0
-        passes = self.tokens_seen / c.max_passes / len(self.batches.tokens) if c.max_passes else 0.0
+        passes = self._passes() / c.max_passes if c.max_passes else 0.0
         return max(steps, minutes, passes)
+
+    def _passes(self) -> float:
+        """Passes made over the pre-training tokens so far (a pass is every window of them once)."""
+        return self.tokens_seen / len(self.batches.tokens)
 
     def _train_step(self) -> float:
         c = self.config
@@ -346,8 +350,8 @@ class Trainer:
         over the training data (--pass-temperature); 1 for chat fine-tuning (training/calibration.py)."""
         if self.calibration_tokens is not None:
             return fit_temperature(self.model, self.calibration_tokens, self.token_bytes, self.dtype)
-        if self.config.pass_temperature and not self.chat:  # a pass is every window of the training tokens
-            return temperature_for_passes(self.tokens_seen / len(self.batches.tokens))
+        if self.config.pass_temperature and not self.chat:
+            return temperature_for_passes(self._passes())
         return 1.0
 
     def _evaluate_and_save_weights(
