@@ -25,6 +25,7 @@ from training.budget import (
     REMEMBERED,
     anchor_step_flops,
     depth_for,
+    describe,
     machine_name,
     remembered_best,
 )
@@ -367,7 +368,9 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     assert assemble({"max_minutes": 5, "lr": 0.002}, step_flops=laptop).lr == 0.002
     # Every sized run stops after MAX_PASSES over its data; a --max-steps run has no such limit; 0 lifts it.
     assert all(c.max_passes == MAX_PASSES for c in sizes) and assemble({"max_steps": 9}).max_passes == 0
-    assert assemble({"max_minutes": 5, "max_passes": 0}, step_flops=laptop).max_passes == 0
+    unlimited = assemble({"max_minutes": 5, "max_passes": 0}, step_flops=laptop)
+    assert unlimited.max_passes == 0 and "no pass limit" in describe(5, laptop, laptop, unlimited)
+    assert "at most 12 passes over the data" in describe(5, laptop, laptop, sizes[1])
     # Compiling pays from three minutes on: the 90-second run stays eager, --no-compile wins.
     assert (sizes[0].compile, sizes[1].compile) == (False, True)
     assert assemble({"max_minutes": 5, "compile": False}, step_flops=laptop).compile is False

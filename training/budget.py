@@ -146,7 +146,8 @@ def describe(minutes: float, step_flops: float, measured: float, config: TrainCo
         f"budget {minutes:g} min x {step_flops / 1e9:,.0f} GFLOP/s of training steps{now} = "
         f"{minutes * 60 * step_flops:.2g} FLOPs -> {config.n_layer} layers x {config.n_embd} wide, dropout "
         f"{config.dropout:g}, token noise {config.token_noise:g}, head lr {config.lr:g}, "
-        f"{'compiled' if config.compile else 'eager'}, at most {config.max_passes:g} passes over the data "
+        f"{'compiled' if config.compile else 'eager'}, "
+        f"{f'at most {config.max_passes:g} passes over the data' if config.max_passes else 'no pass limit'} "
         f"({'/'.join('--' + name.replace('_', '-') for name in CHOSEN)} choose yourself)"
     )
 
