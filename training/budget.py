@@ -142,12 +142,12 @@ def sized_for_budget(minutes: float, step_flops: float) -> dict:
 def describe(minutes: float, step_flops: float, measured: float, config: TrainConfig) -> str:
     """One line for the training log: the compute the budget buys and what the run uses."""
     now = "" if measured >= step_flops else f" (the best measured here; {measured / 1e9:,.0f} now)"
+    passes = f"at most {config.max_passes:g} passes over the data" if config.max_passes else "no pass limit"
     return (
         f"budget {minutes:g} min x {step_flops / 1e9:,.0f} GFLOP/s of training steps{now} = "
         f"{minutes * 60 * step_flops:.2g} FLOPs -> {config.n_layer} layers x {config.n_embd} wide, dropout "
         f"{config.dropout:g}, token noise {config.token_noise:g}, head lr {config.lr:g}, "
-        f"{'compiled' if config.compile else 'eager'}, "
-        f"{f'at most {config.max_passes:g} passes over the data' if config.max_passes else 'no pass limit'} "
+        f"{'compiled' if config.compile else 'eager'}, {passes} "
         f"({'/'.join('--' + name.replace('_', '-') for name in CHOSEN)} choose yourself)"
     )
 
