@@ -28,6 +28,7 @@ from training.budget import (
     describe,
     machine_name,
     remembered_best,
+    sized_for_budget,
 )
 from training.calibration import fit_temperature, temperature_for_passes
 from training.config import assemble
@@ -358,10 +359,11 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     assert all(c.n_embd == 64 * c.n_layer and c.n_head == c.n_layer for c in sizes)
     # Regularisation comes with depth: the 90-second model has none, the 5-minute one dropout and token noise.
     assert (sizes[0].dropout, sizes[0].token_noise) == (0, 0) and (sizes[1].dropout, sizes[1].token_noise) == (
-        0.2,
+        0.1,
         0.05,
     )
-    assert sizes[2].dropout == 0.3  # ... and more of it from depth 6, which memorises faster
+    # ... and 0.1 more dropout a layer, up to 0.3: deeper models see their data more times.
+    assert [sized_for_budget(5, 1.6 * laptop)["dropout"], sizes[2].dropout] == [0.2, 0.3]
     assert assemble({"max_minutes": 5, "token_noise": 0.0}, step_flops=laptop).token_noise == 0  # typed wins
     # ... and the head's learning rate halves with them (a quarter of the dataclass default).
     assert (sizes[0].lr, sizes[1].lr) == (1.5e-3, 7.5e-4) and assemble({"max_steps": 9}).lr == 1.5e-3

@@ -12,8 +12,8 @@ range 0.26 puts the two points nearest a rounding point (the Xeon's 90 seconds a
 far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe that read the
 machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
-and dropout (more from depth 6), input-token noise and a slower output head once the model is big
-enough to memorise a small corpus in its budget. One setting follows the minutes instead: from
+and dropout (0.1 a layer past the anchor, at most 0.3), input-token noise and a slower output head
+once the model is big enough to memorise a small corpus in its budget. One setting follows the minutes instead: from
 COMPILE_MINUTES on, `torch.compile` (about a minute to build on first use on two cores, seconds once
 cached) pays for itself in faster steps.
 The schedule ends exactly when the budget does (training/optim.py), or earlier, after MAX_PASSES over
@@ -66,8 +66,9 @@ ANCHOR_COMPUTE = 1.5 * 60 * ANCHOR_STEP_FLOPS
 DEPTH_EXPONENT = 0.26  # depth ~ compute^0.26; 1/6 under-sized data-limited 5-minute runs (benchmarks/NOTES.md)
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
-DROPOUT = 0.2  # residual dropout at depth > 3; 0.25 was level with it over six seeds of the tuning split (NOTES.md)
-DEEP_DEPTH, DEEP_DROPOUT = 6, 0.3  # from depth 6 (10 and 15 minutes on the Xeon) more: "Longer budgets" in NOTES.md
+# Residual dropout per layer past the anchor, and its most: 0.1 at depth 4 (5 minutes on the Zen 4), 0.2 at depth 5
+# (5 minutes on the Xeon), 0.3 from depth 6 (10 and 15 minutes on the Xeon); NOTES.md, "Dropout by depth".
+DROPOUT_PER_LAYER, MAX_DROPOUT = 0.1, 0.3
 TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
 HEAD_LR = 1.5e-3  # AdamW's learning rate (the head and norm scales) in the cpu preset, half the dataclass default
 MEMORISING_HEAD_LR = 7.5e-4  # ... at depth > 3: better on six seeds at 5 minutes, worse at 90 s (NOTES.md)
@@ -119,9 +120,10 @@ def sized_for_budget(minutes: float, step_flops: float) -> dict:
     steps reach `step_flops` model FLOP/s (`anchor_step_flops`).
 
     Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
-    gets residual dropout (DROPOUT: nanoGPT's 0.2 for Tiny Shakespeare; 0.25, tried when the 5-minute
-    run got about 980 steps instead of 870, scored level with it over six seeds of the tuning split;
-    DEEP_DROPOUT from DEEP_DEPTH, the 10- and 15-minute model here, which memorises faster), has TOKEN_NOISE of
+    gets residual dropout, DROPOUT_PER_LAYER for each layer past the anchor up to MAX_DROPOUT: a deeper
+    model is one the budget lets see its data more times, so it memorises faster (the sweeps: 0.2 at
+    depth 5 level with 0.25 over six seeds, 0.3 better than 0.2 at depth 6, 0.1 better than 0.2 at
+    depth 4 on the slower Zen 4, where 5 minutes sees the data about 8 times), has TOKEN_NOISE of
     its input tokens replaced by random ones, and its output head learns at half the rate
     (MEMORISING_HEAD_LR; benchmarks/NOTES.md has the sweeps behind all of them). Every sized run stops
     after MAX_PASSES over its data, however long the budget: past that a small corpus is memorised
@@ -130,7 +132,7 @@ def sized_for_budget(minutes: float, step_flops: float) -> dict:
     """
     depth = depth_for(minutes, step_flops)
     if depth > ANCHOR_DEPTH:
-        dropout = DEEP_DROPOUT if depth >= DEEP_DEPTH else DROPOUT
+        dropout = round(min(MAX_DROPOUT, DROPOUT_PER_LAYER * (depth - ANCHOR_DEPTH)), 2)
         noise, lr = TOKEN_NOISE, MEMORISING_HEAD_LR
     else:
         dropout, noise, lr = 0.0, 0.0, HEAD_LR
