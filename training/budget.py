@@ -23,7 +23,7 @@ that went on memorising it ended worse than the 5-minute one (benchmarks/NOTES.m
 The FLOP/s come from timing real training steps of the anchor model (`anchor_step_flops`), not from
 the matmul peak. Small models spend much of a step outside big matmuls (norms, softmax, Muon), and
 CPUs differ more in matmul peak than in that: an Intel Xeon with AMX multiplies bf16 matrices 3.7x as
-fast as the reference AMD Zen 5 (1,600 against 435 GFLOP/s) but runs the anchor's step only 1.6x as
+fast as the reference AMD Zen 4 (1,600 against 435 GFLOP/s) but runs the anchor's step only 1.6x as
 fast. Sized from the peak it got a 4 x 256 model for 90 seconds, which scored 2.070 on the tuning
 split against 2.003 for the 3 x 192 that its step rate picks (benchmarks/NOTES.md).
 
@@ -55,7 +55,7 @@ from model.files import write_atomically
 if TYPE_CHECKING:  # training/config.py imports this module
     from training.config import TrainConfig
 
-# The anchor: 90 seconds on the 2-core reference machine (AMD Zen 5), where depth 3 was best. Its
+# The anchor: 90 seconds on the 2-core reference machine (AMD Zen 4), where depth 3 was best. Its
 # training step (3 x 192, batch 16 x 256, vocabulary 1,024, eager, bf16) ran there at 15,252 tokens/s
 # (median of the suite's three 90-second runs, benchmarks/reference at 80736ed) x 10.9 MFLOP a token.
 ANCHOR_DEPTH = 3
