@@ -13,9 +13,9 @@ far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe
 machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
 and dropout (0.1 a layer past the anchor, at most 0.3), input-token noise and a slower output head
-once the model is big enough to memorise a small corpus in its budget. One setting follows the minutes instead: from
-COMPILE_MINUTES on, `torch.compile` (about a minute to build on first use on two cores, seconds once
-cached) pays for itself in faster steps.
+once the model is big enough to memorise a small corpus in its budget. One setting follows the
+minutes instead: from COMPILE_MINUTES on, `torch.compile` (about a minute to build on first use on
+two cores, seconds once cached) pays for itself in faster steps.
 The schedule ends exactly when the budget does (training/optim.py), or earlier, after MAX_PASSES over
 the training data: a 1 MB corpus runs out before a 15-minute budget on two cores does, and the run
 that went on memorising it ended worse than the 5-minute one (benchmarks/NOTES.md, "Longer budgets").
@@ -67,7 +67,7 @@ DEPTH_EXPONENT = 0.26  # depth ~ compute^0.26; 1/6 under-sized data-limited 5-mi
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
 # Residual dropout per layer past the anchor, and its most: 0.1 at depth 4 (5 minutes on the Zen 4), 0.2 at depth 5
-# (5 minutes on the Xeon), 0.3 from depth 6 (10 and 15 minutes on the Xeon); NOTES.md, "Dropout by depth".
+# (5 minutes on the Xeon), 0.3 from depth 6 (10 and 15 minutes on the Xeon); NOTES.md, "Back on the AMD machine".
 DROPOUT_PER_LAYER, MAX_DROPOUT = 0.1, 0.3
 TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
 HEAD_LR = 1.5e-3  # AdamW's learning rate (the head and norm scales) in the cpu preset, half the dataclass default
