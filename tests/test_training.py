@@ -394,7 +394,7 @@ def test_the_budget_is_measured_in_training_steps_of_the_anchor_model():
     cpu = torch.device("cpu")
     step_flops = anchor_step_flops(cpu, torch.float32, seconds=0.5)
     assert 0.02 * matmul_peak_flops(cpu, torch.float32, seconds=0.3) < step_flops
-    assert step_flops < matmul_peak_flops(cpu, torch.float32, seconds=0.3)
+    assert step_flops < matmul_peak_flops(cpu, torch.float32, seconds=1.0)  # best over a second: steadier
 
 
 def test_the_budget_sizes_from_the_best_rate_this_machine_has_shown(corpus_file, tmp_path, capsys):
@@ -412,9 +412,11 @@ def test_the_budget_sizes_from_the_best_rate_this_machine_has_shown(corpus_file,
     # A real run in a fresh cache remembers the rate of its training steps (not the matmul peak) ...
     cache = tmp_path / "fresh"
     run = {"preset": "cpu", "data": str(corpus_file), "cache_dir": str(cache), "max_minutes": 0.05, "dtype": "fp32"}
-    train({**run, "out_dir": str(tmp_path / "first"), "progress": False, "sample_tokens": 0})
+    # (compared with the peak the run measured over a second: on the Zen 4 a tiny fp32 step reached 63% of it,
+    # and a separate 0.3-second measurement after the run read only 1.2x the step's rate).
+    first, _ = train({**run, "out_dir": str(tmp_path / "first"), "progress": False, "sample_tokens": 0})
     measured = json.loads((cache / REMEMBERED).read_text())[machine]
-    assert 0 < measured < 0.8 * matmul_peak_flops(cpu, torch.float32, seconds=0.3)
+    assert 0 < measured < first.peak_flops
     # ... and one whose remembered rate is 1,000 times this machine's gets the model sized for that rate
     # (100 times was not enough when a run sharing the machine made the probe read a tenth of its speed).
     (cache / REMEMBERED).write_text(json.dumps({machine: 1000 * measured}))
