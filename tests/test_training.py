@@ -28,7 +28,6 @@ from training.budget import (
     describe,
     machine_name,
     remembered_best,
-    sized_for_budget,
 )
 from training.calibration import fit_temperature, temperature_for_passes
 from training.config import assemble
@@ -363,7 +362,7 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
         0.05,
     )
     # ... and 0.1 more dropout a layer, up to 0.3: deeper models see their data more times.
-    assert [sized_for_budget(5, 1.6 * laptop)["dropout"], sizes[2].dropout] == [0.2, 0.3]
+    assert [assemble({"max_minutes": 5}, step_flops=1.6 * laptop).dropout, sizes[2].dropout] == [0.2, 0.3]
     assert assemble({"max_minutes": 5, "token_noise": 0.0}, step_flops=laptop).token_noise == 0  # typed wins
     # ... and the head's learning rate halves with them (a quarter of the dataclass default).
     assert (sizes[0].lr, sizes[1].lr) == (1.5e-3, 7.5e-4) and assemble({"max_steps": 9}).lr == 1.5e-3
@@ -416,7 +415,7 @@ def test_the_budget_sizes_from_the_best_rate_this_machine_has_shown(corpus_file,
     # and a separate 0.3-second measurement after the run read only 1.2x the step's rate).
     first, _ = train({**run, "out_dir": str(tmp_path / "first"), "progress": False, "sample_tokens": 0})
     measured = json.loads((cache / REMEMBERED).read_text())[machine]
-    assert 0 < measured < first.peak_flops
+    assert 0 < measured < 0.8 * first.peak_flops
     # ... and one whose remembered rate is 1,000 times this machine's gets the model sized for that rate
     # (100 times was not enough when a run sharing the machine made the probe read a tenth of its speed).
     (cache / REMEMBERED).write_text(json.dumps({machine: 1000 * measured}))

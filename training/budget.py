@@ -123,7 +123,7 @@ def sized_for_budget(minutes: float, step_flops: float) -> dict:
     gets residual dropout, DROPOUT_PER_LAYER for each layer past the anchor up to MAX_DROPOUT: a deeper
     model is one the budget lets see its data more times, so it memorises faster (the sweeps: 0.2 at
     depth 5 level with 0.25 over six seeds, 0.3 better than 0.2 at depth 6, 0.1 better than 0.2 at
-    depth 4 on the slower Zen 4, where 5 minutes sees the data about 8 times), has TOKEN_NOISE of
+    depth 4 on the slower Zen 4, where 5 minutes sees the data 7 to 8 times), has TOKEN_NOISE of
     its input tokens replaced by random ones, and its output head learns at half the rate
     (MEMORISING_HEAD_LR; benchmarks/NOTES.md has the sweeps behind all of them). Every sized run stops
     after MAX_PASSES over its data, however long the budget: past that a small corpus is memorised
@@ -132,7 +132,7 @@ def sized_for_budget(minutes: float, step_flops: float) -> dict:
     """
     depth = depth_for(minutes, step_flops)
     if depth > ANCHOR_DEPTH:
-        dropout = round(min(MAX_DROPOUT, DROPOUT_PER_LAYER * (depth - ANCHOR_DEPTH)), 2)
+        dropout = min(MAX_DROPOUT, DROPOUT_PER_LAYER * (depth - ANCHOR_DEPTH))
         noise, lr = TOKEN_NOISE, MEMORISING_HEAD_LR
     else:
         dropout, noise, lr = 0.0, 0.0, HEAD_LR
