@@ -22,15 +22,17 @@ from training.budget import (
     ANCHOR_SHAPE,
     ANCHOR_STEP_FLOPS,
     MAX_PASSES,
+    MEMORISING_PASSES,
     REMEMBERED,
     anchor_step_flops,
     depth_for,
     describe,
     machine_name,
+    predicted_passes,
     remembered_best,
 )
 from training.calibration import fit_temperature, temperature_for_passes
-from training.config import assemble
+from training.config import TrainConfig, assemble
 from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon
 from training.optim import NS_STEPS, REFINEMENTS
 from training.trainer import Trainer, train
@@ -353,7 +355,12 @@ def test_a_run_stops_after_max_passes_over_its_data_with_the_schedule_ended_ther
 
 def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     laptop = ANCHOR_STEP_FLOPS  # the reference machine's training FLOP/s
-    sizes = [assemble({"max_minutes": m}, step_flops=laptop) for m in (1.5, 5, 60)]
+    shakespeare = 380_000  # about Tiny Shakespeare's training tokens with the cpu preset's 1,024-token vocabulary
+
+    def sized(minutes: float, rate: float = laptop, corpus: int = shakespeare, **typed) -> TrainConfig:
+        return assemble({"max_minutes": minutes, **typed}, step_flops=rate, corpus_tokens=corpus)
+
+    sizes = [sized(m) for m in (1.5, 5, 60)]
     assert [c.n_layer for c in sizes[:2]] == [3, 4] < [sizes[2].n_layer]  # 3 and 4: what the sweeps found there
     assert all(c.n_embd == 64 * c.n_layer and c.n_head == c.n_layer for c in sizes)
     # Regularisation comes with depth: the 90-second model has none, the 5-minute one dropout and token noise.
@@ -362,29 +369,39 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
         0.05,
     )
     # ... and 0.1 more dropout a layer, up to 0.3: deeper models see their data more times.
-    assert [assemble({"max_minutes": 5}, step_flops=1.6 * laptop).dropout, sizes[2].dropout] == [0.2, 0.3]
-    assert assemble({"max_minutes": 5, "token_noise": 0.0}, step_flops=laptop).token_noise == 0  # typed wins
+    assert [sized(5, 1.6 * laptop).dropout, sizes[2].dropout] == [0.2, 0.3]
+    assert sized(5, token_noise=0.0).token_noise == 0  # typed wins
     # ... and the head's learning rate halves with them (a quarter of the dataclass default).
     assert (sizes[0].lr, sizes[1].lr) == (1.5e-3, 7.5e-4) and assemble({"max_steps": 9}).lr == 1.5e-3
-    assert assemble({"max_minutes": 5, "lr": 0.002}, step_flops=laptop).lr == 0.002
+    assert sized(5, lr=0.002).lr == 0.002
+    # ... but only where the budget goes over the corpus MEMORISING_PASSES times or more: the same
+    # model on a corpus 10 times as big (seen under once) gets none of it.
+    assert predicted_passes(5, laptop, sizes[1].model_config(), shakespeare) > MEMORISING_PASSES
+    bigger = sized(5, corpus=10 * shakespeare)
+    assert (bigger.n_layer, bigger.dropout, bigger.token_noise, bigger.lr) == (4, 0, 0, 1.5e-3)
+    assert sized(60, corpus=100 * shakespeare).dropout == 0  # 60 minutes over 38M tokens: no memorising
+    # Without the corpus's size (or the machine's rate) nothing is sized.
+    assert assemble({"max_minutes": 5}, step_flops=laptop).n_embd == TrainConfig.n_embd
     # Every sized run stops after MAX_PASSES over its data; a --max-steps run has no such limit; 0 lifts it.
     assert all(c.max_passes == MAX_PASSES for c in sizes) and assemble({"max_steps": 9}).max_passes == 0
-    unlimited = assemble({"max_minutes": 5, "max_passes": 0}, step_flops=laptop)
-    assert unlimited.max_passes == 0 and "no pass limit" in describe(5, laptop, laptop, unlimited)
-    assert "at most 12 passes over the data" in describe(5, laptop, laptop, sizes[1])
+    unlimited = sized(5, max_passes=0)
+    assert unlimited.max_passes == 0 and "no pass limit" in describe(5, laptop, laptop, shakespeare, unlimited)
+    line = describe(5, laptop, laptop, shakespeare, sizes[1])
+    assert "at most 12 passes over the data" in line and "passes over 380,000 training tokens" in line
     # Compiling pays from three minutes on: the 90-second run stays eager, --no-compile wins.
     assert (sizes[0].compile, sizes[1].compile) == (False, True)
-    assert assemble({"max_minutes": 5, "compile": False}, step_flops=laptop).compile is False
+    assert sized(5, compile=False).compile is False
     # The Xeon with AMX (benchmarks/NOTES.md) steps 1.6x as fast: still 3 layers at 90 seconds, 5 at 5 minutes.
-    assert [assemble({"max_minutes": m}, step_flops=1.6 * laptop).n_layer for m in (1.5, 5)] == [3, 5]
+    assert [sized(m, 1.6 * laptop).n_layer for m in (1.5, 5)] == [3, 5]
     # ... and a probe that reads it 10% fast or slow does not change that (at depth ~ compute^(1/4) a 6% slow one did).
-    assert assemble({"max_minutes": 1.5}, step_flops=1.1 * 1.6 * laptop).n_layer == 3
-    assert assemble({"max_minutes": 5}, step_flops=0.9 * 1.6 * laptop).n_layer == 5
-    assert assemble({"max_minutes": 60}, step_flops=1e14).n_layer == 12  # a big GPU: capped at GPT-2 small
-    assert assemble({"max_minutes": 5, "n_layer": 7}, step_flops=laptop).n_layer == 7
+    assert sized(1.5, 1.1 * 1.6 * laptop).n_layer == 3
+    assert sized(5, 0.9 * 1.6 * laptop).n_layer == 5
+    assert sized(60, 1e14).n_layer == 12  # a big GPU: capped at GPT-2 small
+    assert sized(5, n_layer=7).n_layer == 7
     saved = {"n_layer": 2, "n_embd": 96, "n_head": 2, "n_kv_head": 2}
-    assert assemble({"max_minutes": 60}, saved=saved, step_flops=laptop).n_embd == 96  # a resumed run keeps its shape
-    assert assemble({"max_minutes": 60, "preset": "tiny"}, step_flops=laptop).n_embd == 64  # other presets are fixed
+    resumed = assemble({"max_minutes": 60}, saved=saved, step_flops=laptop, corpus_tokens=shakespeare)
+    assert resumed.n_embd == 96  # a resumed run keeps its shape
+    assert sized(60, preset="tiny").n_embd == 64  # other presets are fixed
 
 
 def test_the_budget_is_measured_in_training_steps_of_the_anchor_model():
@@ -421,9 +438,10 @@ def test_the_budget_sizes_from_the_best_rate_this_machine_has_shown(corpus_file,
     (cache / REMEMBERED).write_text(json.dumps({machine: 1000 * measured}))
     trainer, _ = train({**run, "out_dir": str(tmp_path / "run"), "progress": False, "sample_tokens": 0})
     assert trainer.config.n_layer == depth_for(0.05, 1000 * measured) > depth_for(0.05, measured)
-    assert (
-        f"x {1000 * measured / 1e9:,.0f} GFLOP/s of training steps (the best measured here" in capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert f"x {1000 * measured / 1e9:,.0f} GFLOP/s of training steps (the best measured here" in out
+    # The rule was told the size of the corpus the run then trained on.
+    assert f"passes over {trainer.data.manifest['splits']['train']['tokens']:,} training tokens" in out
 
 
 def test_compile_without_a_compiler_is_refused_in_one_line(corpus_file, tmp_path, monkeypatch):

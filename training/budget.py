@@ -13,9 +13,10 @@ far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe
 machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
 and dropout (0.1 a layer past the anchor, at most 0.3), input-token noise and a slower output head
-once the model is big enough to memorise a small corpus in its budget. One setting follows the
-minutes instead: from COMPILE_MINUTES on, `torch.compile` (about a minute to build on first use on
-two cores, seconds once cached) pays for itself in faster steps.
+once the model is big enough, and the corpus small enough, for the budget to go over it three times
+or more (the corpus is prepared before the model is sized, so its size in tokens is known). One
+setting follows the minutes instead: from COMPILE_MINUTES on, `torch.compile` (about a minute to
+build on first use on two cores, seconds once cached) pays for itself in faster steps.
 The schedule ends exactly when the budget does (training/optim.py), or earlier, after MAX_PASSES over
 the training data: a 1 MB corpus runs out before a 15-minute budget on two cores does, and the run
 that went on memorising it ended worse than the 5-minute one (benchmarks/NOTES.md, "Longer budgets").
@@ -51,6 +52,7 @@ import torch
 
 from model.device import cpu_info
 from model.files import write_atomically
+from model.gpt import GPT, ModelConfig
 
 if TYPE_CHECKING:  # training/config.py imports this module
     from training.config import TrainConfig
@@ -72,6 +74,9 @@ DROPOUT_PER_LAYER, MAX_DROPOUT = 0.1, 0.3
 TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored worse; benchmarks/NOTES.md)
 HEAD_LR = 1.5e-3  # AdamW's learning rate (the head and norm scales) in the cpu preset, half the dataclass default
 MEMORISING_HEAD_LR = 7.5e-4  # ... at depth > 3: better on six seeds at 5 minutes, worse at 90 s (NOTES.md)
+# ... all three only for runs predicted to see their data this many times or more (`predicted_passes`; NOTES.md,
+# "Other corpora"): below it they cost 0.10-0.15 bits/byte on other text, and Tiny Shakespeare is above it everywhere.
+MEMORISING_PASSES = 3.0
 MAX_PASSES = 12.0  # a sized run stops after this many passes over its data (benchmarks/NOTES.md, "Longer budgets")
 COMPILE_MINUTES = 3.0  # compiling costs 30-60 s cold, 5-15 s cached; steps 25-42% faster: pays from ~2.5 min (NOTES.md)
 REMEMBERED = "step_flops.json"  # (earlier versions kept matmul peaks in peak_flops.json)
@@ -83,7 +88,6 @@ def anchor_step_flops(device: torch.device, dtype: torch.dtype, seconds: float =
     """Model FLOP/s of the anchor model's training step (forward, backward, Muon and AdamW, random
     tokens, eager), the median step over about `seconds` after two warm-up steps."""
     from model.device import autocast
-    from model.gpt import GPT, ModelConfig
     from training.config import PRESETS, TrainConfig
     from training.optim import build_optimizers  # imports training/config.py, which imports this module
 
@@ -115,39 +119,65 @@ def depth_for(minutes: float, step_flops: float) -> int:
     return max(MIN_DEPTH, min(MAX_DEPTH, depth))
 
 
-def sized_for_budget(minutes: float, step_flops: float) -> dict:
-    """The model's shape, regularisation and limits for a run of `minutes` on a machine whose training
-    steps reach `step_flops` model FLOP/s (`anchor_step_flops`).
+def predicted_passes(minutes: float, step_flops: float, shape: ModelConfig, corpus_tokens: int) -> float:
+    """How many times a run of `minutes` at `step_flops` will go over `corpus_tokens` training tokens
+    with a model of `shape`. An estimate from the anchor's rate, and an under-estimate: the sized
+    model's own compiled steps do more FLOP/s (1.1x on the Zen 4's 4 x 256, about 2.5x on the Xeon's
+    5 x 320, whose bigger matrices suit AMX), so the run makes 1.1 to 2.5 times the passes predicted."""
+    with torch.device("meta"):  # the shape's FLOPs without allocating its weights
+        flops_per_token = GPT(shape).flops_per_token()
+    return minutes * 60 * step_flops / flops_per_token / corpus_tokens
 
-    Beyond the anchor depth the model can memorise a small corpus within the budget, so it also
-    gets residual dropout, DROPOUT_PER_LAYER for each layer past the anchor up to MAX_DROPOUT: a deeper
-    model is one the budget lets see its data more times, so it memorises faster (the sweeps: 0.2 at
-    depth 5 level with 0.25 over six seeds, 0.3 better than 0.2 at depth 6, 0.1 better than 0.2 at
-    depth 4 on the slower Zen 4, where 5 minutes sees the data 7 to 8 times), has TOKEN_NOISE of
-    its input tokens replaced by random ones, and its output head learns at half the rate
-    (MEMORISING_HEAD_LR; benchmarks/NOTES.md has the sweeps behind all of them). Every sized run stops
-    after MAX_PASSES over its data, however long the budget: past that a small corpus is memorised
-    faster than it is learnt, and a longer run would end worse than a shorter one. Budgets of
-    COMPILE_MINUTES or more are compiled.
+
+def shape_for(depth: int) -> dict:
+    """nanochat's rule: width 64 x depth, one head (and one key/value head) per 64 dimensions."""
+    return dict(n_layer=depth, n_embd=HEAD_DIM * depth, n_head=depth, n_kv_head=depth)
+
+
+def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int) -> dict:
+    """The model's shape, regularisation and limits for a run of `minutes` on a machine whose training
+    steps reach `step_flops` model FLOP/s (`anchor_step_flops`), over `corpus_tokens` training tokens.
+
+    A model beyond the anchor depth that the budget lets see its data MEMORISING_PASSES times or more
+    (`predicted_passes`) can memorise it, so it also gets residual dropout, DROPOUT_PER_LAYER for each
+    layer past the anchor up to MAX_DROPOUT: a deeper model memorises faster (the sweeps: 0.2 at depth
+    5 level with 0.25 over six seeds, 0.3 better than 0.2 at depth 6, 0.1 better than 0.2 at depth 4
+    on the slower Zen 4, where 5 minutes sees Tiny Shakespeare 7 to 8 times), has TOKEN_NOISE of its
+    input tokens replaced by random ones, and its output head learns at half the rate
+    (MEMORISING_HEAD_LR). A model that sees its data only a few times needs none of them: on text from
+    the Rust documentation the 4 x 256's 5-minute step count scored 0.10 bits/byte worse with them over
+    5 MB (1.4 passes) and 0.15 worse over 1.8 MB (4.1 passes), 0.05 better over 0.9 MB (8 passes), as
+    on Tiny Shakespeare (7.8 passes, 0.03 better). The threshold is low because the prediction
+    under-counts: Tiny Shakespeare's 5 minutes are predicted 4.6 passes on the Xeon, which made 10.7
+    (benchmarks/NOTES.md, "Other corpora", has these sweeps and the ones behind the values).
+    Every sized run stops after MAX_PASSES over its data, however long the budget: past that a small
+    corpus is memorised faster than it is learnt, and a longer run would end worse than a shorter one.
+    Budgets of COMPILE_MINUTES or more are compiled.
     """
     depth = depth_for(minutes, step_flops)
-    if depth > ANCHOR_DEPTH:
+    shape = ModelConfig(**{**ANCHOR_SHAPE, **shape_for(depth)})
+    memorises = (
+        depth > ANCHOR_DEPTH and predicted_passes(minutes, step_flops, shape, corpus_tokens) >= MEMORISING_PASSES
+    )
+    if memorises:
         dropout = min(MAX_DROPOUT, DROPOUT_PER_LAYER * (depth - ANCHOR_DEPTH))
         noise, lr = TOKEN_NOISE, MEMORISING_HEAD_LR
     else:
         dropout, noise, lr = 0.0, 0.0, HEAD_LR
     compiled = minutes >= COMPILE_MINUTES
-    chosen = (depth, HEAD_DIM * depth, depth, depth, dropout, noise, lr, compiled, MAX_PASSES)
+    chosen = (*shape_for(depth).values(), dropout, noise, lr, compiled, MAX_PASSES)
     return dict(zip(CHOSEN, chosen, strict=True))
 
 
-def describe(minutes: float, step_flops: float, measured: float, config: TrainConfig) -> str:
+def describe(minutes: float, step_flops: float, measured: float, corpus_tokens: int, config: TrainConfig) -> str:
     """One line for the training log: the compute the budget buys and what the run uses."""
     now = "" if measured >= step_flops else f" (the best measured here; {measured / 1e9:,.0f} now)"
+    passes_seen = predicted_passes(minutes, step_flops, config.model_config(), corpus_tokens)
     passes = f"at most {config.max_passes:g} passes over the data" if config.max_passes else "no pass limit"
     return (
         f"budget {minutes:g} min x {step_flops / 1e9:,.0f} GFLOP/s of training steps{now} = "
-        f"{minutes * 60 * step_flops:.2g} FLOPs -> {config.n_layer} layers x {config.n_embd} wide, dropout "
+        f"{minutes * 60 * step_flops:.2g} FLOPs -> {config.n_layer} layers x {config.n_embd} wide, "
+        f"~{passes_seen:.1f} passes over {corpus_tokens:,} training tokens, dropout "
         f"{config.dropout:g}, token noise {config.token_noise:g}, head lr {config.lr:g}, "
         f"{'compiled' if config.compile else 'eager'}, {passes} "
         f"({'/'.join('--' + name.replace('_', '-') for name in CHOSEN)} choose yourself)"

@@ -57,9 +57,16 @@ from training.optim import build_optimizers, lr_factor, set_lr
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, base: Checkpoint | None, resuming: bool, peak_flops: float | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        base: Checkpoint | None,
+        resuming: bool,
+        peak_flops: float | None = None,
+        dist: distributed.Distributed | None = None,
+    ):
         self.config = config
-        self.dist = distributed.setup(config.device)
+        self.dist = dist or distributed.setup(config.device)
         self.device = self.dist.device
         self.dtype = pick_dtype(self.device, config.dtype)
         self.out_dir = Path(config.out_dir)
@@ -70,7 +77,7 @@ class Trainer:
         self.chat = bool(config.chat_data)
         if self.chat and base is None:
             raise UserError("chat fine-tuning starts from a trained model: add --init-from out/base (or --resume)")
-        self.data = None if self.chat else self._prepare_data(base)
+        self.data = None if self.chat else prepare_corpus(config, base, self.dist)
         self.tokenizer = base.load_tokenizer() if self.chat else self.data.tokenizer
         self.data_info = base.meta.get("data") if self.chat else self.data.manifest
         self.chat_info = base.meta.get("chat") if base else None
@@ -123,28 +130,6 @@ class Trainer:
         if self.stop_requested:  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
         self.stop_requested = True
-
-    def _prepare_data(self, base: Checkpoint | None) -> Prepared:
-        c = self.config
-        tokenizer = base.load_tokenizer() if base else None
-
-        def run() -> Prepared:
-            return prepare(
-                c.data,
-                val_data=c.val_data,
-                text_column=c.text_column,
-                tokenizer_kind=c.tokenizer,
-                vocab_size=c.vocab_size,
-                tokenizer=tokenizer,
-                max_bytes=c.max_bytes,
-                cache_dir=cache_folder(c),
-                progress=c.progress and self.dist.is_main,
-            )
-
-        if self.dist.is_main:
-            prepared = run()
-        self.dist.barrier()
-        return prepared if self.dist.is_main else run()
 
     def _conversation_batches(self, context: int) -> tuple[ConversationBatches, ConversationBatches]:
         """Load, check, render and pack the conversations; report everything skipped or cut."""
@@ -477,6 +462,29 @@ def _logged_step(line: str) -> int:
         return 1 << 62
 
 
+def prepare_corpus(config: TrainConfig, base: Checkpoint | None, dist: distributed.Distributed) -> Prepared:
+    """The run's token files (data/prepare.py), rank 0 first: the others then find them in the cache."""
+    c = config
+
+    def run() -> Prepared:
+        return prepare(
+            c.data,
+            val_data=c.val_data,
+            text_column=c.text_column,
+            tokenizer_kind=c.tokenizer,
+            vocab_size=c.vocab_size,
+            tokenizer=base.load_tokenizer() if base else None,
+            max_bytes=c.max_bytes,
+            cache_dir=cache_folder(c),
+            progress=c.progress and dist.is_main,
+        )
+
+    if dist.is_main:
+        prepared = run()
+    dist.barrier()
+    return prepared if dist.is_main else run()
+
+
 def cache_folder(config: TrainConfig) -> Path:
     """Where prepared data (and the machine's remembered peak, training/budget.py) are kept."""
     return Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE
@@ -504,26 +512,28 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         base = load_checkpoint(out_dir, latest=True)
         saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
     unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
+    if not resuming and (Path(unsized.out_dir) / "LATEST").exists():
+        raise UserError(f"{unsized.out_dir} already holds a run; use --resume to continue it or another --out-dir")
+    if unsized.init_from:
+        base = load_checkpoint(unsized.init_from)
     device = pick_device(unsized.device)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for memory a step frees and the next takes again
-    sizing = budget_minutes(typed, saved) is not None  # the machine's speed will choose the model
+    sizing = budget_minutes(typed, saved) is not None  # the machine's speed and the corpus choose the model
     dtype = pick_dtype(device, unsized.dtype)
     # The MFU's denominator; budget runs are the benchmark's, so theirs is measured for longer.
     peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)
-    measured = step_flops = None
+    measured = step_flops = corpus_tokens = dist = None
     if sizing:
         measured = anchor_step_flops(device, dtype)
         step_flops = remembered_best(measured, machine_name(device, dtype), cache_folder(unsized))
-    config = compile_if_possible(assemble(typed, saved, step_flops), typed, device)
-    if config.init_from:
-        base = load_checkpoint(config.init_from)
-    if not resuming and (Path(config.out_dir) / "LATEST").exists():
-        raise UserError(f"{config.out_dir} already holds a run; use --resume to continue it or another --out-dir")
+        dist = distributed.setup(unsized.device)  # preparing is rank 0's, before the others read it
+        corpus_tokens = prepare_corpus(unsized, base, dist).manifest["splits"]["train"]["tokens"]
+    config = compile_if_possible(assemble(typed, saved, step_flops, corpus_tokens), typed, device)
     if sizing and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
-        print(describe(config.max_minutes, step_flops, measured, config))
+        print(describe(config.max_minutes, step_flops, measured, corpus_tokens, config))
     if device.type == "cpu":
         shape = base.model_config if base else config.model_config()
         check_fits(shape, config.batch_size // config.grad_accum)
-    trainer = Trainer(config, base, resuming, peak_flops)
+    trainer = Trainer(config, base, resuming, peak_flops, dist)
     return trainer, trainer.run()
