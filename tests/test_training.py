@@ -21,6 +21,7 @@ from tests.conftest import ROOT, TINY
 from training.budget import (
     ANCHOR_SHAPE,
     ANCHOR_STEP_FLOPS,
+    COMPILED_MFU,
     MAX_PASSES,
     MEMORISING_PASSES,
     REMEMBERED,
@@ -30,6 +31,7 @@ from training.budget import (
     machine_name,
     predicted_passes,
     remembered_best,
+    training_rate,
 )
 from training.calibration import fit_temperature, temperature_for_passes
 from training.config import TrainConfig, assemble
@@ -357,8 +359,11 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     laptop = ANCHOR_STEP_FLOPS  # the reference machine's training FLOP/s
     shakespeare = 380_000  # about Tiny Shakespeare's training tokens with the cpu preset's 1,024-token vocabulary
 
-    def sized(minutes: float, rate: float = laptop, corpus: int = shakespeare, **typed) -> TrainConfig:
-        return assemble({"max_minutes": minutes, **typed}, step_flops=rate, corpus_tokens=corpus)
+    # The reference Zen 4's and the Xeon's best anchor rates (214 and 290 GFLOP/s) and bf16 matmul peaks.
+    zen4, zen4_peak, xeon, xeon_peak = 1.28 * laptop, 435e9, 1.74 * laptop, 1600e9
+
+    def sized(minutes: float, rate: float = laptop, corpus: int = shakespeare, peak=None, **typed) -> TrainConfig:
+        return assemble({"max_minutes": minutes, **typed}, step_flops=rate, corpus_tokens=corpus, peak_flops=peak)
 
     sizes = [sized(m) for m in (1.5, 5, 60)]
     assert [c.n_layer for c in sizes[:2]] == [3, 4] < [sizes[2].n_layer]  # 3 and 4: what the sweeps found there
@@ -369,7 +374,7 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
         0.05,
     )
     # ... and 0.1 more dropout a layer, up to 0.3: deeper models see their data more times.
-    assert [sized(5, 1.6 * laptop).dropout, sizes[2].dropout] == [0.2, 0.3]
+    assert [sized(5, xeon, peak=xeon_peak).dropout, sizes[2].dropout] == [0.2, 0.3]
     assert sized(5, token_noise=0.0).token_noise == 0  # typed wins
     # ... and the head's learning rate halves with them (a quarter of the dataclass default).
     assert (sizes[0].lr, sizes[1].lr) == (1.5e-3, 7.5e-4) and assemble({"max_steps": 9}).lr == 1.5e-3
@@ -379,20 +384,33 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     assert predicted_passes(5, laptop, sizes[1].model_config(), shakespeare) > MEMORISING_PASSES
     bigger = sized(5, corpus=10 * shakespeare)
     assert (bigger.n_layer, bigger.dropout, bigger.token_noise, bigger.lr) == (4, 0, 0, 1.5e-3)
+    # (on the Rust documentation's 1.8 MB, 4 passes, they cost 0.15 bits/byte: 1.8x Tiny Shakespeare gets none)
+    assert sized(5, corpus=int(1.8 * shakespeare), peak=zen4_peak).dropout == 0
     assert sized(60, corpus=100 * shakespeare).dropout == 0  # 60 minutes over 38M tokens: no memorising
     # Without the corpus's size (or the machine's rate) nothing is sized.
     assert assemble({"max_minutes": 5}, step_flops=laptop).n_embd == TrainConfig.n_embd
     # Every sized run stops after MAX_PASSES over its data; a --max-steps run has no such limit; 0 lifts it.
     assert all(c.max_passes == MAX_PASSES for c in sizes) and assemble({"max_steps": 9}).max_passes == 0
     unlimited = sized(5, max_passes=0)
-    assert unlimited.max_passes == 0 and "no pass limit" in describe(5, laptop, laptop, shakespeare, unlimited)
-    line = describe(5, laptop, laptop, shakespeare, sizes[1])
+    assert unlimited.max_passes == 0 and "no pass limit" in describe(5, laptop, laptop, None, shakespeare, unlimited)
+    line = describe(5, laptop, laptop, None, shakespeare, sizes[1])
     assert "at most 12 passes over the data" in line and "passes over 380,000 training tokens" in line
     # Compiling pays from three minutes on: the 90-second run stays eager, --no-compile wins.
     assert (sizes[0].compile, sizes[1].compile) == (False, True)
     assert sized(5, compile=False).compile is False
     # The Xeon with AMX (benchmarks/NOTES.md) steps 1.6x as fast: still 3 layers at 90 seconds, 5 at 5 minutes.
     assert [sized(m, 1.6 * laptop).n_layer for m in (1.5, 5)] == [3, 5]
+    # Its compiled steps run at about half its matmul peak, 2.5x the anchor's rate, and that is what
+    # predicts the passes; an eager run (90 seconds) keeps the anchor's rate, as does the Zen 4.
+    assert training_rate(5, xeon, xeon_peak) == COMPILED_MFU * xeon_peak > 2 * xeon
+    assert training_rate(1.5, xeon, xeon_peak) == xeon and training_rate(5, zen4, zen4_peak) == zen4
+    assert "(45% of the matmul peak)" in describe(5, xeon, xeon, xeon_peak, shakespeare, sized(5, xeon, peak=xeon_peak))
+    # Its 10 and 15 minutes take a 5 x 320 past MAX_PASSES (data run out): they train the 6 x 384. On the
+    # reference machine 15 minutes do not (11 passes), so the 5 x 320 gets them; 20 minutes would.
+    assert [sized(m, xeon, peak=xeon_peak).n_layer for m in (10, 15)] == [6, 6]
+    zen4_15 = sized(15, zen4, peak=zen4_peak)
+    assert (zen4_15.n_layer, zen4_15.dropout) == (5, 0.2) and sized(20, zen4, peak=zen4_peak).n_layer == 6
+    assert depth_for(15, zen4) == 6  # (what the depth rule alone gives it)
     # ... and a probe that reads it 10% fast or slow does not change that (at depth ~ compute^(1/4) a 6% slow one did).
     assert sized(1.5, 1.1 * 1.6 * laptop).n_layer == 3
     assert sized(5, 0.9 * 1.6 * laptop).n_layer == 5
@@ -431,8 +449,10 @@ def test_the_budget_sizes_from_the_best_rate_this_machine_has_shown(corpus_file,
     # (compared with the peak the run measured over a second: on the Zen 4 a tiny fp32 step reached 63% of it,
     # and a separate 0.3-second measurement after the run read only 1.2x the step's rate).
     first, _ = train({**run, "out_dir": str(tmp_path / "first"), "progress": False, "sample_tokens": 0})
-    measured = json.loads((cache / REMEMBERED).read_text())[machine]
+    remembered = json.loads((cache / REMEMBERED).read_text())
+    measured = remembered[machine]
     assert 0 < measured < 0.8 * first.peak_flops
+    assert remembered[f"{machine}, matmul peak"] == first.peak_flops  # ... and, apart, the matmul peak
     # ... and one whose remembered rate is 1,000 times this machine's gets the model sized for that rate
     # (100 times was not enough when a run sharing the machine made the probe read a tenth of its speed).
     (cache / REMEMBERED).write_text(json.dumps({machine: 1000 * measured}))

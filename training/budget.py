@@ -13,8 +13,9 @@ far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe
 machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
 and dropout (0.1 a layer past the anchor, at most 0.3), input-token noise and a slower output head
-once the model is big enough, and the corpus small enough, for the budget to go over it three times
-or more (the corpus is prepared before the model is sized, so its size in tokens is known). One
+once the model is big enough, and the corpus small enough, for the budget to go over it five times
+or more (the corpus is prepared before the model is sized, so its size in tokens is known). And one
+depth less from depth 6 on where the smaller model would not yet run out of data (`sized_for_budget`). One
 setting follows the minutes instead: from COMPILE_MINUTES on, `torch.compile` (about a minute to
 build on first use on two cores, seconds once cached) pays for itself in faster steps.
 The schedule ends exactly when the budget does (training/optim.py), or earlier, after MAX_PASSES over
@@ -26,7 +27,10 @@ the matmul peak. Small models spend much of a step outside big matmuls (norms, s
 CPUs differ more in matmul peak than in that: an Intel Xeon with AMX multiplies bf16 matrices 3.7x as
 fast as the reference AMD Zen 4 (1,600 against 435 GFLOP/s) but runs the anchor's step only 1.6x as
 fast. Sized from the peak it got a 4 x 256 model for 90 seconds, which scored 2.070 on the tuning
-split against 2.003 for the 3 x 192 that its step rate picks (benchmarks/NOTES.md).
+split against 2.003 for the 3 x 192 that its step rate picks (benchmarks/NOTES.md). The peak does
+say how many passes over the data a compiled run of the sized model will make (`training_rate`):
+there the Xeon's big matrices run 2.8x the Zen 4's, and counted at the anchor's rate its runs
+were predicted under half the passes they made.
 
 The sweep behind the anchor and the exponent is in benchmarks/NOTES.md. Flags typed on the
 command line (or saved in a run being resumed) always win over these choices.
@@ -35,7 +39,8 @@ The rate that sizes a run is the best this machine has shown, not only this proc
 (`remembered_best`): on a shared machine a measurement now and then reads half the speed (3 of
 about 45 sweep runs read half the peak), and a 5-minute run sized for a machine half as fast
 memorises Tiny Shakespeare (2.47 bits/byte instead of 2.02). Remembering the best also makes the
-same command give the same model on the same machine, run after run.
+same command give the same model on the same machine, run after run. The matmul peak is
+remembered the same way (the run's MFU is still reported against this process's own measurement).
 """
 
 from __future__ import annotations
@@ -75,8 +80,11 @@ TOKEN_NOISE = 0.05  # share of input tokens replaced at depth > 3 (0.10 scored w
 HEAD_LR = 1.5e-3  # AdamW's learning rate (the head and norm scales) in the cpu preset, half the dataclass default
 MEMORISING_HEAD_LR = 7.5e-4  # ... at depth > 3: better on six seeds at 5 minutes, worse at 90 s (NOTES.md)
 # ... all three only for runs predicted to see their data this many times or more (`predicted_passes`; NOTES.md,
-# "Other corpora"): below it they cost 0.10-0.15 bits/byte on other text, and Tiny Shakespeare is above it everywhere.
-MEMORISING_PASSES = 3.0
+# "Other corpora"): at 4 passes they cost 0.15 bits/byte on other text, at 8 they gain 0.03-0.05.
+MEMORISING_PASSES = 5.0
+# A compiled sized model's step reaches this share of the bf16 matmul peak or more (43-48% on the Xeon, 52-61%
+# on the Zen 4, 4 x 256 to 6 x 384), which on a machine with fast big matrices is far above the anchor's rate.
+COMPILED_MFU = 0.45
 MAX_PASSES = 12.0  # a sized run stops after this many passes over its data (benchmarks/NOTES.md, "Longer budgets")
 COMPILE_MINUTES = 3.0  # compiling costs 30-60 s cold, 5-15 s cached; steps 25-42% faster: pays from ~2.5 min (NOTES.md)
 REMEMBERED = "step_flops.json"  # (earlier versions kept matmul peaks in peak_flops.json)
@@ -119,14 +127,23 @@ def depth_for(minutes: float, step_flops: float) -> int:
     return max(MIN_DEPTH, min(MAX_DEPTH, depth))
 
 
-def predicted_passes(minutes: float, step_flops: float, shape: ModelConfig, corpus_tokens: int) -> float:
-    """How many times a run of `minutes` at `step_flops` will go over `corpus_tokens` training tokens
-    with a model of `shape`. An estimate from the anchor's rate, and an under-estimate: the sized
-    model's own compiled steps do more FLOP/s (1.1x on the Zen 4's 4 x 256, about 2.5x on the Xeon's
-    5 x 320, whose bigger matrices suit AMX), so the run makes 1.1 to 2.5 times the passes predicted."""
+def training_rate(minutes: float, step_flops: float, peak_flops: float | None) -> float:
+    """The model FLOP/s a sized run's steps are expected to reach: the anchor's eager rate, or for a
+    compiled run COMPILED_MFU of the machine's matmul peak where that is more. The anchor's small
+    matrices hide what big ones gain on a machine built for them: the Xeon with AMX runs the anchor
+    1.6-1.7x as fast as the Zen 4 but its compiled 5 x 320 about 2.8x (690 against 249 GFLOP/s)."""
+    if minutes >= COMPILE_MINUTES and peak_flops:
+        return max(step_flops, COMPILED_MFU * peak_flops)
+    return step_flops
+
+
+def predicted_passes(minutes: float, rate: float, shape: ModelConfig, corpus_tokens: int) -> float:
+    """How many times a run of `minutes` whose steps reach `rate` model FLOP/s (`training_rate`) will
+    go over `corpus_tokens` training tokens with a model of `shape`. A slight under-estimate where the
+    anchor's rate stands: the Zen 4's compiled steps run 1.1-1.2x faster than its anchor's."""
     with torch.device("meta"):  # the shape's FLOPs without allocating its weights
         flops_per_token = GPT(shape).flops_per_token()
-    return minutes * 60 * step_flops / flops_per_token / corpus_tokens
+    return minutes * 60 * rate / flops_per_token / corpus_tokens
 
 
 def shape_for(depth: int) -> dict:
@@ -134,9 +151,19 @@ def shape_for(depth: int) -> dict:
     return dict(n_layer=depth, n_embd=HEAD_DIM * depth, n_head=depth, n_kv_head=depth)
 
 
-def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int) -> dict:
+def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int, peak_flops: float | None = None) -> dict:
     """The model's shape, regularisation and limits for a run of `minutes` on a machine whose training
-    steps reach `step_flops` model FLOP/s (`anchor_step_flops`), over `corpus_tokens` training tokens.
+    steps reach `step_flops` model FLOP/s (`anchor_step_flops`) and whose bf16 (or the run's dtype)
+    matrix products reach `peak_flops`, over `corpus_tokens` training tokens.
+
+    The depth grows with compute^DEPTH_EXPONENT, faster than the square-root rule because a small
+    corpus runs out: past MAX_PASSES more passes stop helping and a bigger model is the better use of
+    the compute. So where the next smaller model (past the anchor) would not reach MAX_PASSES in the
+    budget, the data has not run out and that smaller model is the one trained: on the Zen 4, 15
+    minutes takes the 5 x 320 to 11-12 passes and the 6 x 384 to 7.5, and the 5 x 320 scored 0.013
+    better (the Xeon's 10 and 15 minutes take either to the cap, where they are level; NOTES.md,
+    "Longer budgets on the Zen 4"). It steps down from depth 6 or more only: depths 3 to 5 are where
+    the sweeps chose between neighbours directly (90 seconds and 5 minutes on both machines).
 
     A model beyond the anchor depth that the budget lets see its data MEMORISING_PASSES times or more
     (`predicted_passes`) can memorise it, so it also gets residual dropout, DROPOUT_PER_LAYER for each
@@ -147,18 +174,20 @@ def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int) -> d
     (MEMORISING_HEAD_LR). A model that sees its data only a few times needs none of them: on text from
     the Rust documentation the 4 x 256's 5-minute step count scored 0.10 bits/byte worse with them over
     5 MB (1.4 passes) and 0.15 worse over 1.8 MB (4.1 passes), 0.05 better over 0.9 MB (8 passes), as
-    on Tiny Shakespeare (7.8 passes, 0.03 better). The threshold is low because the prediction
-    under-counts: Tiny Shakespeare's 5 minutes are predicted 4.6 passes on the Xeon, which made 10.7
-    (benchmarks/NOTES.md, "Other corpora", has these sweeps and the ones behind the values).
+    on Tiny Shakespeare (7.8 passes, 0.03 better); benchmarks/NOTES.md, "Other corpora".
     Every sized run stops after MAX_PASSES over its data, however long the budget: past that a small
     corpus is memorised faster than it is learnt, and a longer run would end worse than a shorter one.
     Budgets of COMPILE_MINUTES or more are compiled.
     """
+    rate = training_rate(minutes, step_flops, peak_flops)
+
+    def passes(depth: int) -> float:
+        return predicted_passes(minutes, rate, ModelConfig(**{**ANCHOR_SHAPE, **shape_for(depth)}), corpus_tokens)
+
     depth = depth_for(minutes, step_flops)
-    shape = ModelConfig(**{**ANCHOR_SHAPE, **shape_for(depth)})
-    memorises = (
-        depth > ANCHOR_DEPTH and predicted_passes(minutes, step_flops, shape, corpus_tokens) >= MEMORISING_PASSES
-    )
+    if depth - 1 > ANCHOR_DEPTH + 1 and passes(depth - 1) < MAX_PASSES:
+        depth -= 1
+    memorises = depth > ANCHOR_DEPTH and passes(depth) >= MEMORISING_PASSES
     if memorises:
         dropout = min(MAX_DROPOUT, DROPOUT_PER_LAYER * (depth - ANCHOR_DEPTH))
         noise, lr = TOKEN_NOISE, MEMORISING_HEAD_LR
@@ -169,15 +198,24 @@ def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int) -> d
     return dict(zip(CHOSEN, chosen, strict=True))
 
 
-def describe(minutes: float, step_flops: float, measured: float, corpus_tokens: int, config: TrainConfig) -> str:
+def describe(
+    minutes: float,
+    step_flops: float,
+    measured: float,
+    peak_flops: float | None,
+    corpus_tokens: int,
+    config: TrainConfig,
+) -> str:
     """One line for the training log: the compute the budget buys and what the run uses."""
     now = "" if measured >= step_flops else f" (the best measured here; {measured / 1e9:,.0f} now)"
-    passes_seen = predicted_passes(minutes, step_flops, config.model_config(), corpus_tokens)
+    rate = training_rate(minutes, step_flops, peak_flops)
+    steps_at = "" if rate == step_flops else f" at {rate / 1e9:,.0f} GFLOP/s ({COMPILED_MFU:.0%} of the matmul peak)"
+    passes_seen = predicted_passes(minutes, rate, config.model_config(), corpus_tokens)
     passes = f"at most {config.max_passes:g} passes over the data" if config.max_passes else "no pass limit"
     return (
         f"budget {minutes:g} min x {step_flops / 1e9:,.0f} GFLOP/s of training steps{now} = "
         f"{minutes * 60 * step_flops:.2g} FLOPs -> {config.n_layer} layers x {config.n_embd} wide, "
-        f"~{passes_seen:.1f} passes over {corpus_tokens:,} training tokens, dropout "
+        f"~{passes_seen:.1f} passes{steps_at} over {corpus_tokens:,} training tokens, dropout "
         f"{config.dropout:g}, token noise {config.token_noise:g}, head lr {config.lr:g}, "
         f"{'compiled' if config.compile else 'eager'}, {passes} "
         f"({'/'.join('--' + name.replace('_', '-') for name in CHOSEN)} choose yourself)"

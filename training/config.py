@@ -285,19 +285,28 @@ def budget_minutes(typed: dict, saved: dict | None) -> float | None:
     return minutes if preset == "cpu" and not saved and minutes else None
 
 
-def budget_sizing(typed: dict, saved: dict | None, step_flops: float | None, corpus_tokens: int | None) -> dict:
+def budget_sizing(
+    typed: dict, saved: dict | None, step_flops: float | None, corpus_tokens: int | None, peak_flops: float | None
+) -> dict:
     """The settings training/budget.py picks (CHOSEN), where it applies and the machine's training FLOP/s
-    and the corpus's size in tokens are known (tests and other callers may pass neither)."""
+    and the corpus's size in tokens are known (tests and other callers may pass neither; without the
+    matmul peak the anchor's rate alone predicts the passes)."""
     minutes = budget_minutes(typed, saved)
-    return sized_for_budget(minutes, step_flops, corpus_tokens) if minutes and step_flops and corpus_tokens else {}
+    if not (minutes and step_flops and corpus_tokens):
+        return {}
+    return sized_for_budget(minutes, step_flops, corpus_tokens, peak_flops)
 
 
 def assemble(
-    typed: dict, saved: dict | None = None, step_flops: float | None = None, corpus_tokens: int | None = None
+    typed: dict,
+    saved: dict | None = None,
+    step_flops: float | None = None,
+    corpus_tokens: int | None = None,
+    peak_flops: float | None = None,
 ) -> TrainConfig:
     """defaults < preset < size for the budget (budget_sizing) < saved run arguments < typed flags."""
     preset = preset_of(typed, saved)
-    sized = budget_sizing(typed, saved, step_flops, corpus_tokens)
+    sized = budget_sizing(typed, saved, step_flops, corpus_tokens, peak_flops)
     values = {**PRESETS[preset], **sized, **(saved or {}), **typed, "preset": preset}
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in values.items() if k in known})

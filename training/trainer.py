@@ -523,15 +523,16 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     dtype = pick_dtype(device, unsized.dtype)
     # The MFU's denominator; budget runs are the benchmark's, so theirs is measured for longer.
     peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)
-    measured = step_flops = corpus_tokens = dist = None
+    measured = step_flops = best_peak = corpus_tokens = dist = None
     if sizing:
-        measured = anchor_step_flops(device, dtype)
-        step_flops = remembered_best(measured, machine_name(device, dtype), cache_folder(unsized))
+        measured, machine = anchor_step_flops(device, dtype), machine_name(device, dtype)
+        step_flops = remembered_best(measured, machine, cache_folder(unsized))
+        best_peak = remembered_best(peak_flops, f"{machine}, matmul peak", cache_folder(unsized))
         dist = distributed.setup(unsized.device)  # preparing is rank 0's, before the others read it
         corpus_tokens = prepare_corpus(unsized, base, dist).manifest["splits"]["train"]["tokens"]
-    config = compile_if_possible(assemble(typed, saved, step_flops, corpus_tokens), typed, device)
+    config = compile_if_possible(assemble(typed, saved, step_flops, corpus_tokens, best_peak), typed, device)
     if sizing and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
-        print(describe(config.max_minutes, step_flops, measured, corpus_tokens, config))
+        print(describe(config.max_minutes, step_flops, measured, best_peak, corpus_tokens, config))
     if device.type == "cpu":
         shape = base.model_config if base else config.model_config()
         check_fits(shape, config.batch_size // config.grad_accum)
