@@ -85,9 +85,12 @@ MEMORISING_PASSES = 5.0
 # A compiled sized model's step reaches this share of the bf16 matmul peak or more (43-48% on the Xeon, 52-61%
 # on the Zen 4, 4 x 256 to 6 x 384), which on a machine with fast big matrices is far above the anchor's rate.
 COMPILED_MFU = 0.45
+# From this depth on, one layer less where the smaller model would not run out of data (`sized_for_budget`);
+# depths 3 to 5 are where the sweeps chose between neighbours directly.
+STEP_DOWN_FROM = 6
 MAX_PASSES = 12.0  # a sized run stops after this many passes over its data (benchmarks/NOTES.md, "Longer budgets")
 COMPILE_MINUTES = 3.0  # compiling costs 30-60 s cold, 5-15 s cached; steps 25-42% faster: pays from ~2.5 min (NOTES.md)
-REMEMBERED = "step_flops.json"  # (earlier versions kept matmul peaks in peak_flops.json)
+REMEMBERED = "step_flops.json"  # anchor step rates and matmul peaks (earlier versions kept peaks in peak_flops.json)
 # What this rule fills in:
 CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise", "lr", "compile", "max_passes")
 
@@ -162,7 +165,7 @@ def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int, peak
     budget, the data has not run out and that smaller model is the one trained: on the Zen 4, 15
     minutes takes the 5 x 320 to 11-12 passes and the 6 x 384 to 7.5, and the 5 x 320 scored 0.013
     better (the Xeon's 10 and 15 minutes take either to the cap, where they are level; NOTES.md,
-    "Longer budgets on the Zen 4"). It steps down from depth 6 or more only: depths 3 to 5 are where
+    "Longer budgets on the Zen 4"). It steps down from STEP_DOWN_FROM only: depths 3 to 5 are where
     the sweeps chose between neighbours directly (90 seconds and 5 minutes on both machines).
 
     A model beyond the anchor depth that the budget lets see its data MEMORISING_PASSES times or more
@@ -185,7 +188,7 @@ def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int, peak
         return predicted_passes(minutes, rate, ModelConfig(**{**ANCHOR_SHAPE, **shape_for(depth)}), corpus_tokens)
 
     depth = depth_for(minutes, step_flops)
-    if depth - 1 > ANCHOR_DEPTH + 1 and passes(depth - 1) < MAX_PASSES:
+    if depth >= STEP_DOWN_FROM and passes(depth - 1) < MAX_PASSES:
         depth -= 1
     memorises = depth > ANCHOR_DEPTH and passes(depth) >= MEMORISING_PASSES
     if memorises:
