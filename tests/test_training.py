@@ -29,12 +29,14 @@ from training.budget import (
     depth_for,
     describe,
     machine_name,
+    peak_name,
     predicted_passes,
     remembered_best,
     training_rate,
 )
 from training.calibration import fit_temperature, temperature_for_passes
 from training.config import TrainConfig, assemble
+from training.distributed import Distributed
 from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon
 from training.optim import NS_STEPS, REFINEMENTS
 from training.trainer import Trainer, train
@@ -387,6 +389,11 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     # (on the Rust documentation's 1.8 MB, 4 passes, they cost 0.15 bits/byte: 1.8x Tiny Shakespeare gets none)
     assert sized(5, corpus=int(1.8 * shakespeare), peak=zen4_peak).dropout == 0
     assert sized(60, corpus=100 * shakespeare).dropout == 0  # 60 minutes over 38M tokens: no memorising
+    # The passes are counted for the model the run trains: GPT-2's 50,257-token head makes each token about
+    # four times dearer for the 4 x 256, so the same 5 minutes go over the same tokens about twice, not 8 times.
+    gpt2 = sized(5, zen4, peak=zen4_peak, tokenizer="gpt2")
+    assert (gpt2.n_layer, gpt2.dropout, sized(5, zen4, peak=zen4_peak).dropout) == (4, 0, 0.1)
+    assert predicted_passes(5, zen4, gpt2.model_config(), shakespeare) < MEMORISING_PASSES
     # Without the corpus's size (or the machine's rate) nothing is sized.
     assert assemble({"max_minutes": 5}, step_flops=laptop).n_embd == TrainConfig.n_embd
     # Every sized run stops after MAX_PASSES over its data; a --max-steps run has no such limit; 0 lifts it.
@@ -402,12 +409,17 @@ def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     assert [sized(m, 1.6 * laptop).n_layer for m in (1.5, 5)] == [3, 5]
     # Its compiled steps run at about half its matmul peak, 2.5x the anchor's rate, and that is what
     # predicts the passes; an eager run (90 seconds) keeps the anchor's rate, as does the Zen 4.
-    assert training_rate(5, xeon, xeon_peak) == COMPILED_MFU * xeon_peak > 2 * xeon
-    assert training_rate(1.5, xeon, xeon_peak) == xeon and training_rate(5, zen4, zen4_peak) == zen4
+    assert training_rate(True, xeon, xeon_peak) == COMPILED_MFU * xeon_peak > 2 * xeon
+    assert training_rate(False, xeon, xeon_peak) == xeon and training_rate(True, zen4, zen4_peak) == zen4
     assert "(45% of the matmul peak)" in describe(5, xeon, xeon, xeon_peak, shakespeare, sized(5, xeon, peak=xeon_peak))
     # Its 10 and 15 minutes take a 5 x 320 past MAX_PASSES (data run out): they train the 6 x 384. On the
     # reference machine 15 minutes do not (11 passes), so the 5 x 320 gets them; 20 minutes would.
     assert [sized(m, xeon, peak=xeon_peak).n_layer for m in (10, 15)] == [6, 6]
+    # A typed --no-compile is predicted at the eager anchor's rate: its 10 minutes would not take the 5 x 320
+    # past MAX_PASSES, so that is the model it trains (and the log line says no peak set the rate).
+    eager = sized(10, xeon, peak=xeon_peak, compile=False)
+    assert (eager.n_layer, eager.compile) == (5, False)
+    assert "matmul peak" not in describe(10, xeon, xeon, xeon_peak, shakespeare, eager)
     zen4_15 = sized(15, zen4, peak=zen4_peak)
     assert (zen4_15.n_layer, zen4_15.dropout) == (5, 0.2) and sized(20, zen4, peak=zen4_peak).n_layer == 6
     assert depth_for(15, zen4) == 6  # (what the depth rule alone gives it)
@@ -452,7 +464,7 @@ def test_the_budget_sizes_from_the_best_rate_this_machine_has_shown(corpus_file,
     remembered = json.loads((cache / REMEMBERED).read_text())
     measured = remembered[machine]
     assert 0 < measured < 0.8 * first.peak_flops
-    assert remembered[f"{machine}, matmul peak"] == first.peak_flops  # ... and, apart, the matmul peak
+    assert remembered[peak_name(machine)] == first.peak_flops  # ... and, apart, the matmul peak
     # ... and one whose remembered rate is 1,000 times this machine's gets the model sized for that rate
     # (100 times was not enough when a run sharing the machine made the probe read a tenth of its speed).
     (cache / REMEMBERED).write_text(json.dumps({machine: 1000 * measured}))
@@ -598,3 +610,21 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus_file, tmp_pat
     a, b = load_checkpoint(tmp_path / "one").load_model(), load_checkpoint(tmp_path / "two").load_model()
     for name, tensor in a.state_dict().items():
         assert torch.allclose(b.state_dict()[name], tensor, atol=1e-5), name
+
+
+def test_each_process_draws_its_own_dropout_masks():
+    """After the shared initialisation every rank but 0 reseeds, so the ranks' masks differ; rank 0 keeps
+    the single-process stream, and a resumed session does not replay the first one's masks."""
+
+    def draw(rank: int, step: int = 0) -> torch.Tensor:
+        torch.manual_seed(1337)  # what every process does before it builds the model
+        Distributed(rank=rank, world=3).seed_own_stream(1337, step)
+        return torch.rand(64)
+
+    torch.manual_seed(1337)
+    single_process = torch.rand(64)
+    assert torch.equal(draw(0), single_process)
+    assert not torch.equal(draw(1), draw(0))
+    assert not torch.equal(draw(2), draw(1))
+    assert torch.equal(draw(1), draw(1))  # reproducible: a seeded run stays a seeded run
+    assert not torch.equal(draw(1, step=100), draw(1))

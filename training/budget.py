@@ -130,12 +130,12 @@ def depth_for(minutes: float, step_flops: float) -> int:
     return max(MIN_DEPTH, min(MAX_DEPTH, depth))
 
 
-def training_rate(minutes: float, step_flops: float, peak_flops: float | None) -> float:
+def training_rate(compiled: bool, step_flops: float, peak_flops: float | None) -> float:
     """The model FLOP/s a sized run's steps are expected to reach: the anchor's eager rate, or for a
     compiled run COMPILED_MFU of the machine's matmul peak where that is more. The anchor's small
     matrices hide what big ones gain on a machine built for them: the Xeon with AMX runs the anchor
     1.6-1.7x as fast as the Zen 4 but its compiled 5 x 320 about 2.8x (690 against 249 GFLOP/s)."""
-    if minutes >= COMPILE_MINUTES and peak_flops:
+    if compiled and peak_flops:
         return max(step_flops, COMPILED_MFU * peak_flops)
     return step_flops
 
@@ -154,7 +154,14 @@ def shape_for(depth: int) -> dict:
     return dict(n_layer=depth, n_embd=HEAD_DIM * depth, n_head=depth, n_kv_head=depth)
 
 
-def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int, peak_flops: float | None = None) -> dict:
+def sized_for_budget(
+    minutes: float,
+    step_flops: float,
+    corpus_tokens: int,
+    peak_flops: float | None = None,
+    compiled: bool | None = None,
+    kept: dict | None = None,
+) -> dict:
     """The model's shape, regularisation and limits for a run of `minutes` on a machine whose training
     steps reach `step_flops` model FLOP/s (`anchor_step_flops`) and whose bf16 (or the run's dtype)
     matrix products reach `peak_flops`, over `corpus_tokens` training tokens.
@@ -180,12 +187,18 @@ def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int, peak
     on Tiny Shakespeare (7.8 passes, 0.03 better); benchmarks/NOTES.md, "Other corpora".
     Every sized run stops after MAX_PASSES over its data, however long the budget: past that a small
     corpus is memorised faster than it is learnt, and a longer run would end worse than a shorter one.
-    Budgets of COMPILE_MINUTES or more are compiled.
+    Budgets of COMPILE_MINUTES or more are compiled, unless `compiled` (the user's --compile or
+    --no-compile) says otherwise; the passes are predicted at the rate of the steps the run will take,
+    for the model the run will train: `kept` holds what the rule does not choose (the vocabulary,
+    context and embedding tying: GPT-2's 50,257 tokens make each token's step several times dearer).
     """
-    rate = training_rate(minutes, step_flops, peak_flops)
+    if compiled is None:
+        compiled = minutes >= COMPILE_MINUTES
+    rate = training_rate(compiled, step_flops, peak_flops)
 
     def passes(depth: int) -> float:
-        return predicted_passes(minutes, rate, ModelConfig(**{**ANCHOR_SHAPE, **shape_for(depth)}), corpus_tokens)
+        shape = ModelConfig(**{**ANCHOR_SHAPE, **(kept or {}), **shape_for(depth)})
+        return predicted_passes(minutes, rate, shape, corpus_tokens)
 
     depth = depth_for(minutes, step_flops)
     if depth >= STEP_DOWN_FROM and passes(depth - 1) < MAX_PASSES:
@@ -196,7 +209,6 @@ def sized_for_budget(minutes: float, step_flops: float, corpus_tokens: int, peak
         noise, lr = TOKEN_NOISE, MEMORISING_HEAD_LR
     else:
         dropout, noise, lr = 0.0, 0.0, HEAD_LR
-    compiled = minutes >= COMPILE_MINUTES
     chosen = (*shape_for(depth).values(), dropout, noise, lr, compiled, MAX_PASSES)
     return dict(zip(CHOSEN, chosen, strict=True))
 
@@ -211,7 +223,7 @@ def describe(
 ) -> str:
     """One line for the training log: the compute the budget buys and what the run uses."""
     now = "" if measured >= step_flops else f" (the best measured here; {measured / 1e9:,.0f} now)"
-    rate = training_rate(minutes, step_flops, peak_flops)
+    rate = training_rate(config.compile, step_flops, peak_flops)
     steps_at = "" if rate == step_flops else f" at {rate / 1e9:,.0f} GFLOP/s ({COMPILED_MFU:.0%} of the matmul peak)"
     passes_seen = predicted_passes(minutes, rate, config.model_config(), corpus_tokens)
     passes = f"at most {config.max_passes:g} passes over the data" if config.max_passes else "no pass limit"
@@ -233,6 +245,11 @@ def machine_name(device: torch.device, dtype: torch.dtype) -> str:
         chip = cpu_info("model name") or platform.processor() or platform.machine()
         chip += f", {torch.get_num_threads()} threads"
     return f"{chip}, {str(dtype).removeprefix('torch.')}"
+
+
+def peak_name(machine: str) -> str:
+    """What `remembered_best` keeps a machine's matmul peak under, beside its training-step rate."""
+    return f"{machine}, matmul peak"
 
 
 def remembered_best(measured: float, machine: str, folder: Path) -> float:

@@ -71,11 +71,14 @@ class TrainConfig:
     preset: str = "cpu"
     progress: bool = True
 
+    def vocabulary(self) -> int:
+        """The model's vocabulary: GPT-2's for its tokenizer, else --vocab-size (the trained BPE's may be smaller)."""
+        return 50257 if self.tokenizer == "gpt2" else self.vocab_size
+
     def model_config(self) -> ModelConfig:
         """The model these flags describe (the vocabulary is the tokenizer's, known once data is prepared)."""
-        vocab = 50257 if self.tokenizer == "gpt2" else self.vocab_size
         return ModelConfig(
-            vocab_size=vocab,
+            vocab_size=self.vocabulary(),
             context=self.context,
             n_layer=self.n_layer,
             n_embd=self.n_embd,
@@ -294,7 +297,11 @@ def budget_sizing(
     minutes = budget_minutes(typed, saved)
     if not (minutes and step_flops and corpus_tokens):
         return {}
-    return sized_for_budget(minutes, step_flops, corpus_tokens, peak_flops)
+    known = {f.name for f in fields(TrainConfig)}
+    run = TrainConfig(**{k: v for k, v in {**PRESETS[preset_of(typed)], **typed}.items() if k in known})
+    kept = dict(vocab_size=run.vocabulary(), context=run.context, tie_embeddings=run.tie_embeddings)
+    compiled = typed.get("compile")  # None: the budget decides
+    return sized_for_budget(minutes, step_flops, corpus_tokens, peak_flops, compiled, kept)
 
 
 def assemble(

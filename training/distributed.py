@@ -47,6 +47,14 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.item() > 0
 
+    def seed_own_stream(self, seed: int, step: int) -> None:
+        """Give each process but rank 0 its own torch random stream from here on (after the model's
+        initialisation, which must match): with one seed everywhere every rank would draw the same
+        dropout masks for its rows. Rank 0 keeps the single-process stream, so one process trains as
+        it always did; `step` keeps a resumed session from replaying the first session's masks."""
+        if self.rank:
+            torch.manual_seed(hash((seed, self.rank, step)) & (2**63 - 1))
+
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -93,6 +93,7 @@ class Trainer:
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
         if resuming:
             self._restore(base)
+        self.dist.seed_own_stream(config.seed, self.step)  # each rank its own dropout masks
         self.train_model = self.model
         if config.compile:
             self.train_model = torch.compile(self.train_model)
@@ -503,7 +504,7 @@ def compile_if_possible(config: TrainConfig, typed: dict, device: torch.device) 
 
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
-    from training.budget import anchor_step_flops, machine_name, remembered_best
+    from training.budget import anchor_step_flops, machine_name, peak_name, remembered_best
     from training.config import assemble, budget_minutes
 
     base, resuming, saved = None, bool(typed.get("resume")), None
@@ -527,7 +528,7 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     if sizing:
         measured, machine = anchor_step_flops(device, dtype), machine_name(device, dtype)
         step_flops = remembered_best(measured, machine, cache_folder(unsized))
-        best_peak = remembered_best(peak_flops, f"{machine}, matmul peak", cache_folder(unsized))
+        best_peak = remembered_best(peak_flops, peak_name(machine), cache_folder(unsized))
         dist = distributed.setup(unsized.device)  # preparing is rank 0's, before the others read it
         corpus_tokens = prepare_corpus(unsized, base, dist).manifest["splits"]["train"]["tokens"]
     config = compile_if_possible(assemble(typed, saved, step_flops, corpus_tokens, best_peak), typed, device)
