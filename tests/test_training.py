@@ -39,7 +39,7 @@ from training.config import TrainConfig, assemble
 from training.distributed import Distributed
 from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon
 from training.optim import NS_STEPS, REFINEMENTS
-from training.trainer import Trainer, train
+from training.trainer import Trainer, assemble_for, train
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -505,6 +505,24 @@ def test_without_a_compiler_a_budget_that_chose_compiling_trains_eagerly_with_a_
     assert trainer.config.compile is False and trainer.train_model is trainer.model and metrics["step"] == 2
     notes = [line for line in capsys.readouterr().err.splitlines() if "C++ compiler" in line]
     assert len(notes) == 1 and "training without it" in notes[0]
+
+
+def test_without_a_compiler_the_budget_sizes_the_model_for_eager_steps(monkeypatch, capsys):
+    """The Xeon's 10 minutes train the 6 x 384 compiled; without a compiler its eager steps would not take
+    the 5 x 320 past MAX_PASSES, so that is the model sized (as for a typed --no-compile)."""
+    xeon, xeon_peak, shakespeare = 1.74 * ANCHOR_STEP_FLOPS, 1600e9, 380_000
+    sizing = (xeon, shakespeare, xeon_peak)
+    cpu = torch.device("cpu")
+    assert assemble_for(cpu, {"max_minutes": 10}, None, *sizing).n_layer == 6
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    eager = assemble_for(cpu, {"max_minutes": 10}, None, *sizing)
+    assert (eager.n_layer, eager.compile) == (5, False)
+    assert eager == assemble({"max_minutes": 10, "compile": False}, None, *sizing)
+    assert "training without it" in capsys.readouterr().err
+    # A resumed run that saved --compile keeps its shape and trains eagerly.
+    saved = {"compile": True, "n_layer": 2, "n_embd": 96, "n_head": 2, "n_kv_head": 2}
+    resumed = assemble_for(cpu, {"max_minutes": 10}, saved, *sizing)
+    assert (resumed.n_layer, resumed.compile) == (2, False)
 
 
 REFAULTS = """

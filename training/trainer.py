@@ -51,7 +51,7 @@ from training import distributed
 from training.allocator import keep_freed_memory
 from training.budget import describe
 from training.calibration import fit_temperature, held_out_count, temperature_for_passes
-from training.config import TrainConfig, to_dict
+from training.config import TrainConfig, assemble, budget_minutes, to_dict
 from training.memory import check_fits
 from training.optim import build_optimizers, lr_factor, set_lr
 
@@ -491,21 +491,23 @@ def cache_folder(config: TrainConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE
 
 
-def compile_if_possible(config: TrainConfig, typed: dict, device: torch.device) -> TrainConfig:
-    """Without a C++ compiler a CPU cannot compile: a typed --compile is an error, one the budget rule
-    chose (or a resumed run saved) falls back to eager steps with a note."""
+def assemble_for(device: torch.device, typed: dict, saved: dict | None, *sizing) -> TrainConfig:
+    """`assemble`, for a device that may not compile. Without a C++ compiler a CPU cannot: a typed
+    --compile is an error, and a run the budget rule chose to compile (or a resumed run that saved it)
+    is assembled again as a typed --no-compile, with a note, so that the rule sizes it for the eager
+    steps it will take (the Xeon's 10 minutes: a 5 x 320 eager, where compiled steps earn the 6 x 384)."""
+    config = assemble(typed, saved, *sizing)
     if not config.compile or can_compile(device):
         return config
     if typed.get("compile"):
         raise UserError("--compile needs a C++ compiler on a CPU (g++, or $CXX); install one or drop --compile")
     print("note: no C++ compiler (g++, or $CXX) for torch.compile; training without it (slower steps)", file=sys.stderr)
-    return replace(config, compile=False)
+    return assemble({**typed, "compile": False}, saved, *sizing)
 
 
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
     from training.budget import anchor_step_flops, machine_name, peak_name, remembered_best
-    from training.config import assemble, budget_minutes
 
     base, resuming, saved = None, bool(typed.get("resume")), None
     if resuming:
@@ -531,7 +533,7 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         best_peak = remembered_best(peak_flops, peak_name(machine), cache_folder(unsized))
         dist = distributed.setup(unsized.device)  # preparing is rank 0's, before the others read it
         corpus_tokens = prepare_corpus(unsized, base, dist).manifest["splits"]["train"]["tokens"]
-    config = compile_if_possible(assemble(typed, saved, step_flops, corpus_tokens, best_peak), typed, device)
+    config = assemble_for(device, typed, saved, step_flops, corpus_tokens, best_peak)
     if sizing and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
         print(describe(config.max_minutes, step_flops, measured, best_peak, corpus_tokens, config))
     if device.type == "cpu":
