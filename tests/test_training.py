@@ -41,6 +41,9 @@ from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon
 from training.optim import NS_STEPS, REFINEMENTS
 from training.trainer import Trainer, assemble_for, train
 
+SHAKESPEARE_TOKENS = 380_000  # about Tiny Shakespeare's training tokens with the cpu preset's 1,024-token vocabulary
+XEON_RATE, XEON_PEAK = 1.74 * ANCHOR_STEP_FLOPS, 1600e9  # the Xeon's best anchor rate (290 GFLOP/s), bf16 matmul peak
+
 
 def losses(run: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -359,10 +362,10 @@ def test_a_run_stops_after_max_passes_over_its_data_with_the_schedule_ended_ther
 
 def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():
     laptop = ANCHOR_STEP_FLOPS  # the reference machine's training FLOP/s
-    shakespeare = 380_000  # about Tiny Shakespeare's training tokens with the cpu preset's 1,024-token vocabulary
+    shakespeare = SHAKESPEARE_TOKENS
 
     # The reference Zen 4's and the Xeon's best anchor rates (214 and 290 GFLOP/s) and bf16 matmul peaks.
-    zen4, zen4_peak, xeon, xeon_peak = 1.28 * laptop, 435e9, 1.74 * laptop, 1600e9
+    zen4, zen4_peak, xeon, xeon_peak = 1.28 * laptop, 435e9, XEON_RATE, XEON_PEAK
 
     def sized(minutes: float, rate: float = laptop, corpus: int = shakespeare, peak=None, **typed) -> TrainConfig:
         return assemble({"max_minutes": minutes, **typed}, step_flops=rate, corpus_tokens=corpus, peak_flops=peak)
@@ -510,8 +513,7 @@ def test_without_a_compiler_a_budget_that_chose_compiling_trains_eagerly_with_a_
 def test_without_a_compiler_the_budget_sizes_the_model_for_eager_steps(monkeypatch, capsys):
     """The Xeon's 10 minutes train the 6 x 384 compiled; without a compiler its eager steps would not take
     the 5 x 320 past MAX_PASSES, so that is the model sized (as for a typed --no-compile)."""
-    xeon, xeon_peak, shakespeare = 1.74 * ANCHOR_STEP_FLOPS, 1600e9, 380_000
-    sizing = (xeon, shakespeare, xeon_peak)
+    sizing = (XEON_RATE, SHAKESPEARE_TOKENS, XEON_PEAK)
     cpu = torch.device("cpu")
     assert assemble_for(cpu, {"max_minutes": 10}, None, *sizing).n_layer == 6
     monkeypatch.setenv("CXX", "no-such-compiler")

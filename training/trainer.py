@@ -49,7 +49,7 @@ from model.gpt import GPT, ModelConfig
 from model.sampling import SamplingConfig
 from training import distributed
 from training.allocator import keep_freed_memory
-from training.budget import describe
+from training.budget import anchor_step_flops, describe, machine_name, peak_name, remembered_best
 from training.calibration import fit_temperature, held_out_count, temperature_for_passes
 from training.config import TrainConfig, assemble, budget_minutes, to_dict
 from training.memory import check_fits
@@ -507,8 +507,6 @@ def assemble_for(device: torch.device, typed: dict, saved: dict | None, *sizing)
 
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
-    from training.budget import anchor_step_flops, machine_name, peak_name, remembered_best
-
     base, resuming, saved = None, bool(typed.get("resume")), None
     if resuming:
         out_dir = typed.get("out_dir") or assemble({k: v for k, v in typed.items() if k != "resume"}).out_dir
