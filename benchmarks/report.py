@@ -69,16 +69,26 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
                 "yes" if steady else "no",
             )
         )
+    # Which budget's runs the MFU and generation figures come from (the suite's default_budget)
+    minutes = f"{figures['default_minutes']:g} min" if "default_minutes" in figures else ""
+    runs, model = (f", the {minutes} runs", f", the {minutes} model") if minutes else ("", "")
     if "mfu" in figures:
-        add("MFU of the default training step", figures["mfu"], TARGETS["mfu"], "high", "{:.0%}")
+        add(
+            f"MFU of the default training step{runs}",
+            figures["mfu"],
+            TARGETS["mfu"],
+            "high",
+            "{:.0%}",
+        )
     generation = figures.get("generation", {})
     for key in ("within_context", "past_context"):
         if f"bytes_per_second_{key}" in generation:
-            label = f"generation bytes/s, batch 1, {generation[f'tokens_{key}']} tokens ({key.replace('_', ' ')})"
+            tokens = generation[f"tokens_{key}"]
+            label = f"generation bytes/s, batch 1, {tokens} tokens ({key.replace('_', ' ')}){model}"
             add(label, generation[f"bytes_per_second_{key}"], TARGETS["generation_bytes_per_second"], "high", "{:,}")
     if "first_token_ms" in generation:
         add(
-            f"time to first token, {generation['prompt_bytes']}-byte prompt (ms)",
+            f"time to first token, {generation['prompt_bytes']}-byte prompt (ms){model}",
             generation["first_token_ms"],
             50,
             "low",

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from benchmarks import report
+from benchmarks.__main__ import default_budget
 from tests.conftest import run_script
+from training.config import TrainConfig
 
 
 def test_quality_benchmark_trains_scores_and_writes_medians(corpus_file, tmp_path):
@@ -101,3 +103,17 @@ def test_the_step_breakdown_times_every_part_for_ours_and_stock(tmp_path, part):
         assert set(figures["ms"]) == {"forward", "backward", "clip", "adamw", "muon"}
         assert all(ms > 0 for ms in figures["ms"].values()) and len(figures["step_ms_each_round"]) == 2
         assert 0 < figures["mfu"] < figures["mfu_forward_backward"] < 1.5
+
+
+def test_mfu_and_generation_are_the_default_budgets_even_when_a_longer_one_is_measured():
+    # The targets are about the default model (`python train.py`, 5 minutes): a 15-minute budget's bigger
+    # model generates more slowly and must not stand in for it; without the default the longest does.
+    budgets = [{"minutes": minutes, "median_mfu": mfu} for minutes, mfu in ((1.5, 0.36), (5.0, 0.55), (15.0, 0.58))]
+    assert default_budget(budgets)["minutes"] == TrainConfig.max_minutes == 5.0
+    assert default_budget(budgets[:1] + [{"minutes": 1.0}])["minutes"] == 1.5
+    generation = {"bytes_per_second_within_context": 7000, "tokens_within_context": 256}
+    labels = [row[0] for row in report.rows({"mfu": 0.55, "default_minutes": 5.0, "generation": generation})]
+    assert labels == [
+        "MFU of the default training step, the 5 min runs",
+        "generation bytes/s, batch 1, 256 tokens (within context), the 5 min model",
+    ]
