@@ -89,6 +89,18 @@ def test_kill_9_leaves_a_loadable_checkpoint_and_resume_continues_exactly(
     assert {p.name for p in run.glob("step-*")} == pointed, "no orphaned checkpoint folders"
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_log(corpus_file, reference, tmp_path):
+    """Killed at step 3 (steps 1-2 logged, no checkpoint yet): the same command again is one clean run."""
+    run = tmp_path / "run"
+    flags = run_flags(corpus_file, run, tmp_path / "cache")
+    killed = crash("torch:Tensor.backward:3", *flags)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (run / "LATEST").exists() and [step for step, _ in logged_losses(run)] == [1, 2]
+    again = run_script("train.py", *flags)
+    assert again.returncode == 0, again.stderr
+    assert_same_run(run, reference)
+
+
 def test_kill_9_at_random_moments_never_leaves_a_broken_run(corpus_file, reference, tmp_path):
     """Unaided kills from outside, at moments chosen by a seeded coin, then resume to the end."""
     run, rng = tmp_path / "run", random.Random(5)

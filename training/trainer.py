@@ -93,6 +93,8 @@ class Trainer:
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
         if resuming:
             self._restore(base)
+        elif self.dist.is_main:  # a fresh run's log starts empty: an attempt killed before its first
+            self._forget_metrics_after(0)  # checkpoint left lines about steps nothing on disk holds
         self.dist.seed_own_stream(config.seed, self.step)  # each rank its own dropout masks
         self.train_model = self.model
         if config.compile:
