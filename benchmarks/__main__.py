@@ -8,9 +8,10 @@
    what `python train.py` does; model FLOP/s over the bf16 matmul peak measured in the same process).
 3. Generation (benchmarks/generation.py): batch-1 bytes/s within and past the context, and time to
    first token for a 1,000-byte prompt, on the default budget's largest model.
+4. Tokenizer and data (benchmarks/data_speed.py): BPE on 1 MB and 100 MB, preparing 100 MB.
+
 The targets for 2 and 3 are about the default model, so a longer budget in `--budgets` does not
 move them (its bigger model generates more slowly); without the default budget the longest stands in.
-4. Tokenizer and data (benchmarks/data_speed.py): BPE on 1 MB and 100 MB, preparing 100 MB.
 
 Writes `benchmarks.json`, `benchmarks.md` and `loss_vs_time.png` to `--out`. The full suite takes
 about half an hour on 2 cores (24 minutes on the Xeon at 291600a); `--quick` runs every part small

@@ -70,8 +70,8 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
             )
         )
     # Which budget's runs the MFU and generation figures come from (the suite's default_budget)
-    minutes = f"{figures['default_minutes']:g} min" if "default_minutes" in figures else ""
-    runs, model = (f", the {minutes} runs", f", the {minutes} model") if minutes else ("", "")
+    minutes = figures.get("default_minutes")
+    runs, model = (f", the {minutes:g} min runs", f", the {minutes:g} min model") if minutes else ("", "")
     if "mfu" in figures:
         add(
             f"MFU of the default training step{runs}",

@@ -93,8 +93,8 @@ class Trainer:
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
         if resuming:
             self._restore(base)
-        elif self.dist.is_main:  # a fresh run's log starts empty: an attempt killed before its first
-            self._forget_metrics_after(0)  # checkpoint left lines about steps nothing on disk holds
+        if self.dist.is_main:  # the log keeps only steps a checkpoint holds: a fresh run's starts empty
+            self._forget_metrics_after(self.step)
         self.dist.seed_own_stream(config.seed, self.step)  # each rank its own dropout masks
         self.train_model = self.model
         if config.compile:
@@ -189,11 +189,10 @@ class Trainer:
         self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
         torch.set_rng_state(state["rng"])
         self.metrics = checkpoint.meta.get("metrics", {})
-        if self.dist.is_main:
-            self._forget_metrics_after(self.step)
 
     def _forget_metrics_after(self, step: int) -> None:
-        """Drop the log lines of steps a crash undid, so the resumed log reads like one run."""
+        """Drop the log lines of steps a crash undid (all of them for an attempt killed before its first
+        checkpoint), so the log reads like one run."""
         path = self.out_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.is_file() else []
         kept = [line for line in lines if _logged_step(line) <= step]
