@@ -51,7 +51,7 @@ def time_step(config: ModelConfig, batch: int, steps: int, compile_model: bool) 
     torch.manual_seed(0)
     network = GPT(config).to(device).train()
     step_fn = torch.compile(network) if compile_model else network
-    adamw, *muon = build_optimizers(network, TrainConfig(**{**PRESETS["cpu"], "compile": compile_model}))
+    adamw, *muon = build_optimizers(network, TrainConfig(**{**PRESETS["cpu"], "compile": compile_model}), dtype)
     x = torch.randint(0, config.vocab_size, (batch, config.context), device=device)
     y = torch.randint(0, config.vocab_size, (batch, config.context), device=device)
     times: dict[str, list[float]] = {part: [] for part in PARTS}

@@ -37,7 +37,7 @@ from training.budget import (
 from training.calibration import fit_temperature, temperature_for_passes
 from training.config import TrainConfig, assemble
 from training.distributed import Distributed
-from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon
+from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon, orthogonalise
 from training.optim import NS_STEPS, REFINEMENTS
 from training.trainer import Trainer, assemble_for, train
 
@@ -294,6 +294,25 @@ def test_cautious_weight_decay_spares_weights_the_update_pushes_away_from_zero_a
     optimizer.step()
     torch.testing.assert_close(optimizer.state[param]["momentum_buffer"], expected)
     assert optimizer.param_groups[0]["steps_taken"] == MOMENTUM_WARMUP_STEPS // 2 + 1
+
+
+def test_muon_orthogonalises_in_the_precision_of_the_models_matmuls(corpus_file, tmp_path):
+    """A run in fp32 (the automatic choice on a CPU without native bf16, where PyTorch's emulated bf16
+    batched products made Muon 50 times slower) orthogonalises in fp32: its update is the Newton-Schulz
+    polynomial computed in float64 to a part in 10^5, which bf16 misses by far more. A run in bf16
+    keeps bf16, as PyTorch's Muon does."""
+    generator = torch.Generator().manual_seed(0)
+    updates = [torch.randn(24, 40, generator=generator), torch.randn(40, 24, generator=generator)]
+    coefficients = [(3.4445, -4.775, 2.0315)] * NS_STEPS
+    exact = orthogonalise([u.double() for u in updates], coefficients, 1e-7, dtype=torch.float64)
+    for dtype, (low, high) in ((torch.float32, (0, 1e-5)), (torch.bfloat16, (1e-3, 1))):
+        for result, reference in zip(orthogonalise(updates, coefficients, 1e-7, dtype=dtype), exact, strict=True):
+            assert result.dtype == dtype
+            assert low <= ((result.double() - reference).norm() / reference.norm()).item() < high, dtype
+    for dtype, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        trainer, _ = train(flags(corpus_file, tmp_path, dtype, max_steps=1, eval_interval=0, dtype=dtype))
+        assert [type(o).__name__ for o in trainer.optimizers] == ["AdamW", "StackedMuon"]
+        assert trainer.optimizers[1].dtype == expected
 
 
 def test_checkpoint_round_trip_restores_weights_config_and_tokenizer(corpus_file, tmp_path):

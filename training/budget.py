@@ -105,7 +105,7 @@ def anchor_step_flops(device: torch.device, dtype: torch.dtype, seconds: float =
     generator = torch.Generator().manual_seed(0)
     shape = ModelConfig(**ANCHOR_SHAPE)
     model = GPT(shape).to(device).train()
-    optimizers = build_optimizers(model, TrainConfig(**PRESETS["cpu"]))
+    optimizers = build_optimizers(model, TrainConfig(**PRESETS["cpu"]), dtype)
     x, y = torch.randint(0, shape.vocab_size, (2, ANCHOR_BATCH, shape.context), generator=generator).to(device)
     times: list[float] = []
     deadline = time.perf_counter() + seconds

@@ -35,6 +35,13 @@ is a pass over the matrix, and on a CPU that memory traffic was a third of Muon'
 Muon's share of the 5 x 320 step fell from 72-73 ms to 51-55 (benchmarks/NOTES.md, "Muon's momentum
 and tail, compiled"). Compiling them costs about 15 s the first time, 2 s once inductor has cached them.
 
+The orthogonalisation runs in the precision of the model's own matmuls (`dtype`, the trainer's
+`pick_dtype`): bf16, as in PyTorch's Muon, where the hardware multiplies bf16 natively, and fp32
+where it does not. On a CPU without AVX-512 BF16 or AMX (an AVX2-only AMD Zen 3, Intel's laptop chips)
+PyTorch emulates bf16 matrix products, and its batched product is the slowest of all: a stack of ten
+320 x 896 updates took 860 ms in bf16 against 15 ms in fp32, and Muon in bf16 took 14.6 s of a
+16.4 s step of the 5 x 320 (benchmarks/NOTES.md, "A CPU without native bf16").
+
 Everything else is PyTorch's Muon, unchanged: its hyperparameters, its checks and momentum buffers
 (`_init_group`, so checkpoints saved by either resume with the other), its per-matrix learning-rate
 scale (`_adjust_lr`). Only `step` is replaced.
@@ -62,11 +69,16 @@ EXTRAS = {"polar_express": False, "normuon_beta2": 0.0, "cautious_weight_decay":
 
 
 def orthogonalise(
-    updates: list[torch.Tensor], coefficients: Sequence[tuple[float, float, float]], eps: float, margin: float = 1.0
+    updates: list[torch.Tensor],
+    coefficients: Sequence[tuple[float, float, float]],
+    eps: float,
+    margin: float = 1.0,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> list[torch.Tensor]:
     """The quintic Newton-Schulz iteration of PyTorch's Muon (`torch.optim._muon._zeropower_via_newtonschulz`),
-    one iteration per row of `coefficients`, on every update, in bf16, each matrix of a shape stacked
-    with the others of that shape. Each update is first divided by `margin` x its Frobenius norm."""
+    one iteration per row of `coefficients`, on every update, in `dtype` (PyTorch's is bf16), each matrix
+    of a shape stacked with the others of that shape. Each update is first divided by `margin` x its
+    Frobenius norm."""
     tall = [update.size(0) > update.size(1) for update in updates]
     wide = [update.T if flip else update for update, flip in zip(updates, tall, strict=True)]
     by_shape: dict[torch.Size, list[int]] = {}  # iterate on the wide orientation: the Gram matrix is the small side
@@ -74,7 +86,7 @@ def orthogonalise(
         by_shape.setdefault(update.shape, []).append(i)
     results: list[torch.Tensor] = [torch.empty(0)] * len(updates)
     for indices in by_shape.values():
-        stack = torch.stack([wide[i] for i in indices]).bfloat16()
+        stack = torch.stack([wide[i] for i in indices]).to(dtype)
         stack = stack / (margin * stack.norm(dim=(1, 2), keepdim=True)).clamp(min=eps)  # spectral norm at most 1
         for a, b, c in coefficients:
             gram = stack @ stack.mT
@@ -105,13 +117,13 @@ def normalise_neurons(update: torch.Tensor, second_moment: torch.Tensor, beta2: 
 
 
 def momentum_update(
-    grad: torch.Tensor, buffer: torch.Tensor, momentum: float | torch.Tensor, nesterov: bool
+    grad: torch.Tensor, buffer: torch.Tensor, momentum: float | torch.Tensor, nesterov: bool, dtype: torch.dtype
 ) -> torch.Tensor:
     """PyTorch's Muon momentum: the buffer (updated in place) follows the gradient, and the update is
-    the buffer, or with Nesterov the gradient pulled towards it; in bf16, the precision
+    the buffer, or with Nesterov the gradient pulled towards it; in `dtype`, the precision
     Newton-Schulz works in (the same values `orthogonalise` would round it to)."""
     buffer.lerp_(grad, 1 - momentum)
-    return (grad.lerp(buffer, momentum) if nesterov else buffer).bfloat16()
+    return (grad.lerp(buffer, momentum) if nesterov else buffer).to(dtype)
 
 
 def finish_update(
@@ -143,7 +155,7 @@ class StackedMuon(torch.optim.Muon):
     """`torch.optim.Muon` whose orthogonalisation runs on stacks of same-shaped matrices, with
     nanochat's refinements where asked for (the module docstring)."""
 
-    def __init__(self, params, compiled: bool = False, **settings):
+    def __init__(self, params, compiled: bool = False, dtype: torch.dtype = torch.bfloat16, **settings):
         extras = {name: settings.pop(name, default) for name, default in EXTRAS.items()}
         if extras["polar_express"] and settings.get("ns_steps", 5) > len(POLAR_EXPRESS):
             raise ValueError(f"Polar Express has coefficients for at most {len(POLAR_EXPRESS)} iterations")
@@ -151,6 +163,7 @@ class StackedMuon(torch.optim.Muon):
             raise ValueError(f"normuon_beta2 must be in [0, 1), got {extras['normuon_beta2']}")
         super().__init__(params, **settings)
         self.compiled = compiled
+        self.dtype = dtype  # of the orthogonalisation: the machine's, not a setting saved with the state
         self._scalars: dict[str, torch.Tensor] = {}  # the compiled functions' changing settings, by name
         self._momentum = torch.compile(momentum_update, dynamic=False) if compiled else momentum_update
         self._finish = torch.compile(finish_update, dynamic=False) if compiled else finish_update
@@ -204,12 +217,15 @@ class StackedMuon(torch.optim.Muon):
             group["steps_taken"] += 1
             device = params[0].device if params else torch.device("cpu")
             momentum = self._scalar("momentum", momentum, device)
-            updates = [self._momentum(g, b, momentum, group["nesterov"]) for g, b in zip(grads, buffers, strict=True)]
+            updates = [
+                self._momentum(g, b, momentum, group["nesterov"], self.dtype)
+                for g, b in zip(grads, buffers, strict=True)
+            ]
             if group["polar_express"]:
                 coefficients, margin = POLAR_EXPRESS[: group["ns_steps"]], POLAR_EXPRESS_MARGIN
             else:
                 coefficients, margin = [group["ns_coefficients"]] * group["ns_steps"], 1.0
-            orthogonal = orthogonalise(updates, coefficients, group["eps"], margin)
+            orthogonal = orthogonalise(updates, coefficients, group["eps"], margin, self.dtype)
             lr = self._scalar("lr", group["lr"], device)
             decay = self._scalar("decay", group["lr"] * group["weight_decay"], device)
             beta2 = group["normuon_beta2"]

@@ -33,7 +33,11 @@ NS_STEPS = 4  # Newton-Schulz iterations per Muon update (PyTorch's default is 5
 REFINEMENTS = dict(polar_express=True, normuon_beta2=0.95, cautious_weight_decay=True, momentum_warmup=0.85)
 
 
-def build_optimizers(model: GPT, config: TrainConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model: GPT, config: TrainConfig, dtype: torch.dtype, fused: bool = False
+) -> list[torch.optim.Optimizer]:
+    """AdamW, and Muon for the hidden matrices (unless `config.optimizer` is "adamw"); Muon orthogonalises
+    in `dtype`, the precision of the model's matmuls (training/muon.py)."""
     matrices, embeddings, head, scales = [], [], [], []
     for name, param in model.named_parameters():  # a tied head is the embedding: listed once, as it
         if name.startswith("embed_tokens"):
@@ -62,6 +66,7 @@ def build_optimizers(model: GPT, config: TrainConfig, fused: bool = False) -> li
             adjust_lr_fn="original",
             ns_steps=NS_STEPS,
             compiled=config.compile,
+            dtype=dtype,
             **REFINEMENTS,
         )
         optimizers.append(muon)

@@ -88,7 +88,7 @@ class Trainer:
             raise UserError(
                 f"{base.folder} has a smaller vocabulary than its tokenizer; the checkpoint is inconsistent"
             )
-        self.optimizers = build_optimizers(self.model, config, fused=self.device.type == "cuda")
+        self.optimizers = build_optimizers(self.model, config, self.dtype, fused=self.device.type == "cuda")
         self.calibration_tokens = None  # held-out training tokens that fit the output temperature
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
         if resuming:
