@@ -67,8 +67,9 @@ def fit_temperature(model: GPT, tokens: np.ndarray, token_bytes: torch.Tensor, d
             z = model(inputs.to(device)).float().flatten(0, 1)  # (tokens, vocab)
         y = targets.flatten().to(device)
         counted = (y >= 0) & (token_bytes[y.clamp(min=0)] > 0)
-        logits.append(z[counted])
-        chosen.append(z[counted].gather(1, y[counted, None]).squeeze(1))
+        kept = z[counted]  # (counted tokens, vocab)
+        logits.append(kept)
+        chosen.append(kept.gather(1, y[counted, None]).squeeze(1))
     model.train(was_training)
     if not logits:  # fewer than two tokens: nothing to fit
         return 1.0
