@@ -220,3 +220,5 @@ def test_token_noise_replaces_a_share_of_the_inputs_never_the_targets_and_is_fix
     assert torch.equal(nx, noisy.get(4, range(rows), rows, cpu)[0])  # the same for the same step
     assert torch.equal(Batches(tokens, context, 3, 0.1, 50).get(4, range(5, 9), rows, cpu)[0], nx[5:9])  # any rank
     assert not torch.equal(replaced[0], replaced[1])  # each row draws its own positions
+    noisy.noisy = False  # as the trainer sets it for the cooldown
+    assert torch.equal(noisy.get(4, range(rows), rows, cpu)[0], x)

@@ -82,6 +82,7 @@ DELIVERED = {
     "temperature from passes": {},
     "calibrated": dict(calibration_tokens=1024),
     "dropout": dict(dropout=0.2),  # the masks come from the saved random state
+    "token noise": dict(token_noise=0.1),  # fixed by (seed, step, row), and off from step 12, the cooldown
 }
 
 
@@ -361,6 +362,21 @@ def test_a_run_points_best_at_its_lowest_evaluation(corpus_file, tmp_path):
     lowest = min(evaluations, key=lambda r: r["val_bpb"])
     assert load_checkpoint(tmp_path / "run").step == lowest["step"] == trainer.best["step"]
     assert load_checkpoint(tmp_path / "run", latest=True).step == 40
+
+
+class RecordsNoisySteps(Trainer):
+    """A real trainer that notes, step by step, whether its training inputs were noised."""
+
+    def _train_step(self) -> float:
+        self.noisy_steps = getattr(self, "noisy_steps", []) + [self.batches.noisy]
+        return super()._train_step()
+
+
+def test_token_noise_stops_when_the_learning_rate_starts_to_cool(corpus_file, tmp_path):
+    config = assemble(flags(corpus_file, tmp_path, "run", token_noise=0.1, cooldown=0.25))
+    trainer = RecordsNoisySteps(config, None, resuming=False)
+    trainer.run()
+    assert trainer.noisy_steps == [True] * 15 + [False] * 5  # 20 steps: the last quarter trains on the real text
 
 
 def test_a_run_stops_after_max_passes_over_its_data_with_the_schedule_ended_there(corpus_file, tmp_path, capsys):

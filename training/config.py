@@ -193,8 +193,8 @@ HELP = {
     "context": "tokens per training window, the model's context length",
     "tie_embeddings": "share the input embedding and the output head",
     "dropout": "residual dropout while training (helps when the run sees its data many times)",
-    "token_noise": "fraction of pre-training input tokens replaced by random ones, targets unchanged (data "
-    "augmentation for runs that see their data many times)",
+    "token_noise": "fraction of pre-training input tokens replaced by random ones, targets unchanged, until the "
+    "learning rate starts to cool (data augmentation for runs that see their data many times)",
     "optimizer": "muon (Muon for hidden matrices, AdamW for the rest) or adamw (AdamW for all)",
     "batch_size": "sequences per optimizer step, summed over all processes",
     "grad_accum": "micro-steps per optimizer step (splits the batch to save memory)",

@@ -215,6 +215,8 @@ class Trainer:
         while (progress := self._progress()) < 1 and not self.dist.any(self.stop_requested):
             factor = lr_factor(self.step, progress, c.warmup_steps, c.cooldown)
             set_lr(self.optimizers, factor)
+            if not self.chat:  # clean inputs once the learning rate cools: the model settles on the real text
+                self.batches.noisy = progress < 1 - c.cooldown
             step_start = time.perf_counter()
             loss = self._train_step()
             self.step += 1
