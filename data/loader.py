@@ -18,8 +18,8 @@ fraction of each window's inputs with random ordinary tokens and leaves its targ
 pass the model has seen before reads a little differently: data augmentation for text, after Xie
 et al. 2017 ("Data noising as smoothing in neural network language models"). It too is fixed by
 (seed, step, row), and stops when the learning rate starts to cool (`noisy`, set by the trainer): the
-last part of the run fits the real text, which took 0.009 off the tuning score at the 5-minute step
-count. benchmarks/NOTES.md has both sweeps.
+last part of the run fits the real text. That took 0.009 off the tuning score of the Zen 4's 5-minute
+model (4 x 256, dropout 0.1) and left the 5 x 320 (dropout 0.2) level. benchmarks/NOTES.md has both sweeps.
 """
 
 from __future__ import annotations
