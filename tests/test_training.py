@@ -367,8 +367,12 @@ def test_a_run_points_best_at_its_lowest_evaluation(corpus_file, tmp_path):
 class RecordsNoisySteps(Trainer):
     """A real trainer that notes, step by step, whether its training inputs were noised."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noisy_steps: list[bool] = []
+
     def _train_step(self) -> float:
-        self.noisy_steps = getattr(self, "noisy_steps", []) + [self.batches.noisy]
+        self.noisy_steps.append(self.batches.noisy)
         return super()._train_step()
 
 

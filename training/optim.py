@@ -79,9 +79,14 @@ def build_optimizers(
 def lr_factor(step: int, progress: float, warmup_steps: int, cooldown: float) -> float:
     """Multiplier of the peak learning rate at `step`, with `progress` in [0, 1] of the budget."""
     warmup = min(1.0, (step + 1) / max(1, warmup_steps))
-    if cooldown <= 0 or progress < 1 - cooldown:
+    if not cooling(progress, cooldown):
         return warmup
     return warmup * max(0.0, (1 - progress) / cooldown)
+
+
+def cooling(progress: float, cooldown: float) -> bool:
+    """Whether the learning rate has started its cooldown, the last `cooldown` share of the budget."""
+    return cooldown > 0 and progress >= 1 - cooldown
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:

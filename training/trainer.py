@@ -53,7 +53,7 @@ from training.budget import anchor_step_flops, describe, machine_name, peak_name
 from training.calibration import fit_temperature, held_out_count, temperature_for_passes
 from training.config import TrainConfig, assemble, budget_minutes, to_dict
 from training.memory import check_fits
-from training.optim import build_optimizers, lr_factor, set_lr
+from training.optim import build_optimizers, cooling, lr_factor, set_lr
 
 
 class Trainer:
@@ -216,7 +216,7 @@ class Trainer:
             factor = lr_factor(self.step, progress, c.warmup_steps, c.cooldown)
             set_lr(self.optimizers, factor)
             if not self.chat:  # clean inputs once the learning rate cools: the model settles on the real text
-                self.batches.noisy = progress < 1 - c.cooldown
+                self.batches.noisy = not cooling(progress, c.cooldown)
             step_start = time.perf_counter()
             loss = self._train_step()
             self.step += 1
