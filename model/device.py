@@ -2,14 +2,19 @@
 
 bf16 autocast is the biggest single speed lever on CPUs that have native bf16 matmuls (AVX-512
 BF16 or AMX on x86): about 4x the fp32 matmul rate on the reference machine. On CPUs without them
-bf16 is emulated and slower, so "auto" only turns it on where the hardware has it. Weights and
-optimizer state stay in fp32 either way; autocast changes the precision of the matmuls (and, in
-training, of the residual stream between them: model/gpt.py).
+bf16 is emulated and slower, so "auto" only turns it on where the hardware has it, and only where it
+measures faster: a flag is not a speed. An Intel Xeon (Sapphire Rapids class) whose hypervisor hides
+AMX still lists AVX-512 BF16, yet PyTorch's bf16 products ran there at 175 GFLOP/s against 336 in
+fp32, and the 4 x 256 model's compiled training step at 4,400 tokens/s against 6,236
+(benchmarks/NOTES.md, "A Xeon without AMX"). Weights and optimizer state stay in fp32 either way;
+autocast changes the precision of the matmuls (and, in training, of the residual stream between
+them: model/gpt.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -47,15 +52,26 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.cache
+def bf16_multiplies_faster() -> bool:
+    """Whether this CPU's bf16 matrix products outrun its fp32 ones (measured once per process,
+    about 0.2 s). Where bf16 is native the two differ by 2x or more either way (bf16 4.5x faster on
+    a Zen 5, 2.2x on a Zen 4, 2x slower on a Xeon without AMX), so a short best-of timing decides it."""
+    cpu = torch.device("cpu")
+    return matmul_peak_flops(cpu, torch.bfloat16, size=512, seconds=0.1) > matmul_peak_flops(
+        cpu, torch.float32, size=512, seconds=0.1
+    )
+
+
 def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
-    """The autocast dtype: bf16 where the hardware computes it natively, else fp32."""
+    """The autocast dtype: bf16 where the hardware computes it natively and faster than fp32, else fp32."""
     if requested == "fp32":
         return torch.float32
     if requested == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_has_native_bf16() and bf16_multiplies_faster():
         return torch.bfloat16
     return torch.float32
 

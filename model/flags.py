@@ -17,7 +17,7 @@ def add_device_flags(parser: argparse.ArgumentParser, decoding: bool = True) -> 
         "--dtype",
         default="auto",
         choices=["auto", "bf16", "fp32"],
-        help="matmul precision of the forward passes (auto: bf16 where the hardware computes it natively)",
+        help="matmul precision of the forward passes (auto: bf16 where the hardware computes it natively and faster than fp32)",
     )
     if decoding:
         add_int8_weights_flag(parser)

@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.load import free_port
 from model.checkpoint import load_checkpoint
-from model.device import can_compile, matmul_peak_flops
+from model.device import can_compile, matmul_peak_flops, pick_dtype
 from model.errors import UserError
 from model.evaluate import bits_per_byte
 from model.gpt import GPT, ModelConfig
@@ -483,6 +483,17 @@ def test_the_budget_is_measured_in_training_steps_of_the_anchor_model():
     step_flops = anchor_step_flops(cpu, torch.float32, seconds=0.5)
     assert 0.02 * matmul_peak_flops(cpu, torch.float32, seconds=0.3) < step_flops
     assert step_flops < matmul_peak_flops(cpu, torch.float32, seconds=1.0)  # best over a second: steadier
+
+
+def test_auto_precision_is_whichever_of_bf16_and_fp32_multiplies_faster_here():
+    """A bf16 flag is not a speed: a Xeon whose hypervisor hides AMX lists AVX-512 BF16 yet multiplies
+    bf16 at half its fp32 rate, so "auto" must not pick the slower of the two on any machine."""
+    cpu = torch.device("cpu")
+    rate = {dtype: matmul_peak_flops(cpu, dtype, size=512, seconds=0.5) for dtype in (torch.bfloat16, torch.float32)}
+    picked = pick_dtype(cpu)
+    other = torch.float32 if picked == torch.bfloat16 else torch.bfloat16
+    assert rate[picked] > 0.8 * rate[other]  # the two differ 2x or more wherever bf16 is native
+    assert (pick_dtype(cpu, "bf16"), pick_dtype(cpu, "fp32")) == (torch.bfloat16, torch.float32)
 
 
 def test_the_budget_sizes_from_the_best_rate_this_machine_has_shown(corpus_file, tmp_path, capsys):

@@ -222,7 +222,7 @@ HELP = {
     "resume": "continue the run in --out-dir from its latest checkpoint",
     "init_from": "start a new run from the weights (and tokenizer) of this checkpoint",
     "device": "auto, cpu, cuda or cuda:N",
-    "dtype": "auto (bf16 where the hardware has it), bf16 or fp32",
+    "dtype": "auto (bf16 where the hardware has it and it multiplies faster than fp32), bf16 or fp32",
     "compile": "compile the model with torch.compile (faster steps after about a minute of compiling on a CPU the first "
     "time, seconds once cached; a CPU needs a C++ compiler such as g++)",
     "seed": "random seed for initialisation and data order",

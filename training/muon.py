@@ -36,8 +36,8 @@ Muon's share of the 5 x 320 step fell from 72-73 ms to 51-55 (benchmarks/NOTES.m
 and tail, compiled"). Compiling them costs about 15 s the first time, 2 s once inductor has cached them.
 
 The orthogonalisation runs in the precision of the model's own matmuls (`dtype`, the trainer's
-`pick_dtype`): bf16, as in PyTorch's Muon, where the hardware multiplies bf16 natively, and fp32
-where it does not. On a CPU without AVX-512 BF16 or AMX (an AVX2-only AMD Zen 3, Intel's laptop chips)
+`pick_dtype`): bf16, as in PyTorch's Muon, where the hardware multiplies bf16 natively and faster,
+and fp32 where it does not. On a CPU without AVX-512 BF16 or AMX (an AVX2-only AMD Zen 3, Intel's laptop chips)
 PyTorch emulates bf16 matrix products, and its batched product is the slowest of all: a stack of ten
 320 x 896 updates took 860 ms in bf16 against 15 ms in fp32, and Muon in bf16 took 14.6 s of a
 16.4 s step of the 5 x 320 (benchmarks/NOTES.md, "A CPU without native bf16").
