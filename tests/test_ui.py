@@ -43,12 +43,14 @@ def served(tiny_run, corpus_file, tmp_path_factory):
 
     "wide" is a 6 x 512 model: slow enough per token that a long reply is still streaming when the
     browser test presses stop (the tiny model writes 4,096 tokens in well under a second, and a
-    4 x 256 one in about three with the C decode step).
+    4 x 256 one in about three with the C decode step). Ten steps of two sequences train it enough
+    not to end its reply early (30 steps of eight took a minute of the suite).
     """
     root = tmp_path_factory.mktemp("ui") / "out"
     shutil.copytree(tiny_run, root / "first")
     shutil.copytree(tiny_run, root / "second")
     wide = ["--n-layer", "6", "--n-embd", "512", "--n-head", "8", "--n-kv-head", "8", "--context", "256"]
+    wide += ["--max-steps", "10", "--batch-size", "2", "--eval-interval", "10"]  # after TINY's: these win
     result = run_script(
         "train.py",
         *TINY,
