@@ -53,14 +53,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 @functools.cache
-def bf16_multiplies_faster() -> bool:
+def bf16_multiplies_faster(rounds: int = 3) -> bool:
     """Whether this CPU's bf16 matrix products outrun its fp32 ones (measured once per process,
-    about 0.2 s). Where bf16 is native the two differ by 2x or more either way (bf16 4.5x faster on
-    a Zen 5, 2.2x on a Zen 4, 2x slower on a Xeon without AMX), so a short best-of timing decides it."""
-    cpu = torch.device("cpu")
-    return matmul_peak_flops(cpu, torch.bfloat16, size=512, seconds=0.1) > matmul_peak_flops(
-        cpu, torch.float32, size=512, seconds=0.1
-    )
+    about 0.3 s). Where bf16 is native the two differ by 2x or more either way (bf16 4.5x faster on
+    a Zen 5, 2.2x on a Zen 4, 2x slower on a Xeon without AMX), so short timings decide it; they
+    alternate and each keeps its best, because on a shared machine a timing now and then reads half
+    the speed for a second, and one such dip must not pick the slower precision for a whole run."""
+    cpu, best = torch.device("cpu"), {torch.bfloat16: 0.0, torch.float32: 0.0}
+    for _ in range(rounds):
+        for dtype in best:
+            best[dtype] = max(best[dtype], matmul_peak_flops(cpu, dtype, size=512, seconds=0.05))
+    return best[torch.bfloat16] > best[torch.float32]
 
 
 def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:

@@ -492,7 +492,7 @@ def test_auto_precision_is_whichever_of_bf16_and_fp32_multiplies_faster_here():
     rate = {dtype: matmul_peak_flops(cpu, dtype, size=512, seconds=0.5) for dtype in (torch.bfloat16, torch.float32)}
     picked = pick_dtype(cpu)
     other = torch.float32 if picked == torch.bfloat16 else torch.bfloat16
-    assert rate[picked] > 0.8 * rate[other]  # the two differ 2x or more wherever bf16 is native
+    assert rate[picked] > 0.6 * rate[other]  # the two differ 2x or more wherever bf16 is native
     assert (pick_dtype(cpu, "bf16"), pick_dtype(cpu, "fp32")) == (torch.bfloat16, torch.float32)
 
 
