@@ -53,14 +53,15 @@ def cpu_has_native_bf16() -> bool:
 
 
 @functools.cache
-def bf16_multiplies_faster(rounds: int = 3) -> bool:
+def bf16_multiplies_faster() -> bool:
     """Whether this CPU's bf16 matrix products outrun its fp32 ones (measured once per process,
-    about 0.3 s). Where bf16 is native the two differ by 2x or more either way (bf16 4.5x faster on
-    a Zen 5, 2.2x on a Zen 4, 2x slower on a Xeon without AMX), so short timings decide it; they
-    alternate and each keeps its best, because on a shared machine a timing now and then reads half
-    the speed for a second, and one such dip must not pick the slower precision for a whole run."""
+    about 0.35 s: three rounds of 0.05 s per precision). Where bf16 is native the two differ by 2x
+    or more either way (bf16 4.5x faster on a Zen 5, 2.2x on a Zen 4, 2x slower on a Xeon without
+    AMX), so short timings decide it; they alternate and each keeps its best, because on a shared
+    machine a timing now and then reads half the speed for a second, and one such dip must not pick
+    the slower precision for a whole run."""
     cpu, best = torch.device("cpu"), {torch.bfloat16: 0.0, torch.float32: 0.0}
-    for _ in range(rounds):
+    for _ in range(3):
         for dtype in best:
             best[dtype] = max(best[dtype], matmul_peak_flops(cpu, dtype, size=512, seconds=0.05))
     return best[torch.bfloat16] > best[torch.float32]
