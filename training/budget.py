@@ -10,7 +10,11 @@ tuning split the sixth root (the square-root rule) picked 4 layers for 5 minutes
 5 scored 0.03 better. Four budget-and-machine points bound the exponent to 0.24-0.33. Within that
 range 0.26 puts the two points nearest a rounding point (the Xeon's 90 seconds and 5 minutes) equally
 far from it, 13% in compute; at 1/4 the 5-minute run was 6% from it, and a probe that read the
-machine a few percent slow sized it one step too small (benchmarks/NOTES.md).
+machine a few percent slow sized it one step too small (benchmarks/NOTES.md). Below the anchor's
+compute the depth falls faster, with its square root (BELOW_ANCHOR_EXPONENT): a 2-core Zen 3 trains
+in fp32 at 0.47-0.64 of the anchor's rate, where the fourth root gives up to 2.67, so 3 x 192, which took
+about 200 steps in 90 seconds and scored 0.04-0.06 bits/byte worse on the tuning split than the
+2 x 128's 480 (benchmarks/NOTES.md, "A Zen 3 again").
 Everything else follows the depth, nanochat style: width = 64 x depth, one head per 64 dimensions,
 and dropout (0.1 a layer past the anchor, at most 0.3), input-token noise and a slower output head
 once the model is big enough, and the corpus small enough, for the budget to go over it five times
@@ -71,6 +75,7 @@ ANCHOR_BATCH = 16
 ANCHOR_STEP_FLOPS = 15_252 * 10_922_112  # FLOP/s, = 167 GFLOP/s
 ANCHOR_COMPUTE = 1.5 * 60 * ANCHOR_STEP_FLOPS
 DEPTH_EXPONENT = 0.26  # depth ~ compute^0.26; 1/6 under-sized data-limited 5-minute runs (benchmarks/NOTES.md)
+BELOW_ANCHOR_EXPONENT = 0.5  # ... and ~ compute^0.5 below the anchor's compute: depth 2 under 0.69 of it
 MIN_DEPTH, MAX_DEPTH = 2, 12  # 12 x 768 is GPT-2 small, the largest shape this project targets
 HEAD_DIM = 64
 # Residual dropout per layer past the anchor, and its most: 0.1 at depth 4 (5 minutes on the Zen 4), 0.2 at depth 5
@@ -125,8 +130,8 @@ def anchor_step_flops(device: torch.device, dtype: torch.dtype, seconds: float =
 
 
 def depth_for(minutes: float, step_flops: float) -> int:
-    compute = minutes * 60 * step_flops
-    depth = round(ANCHOR_DEPTH * (compute / ANCHOR_COMPUTE) ** DEPTH_EXPONENT)
+    compute = minutes * 60 * step_flops / ANCHOR_COMPUTE  # in units of the anchor's
+    depth = round(ANCHOR_DEPTH * compute ** (DEPTH_EXPONENT if compute >= 1 else BELOW_ANCHOR_EXPONENT))
     return max(MIN_DEPTH, min(MAX_DEPTH, depth))
 
 
