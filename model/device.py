@@ -109,30 +109,28 @@ def matmul_peak_flops(
     Timing for a whole second when the figure sizes a model (the CPU's clock ramp and a neighbour's
     burst both pass) and keeping the best short round keeps a short dip from deciding the figure.
 
-    A CPU that emulates `dtype` (bf16 on an AVX2-only CPU, about 1 GFLOP/s) takes over a second for one
-    product: there the first product is the figure, instead of 20 of them (45 s before a typed
-    `--dtype bf16` run's first step on a Zen 3).
+    The first product warms up (on a GPU it also starts cuBLAS). On a CPU that emulates `dtype` (bf16
+    on an AVX2-only CPU, about 1 GFLOP/s) it alone takes longer than `seconds`, and it is the figure:
+    timing rounds there took 45 s before a typed `--dtype bf16` run's first step on a Zen 3.
     """
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    if device.type == "cpu":
-        start = time.perf_counter()
-        a @ b
-        first = time.perf_counter() - start
-        if first > seconds:
-            return 2 * size**3 / first
+    start = time.perf_counter()
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first = time.perf_counter() - start
+    if device.type == "cpu" and first > seconds:
+        return 2 * size**3 / first
     best = float("inf")
     deadline = time.perf_counter() + seconds
     rounds = 0
-    while rounds < 4 or time.perf_counter() < deadline:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    while rounds < 3 or time.perf_counter() < deadline:
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if rounds:  # the first round warms up
-            best = min(best, time.perf_counter() - start)
+        best = min(best, time.perf_counter() - start)
         rounds += 1
     return 2 * size**3 * repeats / best
