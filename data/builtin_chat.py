@@ -3,7 +3,7 @@
 Every answer is text from the corpus itself (the opening of a reference topic or of a docstring),
 so fine-tuning teaches the model the *form* of a conversation (a question in, an answer about the
 asked topic out, then the end-of-turn token) on knowledge it saw in pre-training. Each subject is
-asked several ways (the reference topics eight ways, each docstring once, so the language's
+asked several ways (the reference topics four ways, each docstring once, so the language's
 main subjects are not drowned out by thousands of library functions); some conversations continue ("Tell me more.") with the next part of the text,
 some start with a greeting, some have a system prompt. Generation is deterministic (seeded), so
 the same Python version always gives the same set.

@@ -95,7 +95,9 @@ def windows(tokens: np.ndarray | list[int], context: int, stride: int | None = N
 def main() -> None:
     parser = argparse.ArgumentParser(description="Bits per byte of a checkpoint over a text file, as one JSON line.")
     parser.add_argument(
-        "--checkpoint", required=True, help="run folder (uses its latest checkpoint) or checkpoint folder"
+        "--checkpoint",
+        required=True,
+        help="run folder (uses its best checkpoint, the one BEST names) or checkpoint folder",
     )
     parser.add_argument("--text", required=True, help="UTF-8 text file to score")
     parser.add_argument("--stride", type=int, default=None, help="window advance in tokens (default: half the context)")
