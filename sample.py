@@ -62,9 +62,14 @@ def read_prompt(args: argparse.Namespace) -> str:
         where = "standard input"
     else:
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"prompt file {path} does not exist")
-        data, where = path.read_bytes(), str(path)
+        if path.is_dir():
+            raise UserError(f"prompt file {path} is a folder; give a text file")
+        try:
+            data, where = path.read_bytes(), str(path)
+        except OSError as error:
+            raise UserError(f"cannot read the prompt file {path} ({error.strerror}); give a text file") from None
     try:
         return data.decode("utf-8-sig").replace("\r\n", "\n")
     except UnicodeDecodeError:
@@ -136,7 +141,14 @@ def chat(engine, meta: dict, sampling, system: str) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt, pieces = stream_reply(engine, template, messages, sampling)
+        try:
+            prompt, pieces = stream_reply(engine, template, messages, sampling)
+        except UserError as error:
+            if not interactive or error.args[0].startswith("the system prompt"):
+                raise
+            print(f"error: {error}", file=sys.stderr)  # a person can type a shorter message
+            messages.pop()
+            continue
         if prompt.dropped:
             print(
                 f"(the {prompt.dropped} oldest messages no longer fit the context and were left out)", file=sys.stderr

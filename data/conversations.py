@@ -141,12 +141,24 @@ def _hub_conversations(name: str, column: str, limit: int | None) -> Conversatio
     limit = limit or 100_000
 
     def rows(split: str, count: int):
-        for index, row in enumerate(splits[split]):
-            if index >= count:
-                return
-            if column not in row:
-                raise UserError(f"dataset '{dataset_name}' has no '{column}' column; name it with --messages-column")
-            yield f"{dataset_name} [{split}] row {index}", row[column]
+        index = 0
+        try:
+            for index, row in enumerate(splits[split]):
+                if index >= count:
+                    return
+                if column not in row:
+                    raise UserError(
+                        f"dataset '{dataset_name}' has no '{column}' column; name it with --messages-column"
+                    )
+                yield f"{dataset_name} [{split}] row {index}", row[column]
+        except UserError:
+            raise
+        except Exception as error:  # a local folder's broken file: pyarrow and datasets raise many types
+            first_line = str(error).splitlines()[0][:160] if str(error) else ""
+            raise UserError(
+                f"cannot read '{dataset_name}' [{split}] near row {index} ({type(error).__name__}: {first_line}); "
+                "fix that file, or give one .jsonl file (its broken lines are skipped and listed)"
+            ) from None
 
     held_out = next((s for s in ("validation", "test", "test_sft") if s in splits), None)
     if held_out is None:

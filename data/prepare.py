@@ -64,6 +64,14 @@ def prepare(
 ) -> Prepared:
     """Prepare (or reuse) the token files for `data`; `tokenizer` given means reuse that one."""
     cache_dir = Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot create the data cache {cache_dir} ({error.strerror}); give a --cache-dir you can write"
+        ) from None
+    if not os.access(cache_dir, os.W_OK):
+        raise UserError(f"the data cache {cache_dir} is not writable; give a --cache-dir you can write")
     source = open_source(data, text_column=text_column, cache_dir=cache_dir, max_bytes=max_bytes)
     val_source = open_source(val_data, text_column=text_column, cache_dir=cache_dir) if val_data else source.validation
     tokenizer_key = tokenizer.fingerprint if tokenizer else f"{tokenizer_kind}:{vocab_size}"
@@ -107,7 +115,8 @@ def prepare(
 
 
 def _load_valid(folder: Path) -> Prepared | None:
-    """A cache entry, if its manifest reads, its version matches and its files have the right sizes."""
+    """A cache entry, if its manifest reads, its version matches, its files have the right sizes and
+    hold only ids of its tokenizer (a max over the tokens: 20 ms for 100 MB of text)."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         itemsize = np.dtype(manifest["dtype"]).itemsize
@@ -117,6 +126,10 @@ def _load_valid(folder: Path) -> Prepared | None:
         if manifest["version"] != PREP_VERSION:
             return None
         tokenizer = Tokenizer.load(folder)
+        for split in manifest["splits"]:
+            tokens = np.memmap(folder / f"{split}.bin", dtype=manifest["dtype"], mode="r")
+            if len(tokens) and int(tokens.max()) >= tokenizer.n_vocab:
+                return None
     except (OSError, ValueError, KeyError, UserError):
         return None
     if tokenizer.fingerprint != manifest["tokenizer"]["fingerprint"]:

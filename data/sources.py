@@ -105,14 +105,20 @@ def folder_source(folder: Path) -> Source:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """(line number, parsed row, None) per non-empty line, or (number, None, why) if it is not JSON."""
-    with open(path, encoding="utf-8-sig") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line), None
-            except json.JSONDecodeError as error:
-                yield number, None, error.msg
+    number = 0
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line), None
+                except json.JSONDecodeError as error:
+                    yield number, None, error.msg
+                except RecursionError:
+                    yield number, None, "nested too deeply"
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text (a bad byte in line {number + 1}); convert it to UTF-8") from None
 
 
 def jsonl_source(path: Path, text_column: str) -> Source:

@@ -68,6 +68,8 @@ class ChatTemplate:
         """The generation prompt for `messages`, dropping the oldest turns until it fits `budget`."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system) :]
+        if system and len(self.render(system, add_generation_prompt=True).ids) > budget:
+            raise UserError("the system prompt alone is longer than the model's context; give a shorter one")
         for start in range(len(turns)):
             rendered = self.render(system + turns[start:], add_generation_prompt=True)
             if len(rendered.ids) <= budget:
@@ -135,14 +137,19 @@ def message_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
     return ""
 
 
 def template_for(meta: dict, tokenizer: Tokenizer) -> ChatTemplate:
     """The template a checkpoint was trained with: `turns` for chat models, else `transcript`."""
     chat = meta.get("chat") or {}
-    return TEMPLATES[chat.get("template", "transcript")](tokenizer)
+    name = chat.get("template", "transcript") if isinstance(chat, dict) else None
+    if name not in TEMPLATES:
+        raise UserError(
+            f"the checkpoint records chat template {name!r}, which this code does not know ({', '.join(TEMPLATES)})"
+        )
+    return TEMPLATES[name](tokenizer)
 
 
 def stream_reply(

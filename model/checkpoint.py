@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from model.errors import UserError
-from model.files import WRITE_ERRORS, fsync, remove_abandoned, temporary_name, write_atomically
+from model.files import TEMPORARY, WRITE_ERRORS, fsync, remove_abandoned, temporary_name, write_atomically
 from model.gpt import GPT, ModelConfig
 from model.tokenizer import Tokenizer
 
@@ -42,6 +43,8 @@ FORMAT = "pocketgpt-checkpoint"
 VERSION = 1
 POINTER = "LATEST"
 BEST = "BEST"
+METRICS = "metrics.jsonl"
+STEP_FOLDER = re.compile(r"step-\d{7}\+*")  # step-NNNNNNN, with a + per same-step save
 
 
 @dataclass
@@ -65,7 +68,10 @@ class Checkpoint:
         try:
             load_model(model, self.folder / "model.safetensors", strict=True, device=str(device))
         except (SafetensorError, RuntimeError) as error:
-            raise UserError(f"{self.folder / 'model.safetensors'} does not fit the model config: {error}") from None
+            first = str(error).strip().splitlines()[-1].strip()[:200]  # torch lists every mismatch on its own line
+            raise UserError(
+                f"{self.folder / 'model.safetensors'} does not fit the model config ({first}); it is damaged"
+            ) from None
         return model.to(device)
 
     def load_trainer_state(self) -> dict:
@@ -112,7 +118,7 @@ def save_checkpoint(
         raise write_failed(run_dir, f"checkpoint {name} in {run_dir}", error) from None
     keep = {name, _pointed(run_dir, BEST) or name}
     for old in run_dir.glob("step-*"):
-        if old.name not in keep:
+        if STEP_FOLDER.fullmatch(old.name) and old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
     return run_dir / name
 
@@ -141,10 +147,26 @@ def write_failed(run_dir: Path, what: str, error: Exception) -> UserError:
     return UserError(f"could not write {what}: {reason}; {kept}. Free some space, then continue with --resume")
 
 
+def strangers(run_dir: Path) -> list[str]:
+    """Names in `run_dir` that a run does not write there (a new run refuses to train among them,
+    since it deletes old checkpoints and rewrites the log)."""
+    if not run_dir.is_dir():
+        return []
+    ours = (POINTER, BEST, METRICS)
+    return sorted(
+        p.name
+        for p in run_dir.iterdir()
+        if p.name not in ours and not STEP_FOLDER.fullmatch(p.name) and not p.name.startswith(TEMPORARY)
+    )
+
+
 def _pointed(run_dir: Path, pointer: str) -> str | None:
     """The checkpoint folder name a pointer file holds, if it holds a plain name."""
     path = run_dir / pointer
-    name = path.read_text().strip() if path.is_file() else ""
+    try:
+        name = path.read_text().strip() if path.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        name = ""
     return name if name.startswith("step-") and _plain(name) else None
 
 
@@ -202,7 +224,22 @@ def load_checkpoint(path: Path | str, latest: bool = False) -> Checkpoint:
             raise UserError(f"{folder / name} is missing; the checkpoint is incomplete")
         if _sha256(folder / name) != digest:
             raise UserError(f"{folder / name} does not match its checksum; the file is damaged")
+    _check_shape(folder, meta)
     return Checkpoint(folder, meta)
+
+
+def _check_shape(folder: Path, meta: dict) -> None:
+    """The model config and step checkpoint.json records (the one file no checksum covers) are usable."""
+    try:
+        config = ModelConfig.from_dict(meta["model"])
+        sizes = [getattr(config, f) for f in ("vocab_size", "context", "n_layer", "n_embd", "n_head", "n_kv_head")]
+        sizes += [config.head_dim, config.mlp_hidden, meta["step"]]
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as error:
+        raise UserError(f"{folder / 'checkpoint.json'} has no usable model config ({error!r}); it is damaged") from None
+    if not all(type(size) is int and size >= 0 for size in sizes) or min(sizes[:-1]) < 1:
+        raise UserError(
+            f"{folder / 'checkpoint.json'} records sizes that are not positive whole numbers; it is damaged"
+        )
 
 
 def newest_run(root: Path | str = "out") -> Path:

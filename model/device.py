@@ -34,7 +34,12 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+        torch.empty(1, device=device)  # an index past the GPUs there are, or a backend this build lacks
+    except (RuntimeError, AssertionError, NotImplementedError):
+        raise UserError(f"--device {requested} is not a device this machine has; use auto, cpu or cuda[:N]") from None
+    return device
 
 
 def cpu_info(field: str) -> str:

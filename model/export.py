@@ -236,7 +236,10 @@ def export(
     checkpoint = load_checkpoint(checkpoint_path)
     check_mappable(checkpoint.meta["model"])
     model, tokenizer = checkpoint.load_model("cpu"), checkpoint.load_tokenizer()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {out.parent} for the export ({error.strerror}); give another --out") from None
     remove_abandoned(out.parent, prefix=out.name)  # only our own leftovers: the folder is the user's
     tmp = temporary_name(out)
     try:

@@ -44,6 +44,8 @@ class SamplingConfig:
             raise UserError(f"top-k must be 0 (off) or a positive number of tokens, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise UserError(f"the seed must be in [0, 2**64), got {self.seed}")
 
 
 class Sampler:

@@ -8,7 +8,9 @@ the output. The UI rows go through the running app's API, as a browser or script
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 
 import pytest
 from gradio_client import Client
@@ -49,6 +51,20 @@ BAD_INPUTS = [
     ("train.py", "resuming a run that does not exist", ["--resume", "--out-dir", "{bad}/no-run"], error("does not exist")),
     ("train.py", "conversations with broken JSON", ["--chat-data", "{bad}/broken.jsonl", "--init-from", "{run}"], error("line 2: broken JSON")),
     ("train.py", "a conversation file that does not exist", ["--chat-data", "{bad}/nope.jsonl", "--init-from", "{run}"], error("does not exist")),
+    ("train.py", "conversations nested too deeply, or with a number for text", ["--chat-data", "{bad}/odd.jsonl", "--init-from", "{run}"], error(r"line 2: broken JSON \(nested too deeply\)")),
+    ("train.py", "conversations all longer than the context", ["--chat-data", "{bad}/long_chats.jsonl", "--init-from", "{run}"], error("none has an assistant reply within the model's context")),
+    ("train.py", "a fine-tune with another shape than its base", ["--chat-data", "builtin", "--init-from", "{run}", "--n-embd", "128"], error("--n-embd 128 differs from the base model's")),
+    ("train.py", "resuming with another optimizer", ["--resume", "--out-dir", "{run}", "--optimizer", "adamw"], error("--optimizer adamw differs from the resumed run's")),
+    ("train.py", "resuming a pre-training run as a fine-tune", ["--resume", "--out-dir", "{run}", "--chat-data", "builtin"], error("--chat-data builtin differs from the resumed run's \\(none\\)")),
+    ("train.py", "a non-UTF-8 JSONL corpus", ["--data", "{bad}/latin1.jsonl"], error("not UTF-8 text .*line 1")),
+    ("train.py", "a learning rate of nan", ["--lr", "nan"], error("--lr must be a finite number")),
+    ("train.py", "an endless budget", ["--max-minutes", "inf"], error("--max-minutes must be a finite number")),
+    ("train.py", "logging every 0 steps", ["--log-interval", "0"], error("--log-interval must be at least 1")),
+    ("train.py", "a negative seed", ["--seed", "-1"], error(r"--seed must be in \[0, 2\*\*63\)")),
+    ("train.py", "a device that does not exist", ["--device", "foo"], error("not a device this machine has")),
+    ("train.py", "a cache folder that is a file", ["--cache-dir", "{bad}/empty.txt"], error("cannot create the data cache")),
+    ("train.py", "an output folder inside a file", ["--out-dir", "{bad}/empty.txt/run"], error("cannot create --out-dir")),
+    ("train.py", "an output folder of other files", ["--out-dir", "{bad}"], error("holds files that are not a run's")),
     ("train.py", "token noise in chat fine-tuning", ["--chat-data", "builtin", "--init-from", "{run}", "--token-noise", "0.1"], error("applies to pre-training")),
     ("sample.py", "missing checkpoint", ["--checkpoint", "{bad}/missing"], error("does not exist")),
     ("sample.py", "a folder that is not a checkpoint", ["--checkpoint", "{bad}"], error("not a checkpoint")),
@@ -60,6 +76,9 @@ BAD_INPUTS = [
     ("sample.py", "zero samples", ["--num-samples", "0"], error("num-samples")),
     ("sample.py", "unknown flag", ["--temp", "0.5", "--frobnicate"], usage("unrecognized arguments")),
     ("sample.py", "missing prompt file", ["--prompt-file", "{bad}/nope.txt"], error("does not exist")),
+    ("sample.py", "a folder for a prompt file", ["--prompt-file", "{bad}"], error("is a folder")),
+    ("sample.py", "a seed too large", ["--seed", str(10**30)], error(r"seed must be in \[0, 2\*\*64\)")),
+    ("sample.py", "a device that does not exist", ["--device", "mps"], error("not a device this machine has")),
     ("sample.py", "binary prompt file", ["--prompt-file", "{bad}/binary.txt"], error("not UTF-8")),
     ("sample.py", "a prompt of special-token text", ["--prompt", SPECIALS, "--max-new-tokens", "3"], ok("^" + re.escape(SPECIALS))),
     ("sample.py", "a prompt file with a BOM and CRLF", ["--prompt-file", "{bad}/bom_crlf.txt", "--max-new-tokens", "3"], ok("^Old stone river.\nThe lantern")),
@@ -75,6 +94,7 @@ BAD_INPUTS = [
     ("model.export", "missing checkpoint", ["--checkpoint", "{bad}/missing"], error("does not exist")),
     ("model.export", "an output folder of other files", ["--out", "{bad}"], error("holds files that are not an export")),
     ("model.export", "an output path that is a file", ["--out", "{bad}/empty.txt"], error("is a file; --out names the folder")),
+    ("model.export", "an output folder inside a file", ["--out", "{bad}/empty.txt/hf"], error("cannot create .* for the export")),
     ("model.export", "an unknown precision", ["--dtype", "int4"], usage("invalid choice: 'int4'")),
     ("ui", "port out of range", ["--port", "99999"], error("--port must be 1-65535")),
     ("ui", "no concurrency", ["--concurrency", "0"], error("--concurrency at least 1")),
@@ -95,6 +115,16 @@ def bad(tmp_path_factory):
         '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
         '{"messages": [{"role": "user", "content": "unfinished"\n'
     )
+    (folder / "odd.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        + "[" * 100_000
+        + "]" * 100_000
+        + "\n"
+        + '{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}, {"role": "assistant", "content": "x"}]}\n'
+    )
+    long_chat = {"messages": [{"role": "user", "content": "word " * 3000}, {"role": "assistant", "content": "ok"}]}
+    (folder / "long_chats.jsonl").write_text(f"{json.dumps(long_chat)}\n" * 3)
+    (folder / "latin1.jsonl").write_bytes('{"text": "déjà vu"}\n'.encode("latin-1"))
     return folder
 
 
@@ -122,6 +152,29 @@ def test_bad_input_on_the_command_line(tool, what, args, expected, bad, tiny_run
     else:
         assert result.returncode == 0, result.stderr
         assert re.search(pattern, result.stdout) or re.search(pattern, result.stderr), (result.stdout, result.stderr)
+
+
+def test_a_new_run_refuses_a_folder_of_other_files_and_leaves_them_alone(corpus_file, tmp_path):
+    """A run deletes old checkpoint folders and rewrites its log: never among files it did not write."""
+    mine = tmp_path / "mine"
+    (mine / "step-by-step").mkdir(parents=True)
+    (mine / "step-by-step" / "notes.txt").write_text("precious")
+    (mine / "metrics.jsonl").write_text('{"my": "log"}\n')
+    result = run_script(
+        "train.py", "--preset", "tiny", "--data", str(corpus_file), "--out-dir", str(mine), "--max-steps", "2"
+    )
+    assert_clean_error(result, r"holds files that are not a run's \(step-by-step\)")
+    assert (mine / "step-by-step" / "notes.txt").read_text() == "precious"
+    assert (mine / "metrics.jsonl").read_text() == '{"my": "log"}\n'
+
+
+def test_a_busy_port_is_one_line_before_any_model_loads(tiny_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_script("-m", "ui", "--checkpoint", str(tiny_run), "--port", str(port), timeout=60)
+    assert_clean_error(result, f"cannot listen on 127.0.0.1:{port} .*pick another --port")
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,10 @@ def test_preparation_is_cached_and_reused(tmp_path):
     rebuilt = prepare(str(tmp_path / "c.txt"), vocab_size=300, cache_dir=tmp_path / "cache", progress=False)
     assert np.array_equal(np.asarray(rebuilt.tokens("train")), expected)
     assert not list((tmp_path / "cache").glob(".tmp-*"))
+    size = (rebuilt.folder / "train.bin").stat().st_size  # the right size, ids past the vocabulary: rebuilt too
+    (rebuilt.folder / "train.bin").write_bytes(b"\xff" * size)
+    again = prepare(str(tmp_path / "c.txt"), vocab_size=300, cache_dir=tmp_path / "cache", progress=False)
+    assert np.array_equal(np.asarray(again.tokens("train")), expected)
 
 
 def test_folder_jsonl_and_parquet_sources_give_the_same_documents(tmp_path):

@@ -9,6 +9,7 @@ apart from "default". The final config is saved in every checkpoint as JSON.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 
 from model.errors import UserError
@@ -90,9 +91,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "context", "batch_size", "grad_accum")
-        for name in positive:
+        for name in positive + ("log_interval", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "sample_tokens", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be 0 (off) or more, got {getattr(self, name)}")
+        numbers = ("lr", "embed_lr", "muon_lr", "weight_decay", "cooldown", "dropout", "token_noise", "max_passes")
+        for name in numbers + ("max_minutes",) * (self.max_minutes is not None):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise UserError("--n-embd must be a multiple of --n-head, and --n-head a multiple of --n-kv-head")
         if (self.n_embd // self.n_head) % 2:
@@ -178,7 +188,7 @@ HELP = {
     "a .jsonl/.parquet file, or a Hugging Face dataset name (owner/name[:config])",
     "val_data": "separate validation text (default: the last 10%% of --data)",
     "text_column": "field holding the text in .jsonl/.parquet files and hub datasets",
-    "max_bytes": "read at most this many bytes of training text (hub datasets default to 200 MB)",
+    "max_bytes": "read at most this many bytes of a Hugging Face dataset's training text (default 200 MB; local files are read whole)",
     "chat_data": 'fine-tune for chat on conversations: builtin, a .jsonl of {"messages": [...]}, or a '
     "Hugging Face dataset name (needs --init-from a trained model)",
     "messages_column": "column holding the messages in hub chat datasets and .jsonl files",
@@ -302,6 +312,31 @@ def budget_sizing(
     kept = dict(vocab_size=run.vocabulary(), context=run.context, tie_embeddings=run.tie_embeddings)
     compiled = typed.get("compile")  # None: the budget decides
     return sized_for_budget(minutes, step_flops, corpus_tokens, peak_flops, compiled, kept)
+
+
+# What a run is made of: --resume continues it as it was, so none of these may change (and a fine-tune
+# keeps its base model's shape, the part of this that --init-from brings).
+RUN_IDENTITY = (
+    "data",
+    "val_data",
+    "text_column",
+    "tokenizer",
+    "vocab_size",
+    "chat_data",
+    "messages_column",
+    "optimizer",
+)
+MODEL_SHAPE = ("n_layer", "n_embd", "n_head", "n_kv_head", "context", "tie_embeddings")
+
+
+def check_unchanged(typed: dict, recorded: dict, names: tuple[str, ...], what: str) -> None:
+    """Refuse a typed flag that would change what `recorded` (a resumed run, a base model) already is."""
+    for name in names:
+        if name in typed and name in recorded and typed[name] != recorded[name]:
+            had = "none" if recorded[name] is None else recorded[name]
+            raise UserError(
+                f"--{name.replace('_', '-')} {typed[name]} differs from the {what}'s ({had}) and cannot change; drop the flag"
+            )
 
 
 def assemble(

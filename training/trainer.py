@@ -39,7 +39,7 @@ from data.conversations import load_conversations
 from data.loader import Batches, ConversationBatches
 from data.prepare import DEFAULT_CACHE, Prepared, prepare
 from model.chat_template import TurnsTemplate, stream_reply
-from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, write_failed
+from model.checkpoint import METRICS, POINTER, Checkpoint, load_checkpoint, save_checkpoint, strangers, write_failed
 from model.device import autocast, can_compile, matmul_peak_flops, pick_device, pick_dtype
 from model.engine import Engine
 from model.errors import UserError
@@ -51,7 +51,7 @@ from training import distributed
 from training.allocator import keep_freed_memory
 from training.budget import anchor_step_flops, describe, machine_name, peak_name, remembered_best
 from training.calibration import fit_temperature, held_out_count, temperature_for_passes
-from training.config import TrainConfig, assemble, budget_minutes, to_dict
+from training.config import MODEL_SHAPE, RUN_IDENTITY, TrainConfig, assemble, budget_minutes, check_unchanged, to_dict
 from training.memory import check_fits
 from training.optim import build_optimizers, cooling, lr_factor, set_lr
 
@@ -156,7 +156,10 @@ class Trainer:
                     )
                 rendered.append((r.ids, r.mask))
             if not rendered:
-                raise UserError(f"no usable {split} conversations in {conversations.description}")
+                raise UserError(
+                    f"no usable {split} conversations in {conversations.description}: none has an assistant reply "
+                    f"within the model's context of {context} tokens; shorten them"
+                )
             batches.append(ConversationBatches(rendered, context, c.seed))
         self.chat_info = {
             "template": template.name,
@@ -193,7 +196,7 @@ class Trainer:
     def _forget_metrics_after(self, step: int) -> None:
         """Drop the log lines of steps a crash undid (all of them for an attempt killed before its first
         checkpoint), so the log reads like one run."""
-        path = self.out_dir / "metrics.jsonl"
+        path = self.out_dir / METRICS
         lines = path.read_text().splitlines() if path.is_file() else []
         kept = [line for line in lines if _logged_step(line) <= step]
         if len(kept) != len(lines):
@@ -210,6 +213,11 @@ class Trainer:
             bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
         )
         last_saved = self.step if c.resume else -1
+        if c.resume and self._progress() >= 1 and self.dist.is_main:
+            print(
+                f"nothing to do: the run is at step {self.step}, the end of the budget it was resumed with; "
+                "give a larger --max-steps or --max-minutes to train it further"
+            )
         start = time.perf_counter() - self.elapsed
         previous_handlers = self._install_signal_handlers()
         while (progress := self._progress()) < 1 and not self.dist.any(self.stop_requested):
@@ -418,10 +426,10 @@ class Trainer:
         if self.dist.is_main:
             try:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                with open(self.out_dir / "metrics.jsonl", "a") as file:
+                with open(self.out_dir / METRICS, "a") as file:
                     file.write(json.dumps(record) + "\n")
             except OSError as error:
-                raise write_failed(self.out_dir, str(self.out_dir / "metrics.jsonl"), error) from None
+                raise write_failed(self.out_dir, str(self.out_dir / METRICS), error) from None
 
     def _announce(self) -> None:
         if not self.dist.is_main:
@@ -508,6 +516,26 @@ def assemble_for(device: torch.device, typed: dict, saved: dict | None, *sizing)
     return assemble({**typed, "compile": False}, saved, *sizing)
 
 
+def check_new_run_folder(out_dir: Path) -> None:
+    """A new run writes into an empty folder, or one only an earlier attempt of a run wrote into, and
+    can write there: it would delete other checkpoints' folders and rewrite the log, and a folder it
+    cannot write is better found now than after the first evaluation."""
+    if (out_dir / POINTER).exists():
+        raise UserError(f"{out_dir} already holds a run; use --resume to continue it or another --out-dir")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file; give a folder for the run")
+    if foreign := strangers(out_dir):
+        raise UserError(
+            f"{out_dir} holds files that are not a run's ({', '.join(foreign[:3])}); give a new or empty --out-dir"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --out-dir {out_dir} ({error.strerror}); give a folder you can write") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable; give a folder you can write")
+
+
 def train(typed: dict) -> tuple[Trainer, dict]:
     """Assemble the config (see training/config.py), open any base checkpoint and run."""
     base, resuming, saved = None, bool(typed.get("resume")), None
@@ -515,11 +543,13 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         out_dir = typed.get("out_dir") or assemble({k: v for k, v in typed.items() if k != "resume"}).out_dir
         base = load_checkpoint(out_dir, latest=True)
         saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
+        check_unchanged(typed, saved, RUN_IDENTITY + MODEL_SHAPE, "resumed run")
     unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
-    if not resuming and (Path(unsized.out_dir) / "LATEST").exists():
-        raise UserError(f"{unsized.out_dir} already holds a run; use --resume to continue it or another --out-dir")
+    if not resuming:
+        check_new_run_folder(Path(unsized.out_dir))
     if unsized.init_from:
         base = load_checkpoint(unsized.init_from)
+        check_unchanged(typed, base.meta["model"], MODEL_SHAPE, "base model")
     device = pick_device(unsized.device)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for memory a step frees and the next takes again

@@ -8,6 +8,7 @@ checkpoint at all it still starts, and the page says how to train one.
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 from model.errors import UserError, run_cli
@@ -48,12 +49,15 @@ def main() -> None:
     auth = parse_auth(args.auth)
     if not 0 < args.port < 65536 or args.concurrency < 1:
         raise UserError("--port must be 1-65535 and --concurrency at least 1")
+    check_can_listen(args.host, args.port)  # before loading any model: a busy port is found in a moment
     from model.checkpoint import POINTER, resolve
     from ui.app import build_app
     from ui.auth import app_kwargs
     from ui.models import ModelStore
 
     root = Path(args.out_root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out-root {root} is a file; give the folder your runs are in")
     run = None
     if args.checkpoint:
         run = Path(args.checkpoint).resolve()
@@ -78,6 +82,20 @@ def main() -> None:
         ssr_mode=False,
         show_error=True,  # a refused input's own message (never a traceback) instead of a generic one
     )
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind `host:port` once and let go, so a busy port or a bad address is one line, not Gradio's traceback."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it
+            probe.bind(address)
+    except OSError as error:
+        reason = getattr(error, "strerror", None) or error
+        raise UserError(
+            f"cannot listen on {host}:{port} ({reason}); pick another --port, or a --host of this machine"
+        ) from None
 
 
 if __name__ == "__main__":
