@@ -16,7 +16,10 @@ def main() -> None:
     args = build_parser().parse_args()
     trainer, metrics = train(typed_flags(args))
     if trainer.dist.is_main and metrics:
-        print(f"done: step {metrics['step']}, val {metrics['val_bpb']:.4f} bits/byte; checkpoint in {trainer.out_dir}")
+        ended = "saved" if trainer.stop_requested else "done"  # a stopped run has said how to resume
+        print(
+            f"{ended}: step {metrics['step']}, val {metrics['val_bpb']:.4f} bits/byte; checkpoint in {trainer.out_dir}"
+        )
         best = trainer.best
         if best and best["step"] != metrics["step"]:
             print(

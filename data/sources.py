@@ -69,6 +69,8 @@ def open_source(spec: str, *, text_column: str = "text", cache_dir: Path, max_by
         if path.suffix == ".parquet":
             return parquet_source(path, text_column)
         return text_file_source(path)
+    if path.exists():
+        raise UserError(f"{spec} is neither a file nor a folder; give a text file, a folder, or a dataset name")
     if missing_local_path(spec):
         raise UserError(
             f"{spec} does not exist; give a text file, a folder, a .jsonl or .parquet file, or a dataset name"

@@ -56,6 +56,7 @@ BAD_INPUTS = [
     ("train.py", "a fine-tune with another shape than its base", ["--chat-data", "builtin", "--init-from", "{run}", "--n-embd", "128"], error("--n-embd 128 differs from the base model's")),
     ("train.py", "resuming with another optimizer", ["--resume", "--out-dir", "{run}", "--optimizer", "adamw"], error("--optimizer adamw differs from the resumed run's")),
     ("train.py", "resuming a pre-training run as a fine-tune", ["--resume", "--out-dir", "{run}", "--chat-data", "builtin"], error("--chat-data builtin differs from the resumed run's \\(none\\)")),
+    ("train.py", "a device file for a corpus", ["--data", "/dev/null"], error("neither a file nor a folder")),
     ("train.py", "a non-UTF-8 JSONL corpus", ["--data", "{bad}/latin1.jsonl"], error("not UTF-8 text .*line 1")),
     ("train.py", "a learning rate of nan", ["--lr", "nan"], error("--lr must be a finite number")),
     ("train.py", "an endless budget", ["--max-minutes", "inf"], error("--max-minutes must be a finite number")),

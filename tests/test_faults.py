@@ -164,6 +164,7 @@ def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(signum, corpus_file, tmp_
     step = load_checkpoint(run, latest=True).step
     assert step >= 5
     assert f"stopped at step {step}; continue with: python train.py --resume --out-dir {run}" in stdout
+    assert f"saved: step {step}," in stdout and "done:" not in stdout, stdout
     assert "Traceback" not in stderr
     resumed = run_script("train.py", "--resume", "--out-dir", str(run), "--max-steps", str(step + 3), "--no-progress")
     assert resumed.returncode == 0 and f"from step {step}" in resumed.stdout, resumed.stderr
