@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from benchmarks import data_speed, generation, quality, report
 from model.device import matmul_peak_flops, pick_dtype
+from model.errors import UserError, run_cli
 from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,9 +71,10 @@ def main() -> None:
     args = parser.parse_args()
     corpus = Path(args.corpus)
     if not corpus.is_file():
-        sys.exit(f"error: {corpus} is not a file; give a UTF-8 text corpus with --corpus")
-    if args.runs < 1:
-        sys.exit("error: --runs must be at least 1")
+        raise UserError(f"{corpus} is not a file; give a UTF-8 text corpus with --corpus")
+    if args.runs < 1 or min(args.budgets) <= 0:
+        raise UserError("--runs must be at least 1 and every budget positive")
+    report.check_writable(args.out, folder=True)
 
     figures: dict = {"machine": machine(), "corpus": corpus.name}
     # Evaluations every 50 steps draw the curve (they pause the training clock, so cost no budget).
@@ -100,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

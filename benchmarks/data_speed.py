@@ -25,7 +25,7 @@ from pathlib import Path
 from benchmarks import report
 from data.builtin import builtin_documents
 from data.sources import open_source
-from model.errors import run_cli
+from model.errors import UserError, run_cli
 from model.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +111,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per figure (medians are reported)")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.runs < 1 or min(args.megabytes) <= 0 or args.prepare_megabytes <= 0:
+        raise UserError("--runs must be at least 1 and the sizes positive")
+    report.check_writable(args.out)
     figures = measure(args.megabytes, args.runs, args.prepare_megabytes)
     report.print_json(figures, args.out)
 

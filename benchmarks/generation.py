@@ -23,7 +23,7 @@ from benchmarks import report
 from model.checkpoint import load_checkpoint
 from model.device import pick_dtype
 from model.engine import Engine
-from model.errors import run_cli
+from model.errors import UserError, run_cli
 from model.flags import add_int8_weights_flag
 from model.sampling import SamplingConfig
 
@@ -79,6 +79,9 @@ def main() -> None:
     add_int8_weights_flag(parser)  # on by default, as sample.py and the UI decode
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.runs < 1:
+        raise UserError("--runs must be at least 1")
+    report.check_writable(args.out)
     figures = measure(args.checkpoint, args.runs, args.decoder, args.int8_weights)
     report.print_json(figures, args.out)
 

@@ -29,6 +29,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.report import check_writable
 from model.errors import UserError, run_cli
 
 PROMPTS = [
@@ -268,6 +269,7 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.users) < 1 or args.seconds <= 0 or args.max_new_tokens < 1:
         raise UserError("--users must be at least 1, --seconds and --max-new-tokens positive")
+    check_writable(args.out)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if args.url:
         report = measure(args.url, auth, args.users, args.seconds, args.max_new_tokens, None)

@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import report
 from model.checkpoint import load_checkpoint
+from model.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,8 +129,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     corpus = Path(args.corpus)
-    if not corpus.is_file() or args.runs < 1:
-        sys.exit(f"error: {corpus} is not a file, or --runs is below 1")
+    if not corpus.is_file():
+        raise UserError(f"{corpus} is not a file; give a UTF-8 text corpus with --corpus")
+    if args.runs < 1 or min(args.max_minutes) <= 0:
+        raise UserError("--runs must be at least 1 and every budget positive")
+    report.check_writable(args.out, folder=True)
     with tempfile.TemporaryDirectory() as tmp:
         results = measure(corpus, args.max_minutes, args.runs, args.train_flags.split(), Path(tmp))
     out_dir = Path(args.out)
@@ -139,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

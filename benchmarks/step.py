@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import model.gpt
+from benchmarks import report
 from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
 from model.errors import UserError, run_cli
 from model.gpt import GPT, ModelConfig
@@ -126,6 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.n_layer, args.n_embd, args.context, args.batch_size, args.vocab_size, args.steps, args.rounds) < 1:
         raise UserError("sizes, --steps and --rounds must be at least 1")
+    report.check_writable(args.out)
     config = ModelConfig(
         vocab_size=args.vocab_size,
         context=args.context,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import http.client
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.errors import UserError
-from model.files import remove_abandoned, temporary_name
+from model.files import fsync, remove_abandoned, temporary_name
 
 Piece = tuple[bool, str]
 CHUNK_BYTES = 1 << 20
@@ -134,6 +135,7 @@ def jsonl_source(path: Path, text_column: str) -> Source:
 
 
 def parquet_source(path: Path, text_column: str) -> Source:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     def read() -> Iterator[Piece]:
@@ -144,6 +146,11 @@ def parquet_source(path: Path, text_column: str) -> Source:
         if text_column not in table.schema_arrow.names:
             raise UserError(
                 f"{path} has no column '{text_column}' (columns: {table.schema_arrow.names}); use --text-column"
+            )
+        kind = table.schema_arrow.field(text_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(
+                f"{path}: column '{text_column}' holds {kind}, not text; name a text column with --text-column"
             )
         for batch in table.iter_batches(columns=[text_column], batch_size=1024):
             for text in batch.column(0).to_pylist():
@@ -220,7 +227,8 @@ def check_hub_dataset(name: str) -> None:
 
 
 def download(url: str, destination: Path) -> Path:
-    """Fetch `url` to `destination` once (atomically: a partial download is never kept)."""
+    """Fetch `url` to `destination` once (atomically: a partial download is never kept, and a download
+    shorter than the length the server announced is a partial one)."""
     if destination.is_file():
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -228,10 +236,17 @@ def download(url: str, destination: Path) -> Path:
     tmp = temporary_name(destination)
     try:
         with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+            announced = response.headers.get("Content-Length")
             while chunk := response.read(CHUNK_BYTES):
                 out.write(chunk)
+            received = out.tell()
+        if announced is not None and announced.isdigit() and received != int(announced):
+            raise UserError(f"the download of {url} stopped at {received:,} of {int(announced):,} bytes; try again")
+        if received == 0:
+            raise UserError(f"the download of {url} was empty; try again, or pass a local file")
+        fsync(tmp)
         os.replace(tmp, destination)
-    except OSError as error:
+    except (OSError, http.client.HTTPException) as error:
         raise UserError(f"could not download {url} ({error}); check your connection or pass a local file") from None
     finally:
         tmp.unlink(missing_ok=True)

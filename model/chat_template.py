@@ -152,12 +152,16 @@ def template_for(meta: dict, tokenizer: Tokenizer) -> ChatTemplate:
     return TEMPLATES[name](tokenizer)
 
 
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """How many tokens of conversation a prompt keeps: the context less room for the reply (at most a quarter)."""
+    return context - min(max_new_tokens, context // 4)
+
+
 def stream_reply(
     engine: Engine, template: ChatTemplate, messages: list[dict], sampling: SamplingConfig
 ) -> tuple[Rendered, Iterator[str]]:
     """Render and fit the conversation, then stream the reply's text pieces."""
-    reserve = min(sampling.max_new_tokens, engine.context // 4)
-    prompt = template.fit(messages, engine.context - reserve)
+    prompt = template.fit(messages, prompt_budget(engine.context, sampling.max_new_tokens))
     sampling = replace(sampling, stop=tuple(sampling.stop) + template.stop)
     pieces = (piece for _, piece in engine.stream([prompt.ids], sampling))
     return prompt, pieces

@@ -9,6 +9,7 @@ import pytest
 from benchmarks import report
 from benchmarks.__main__ import default_budget
 from tests.conftest import run_script
+from tests.test_cli import assert_clean_error
 from training.config import TrainConfig
 
 
@@ -117,3 +118,11 @@ def test_mfu_and_generation_are_the_default_budgets_even_when_a_longer_one_is_me
         "MFU of the default training step, the 5 min runs",
         "generation bytes/s, batch 1, 256 tokens (within context), the 5 min model",
     ]
+
+
+@pytest.mark.parametrize("tool", ["benchmarks", "benchmarks.quality", "benchmarks.step", "benchmarks.data_speed"])
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(tool, corpus_file, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    corpus = ["--corpus", str(corpus_file)] if tool in ("benchmarks", "benchmarks.quality") else []
+    result = run_script("-m", tool, *corpus, "--out", str(tmp_path / "a_file" / "out"), timeout=60)
+    assert_clean_error(result, "cannot create .* for the figures")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -165,6 +167,35 @@ def test_download_is_atomic_and_cached(tmp_path):
     with pytest.raises(UserError, match="could not download"):
         download((tmp_path / "nowhere.txt").as_uri(), tmp_path / "cache" / "other.txt")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["corpus.txt"]
+
+
+def test_a_download_cut_short_is_refused_and_not_kept(tmp_path):
+    """A server that announces 10,000 bytes and closes after 100: nothing is cached to be trusted later."""
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "10000")
+            self.end_headers()
+            self.wfile.write(b"x" * 100)  # HTTP/1.0: the connection closes after this
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(UserError, match=r"stopped at 100 of 10,000 bytes|could not download"):
+            download(f"http://127.0.0.1:{server.server_port}/corpus.txt", tmp_path / "cache" / "corpus.txt")
+    finally:
+        server.shutdown()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_parquet_column_of_numbers_is_refused_clearly(tmp_path):
+    pq.write_table(pa.table({"body": list(range(10))}), tmp_path / "ints.parquet")
+    with pytest.raises(UserError, match="column 'body' holds int64, not text"):
+        prepare(str(tmp_path / "ints.parquet"), text_column="body", cache_dir=tmp_path / "cache", progress=False)
 
 
 def test_builtin_corpus_is_real_documentation():

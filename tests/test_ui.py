@@ -141,7 +141,7 @@ def test_switching_checkpoints_without_restart(served):
     client = Client(url, verbose=False, analytics_enabled=False)
     info, _curve, status = client.predict("second", api_name="/load_model")
     assert store.current.name == "second" and "`second`" in info and "second" in status
-    with pytest.raises(Exception, match="not in the list of choices"):
+    with pytest.raises(Exception, match="not a run"):
         client.predict("../../etc", api_name="/load_model")
     with pytest.raises(UserError, match="not a run"):  # the store refuses it too, whoever asks
         store.load("../first")
@@ -149,7 +149,9 @@ def test_switching_checkpoints_without_restart(served):
     assert store.current.name == "first"
 
 
-def test_app_starts_without_any_checkpoint(tmp_path):
+def test_app_starts_without_any_checkpoint_and_a_reload_finds_the_first(tiny_run, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
     store = ModelStore(tmp_path / "empty")
     app = build_app(store)
     _, url, _ = app.launch(
@@ -159,8 +161,61 @@ def test_app_starts_without_any_checkpoint(tmp_path):
         client = Client(url, verbose=False, analytics_enabled=False)
         with pytest.raises(Exception, match="python train.py"):
             client.predict(*chat_arguments("hello"), api_name="/chat")
+        shutil.copytree(tiny_run, tmp_path / "empty" / "first")  # "train one, then reload this page"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.get_by_text("Model: first")).to_be_visible(timeout=20_000)
+            browser.close()
+        assert store.current is not None and store.current.name == "first"
     finally:
         app.close()
+
+
+def test_a_page_shows_the_model_served_now_and_runs_trained_since_it_started(served, tiny_run):
+    """Another user's switch, and a run the app was not built with, are what a newly opened page shows."""
+    from playwright.sync_api import expect, sync_playwright
+
+    store, url = served
+    shutil.copytree(tiny_run, store.root / "later")
+    client = Client(url, verbose=False, analytics_enabled=False)
+    try:
+        info, _curve, status = client.predict("later", api_name="/load_model")
+        assert store.current.name == "later" and "later" in status
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.get_by_text("Model: later")).to_be_visible(timeout=20_000)
+            page.get_by_role("tab", name="Model").click()
+            expect(page.get_by_label("Checkpoint")).to_have_value("later")
+            browser.close()
+    finally:
+        client.predict("first", api_name="/load_model")
+        shutil.rmtree(store.root / "later")
+
+
+def test_a_refused_message_leaves_the_chat_usable(served):
+    """The refusal shows, the input stays enabled, and the next message is answered."""
+    from playwright.sync_api import expect, sync_playwright
+
+    store, url = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        expect(page.get_by_text(example_prompts(store.current)[0])).to_be_visible()
+        box = page.locator("textarea[data-testid=textbox]").first
+        box.fill("word " * 3000)
+        box.press("Enter")
+        expect(page.get_by_text("longer than the model's context").first).to_be_visible(timeout=20_000)
+        expect(box).to_be_enabled()
+        box.fill("Old stone river")
+        box.press("Enter")
+        expect(page.locator("[data-testid=bot]").last).not_to_be_empty(timeout=20_000)
+        assert page.locator("[data-testid=user]").count() == 1, "the refused message was never sent"
+        browser.close()
 
 
 def test_the_page_in_a_real_browser(served):

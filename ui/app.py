@@ -6,7 +6,9 @@ Design decisions:
   RNG), so concurrent chats never mix. The queue's concurrency limit is a flag.
 - Settings live in a sidebar shared by the Chat and Complete tabs; values arriving through the
   API are validated by the same `SamplingConfig.validate` as the CLI and reported with `gr.Error`
-  (a message on the page, never a stack trace).
+  (a message on the page, never a stack trace). A chat message the model cannot take is refused by
+  ChatInterface's validator before the chat starts: a refusal raised from the chat function itself
+  leaves Gradio 6's input disabled until the page is reloaded.
 - The conversation is rendered by model/chat_template.py, the same code as `sample.py --chat`
   and fine-tuning; when it outgrows the context the oldest turns are dropped and the page says so.
 - Air-gapped: analytics off, no share link unless asked for, no server-side rendering.
@@ -14,11 +16,12 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import gradio as gr
 
-from model.chat_template import message_text, stream_reply
+from model.chat_template import message_text, prompt_budget, stream_reply
 from model.errors import UserError
 from model.sampling import SamplingConfig
 from ui.models import LoadedModel, ModelStore
@@ -82,6 +85,23 @@ def build_app(store: ModelStore) -> gr.Blocks:
             reply += piece
             yield reply.lstrip(), notice
 
+    def check_message(message, *_) -> object:
+        """Refuse, before the chat starts, what the chat function would refuse: Gradio 6's ChatInterface
+        stays disabled until a reload when its function raises first (the API still gets the error).
+        Gradio passes a validator the message alone, so this checks it with no history or system
+        prompt, against the room a reply of a quarter of the context leaves (the default settings')."""
+        model = store.current
+        if model is None:
+            return gr.validate(False, TRAIN_HINT.format(root=store.root))
+        try:
+            model.template.fit(
+                [{"role": "user", "content": message_text(message)}],
+                prompt_budget(model.engine.context, model.engine.context),
+            )
+        except UserError as error:
+            return gr.validate(False, str(error))
+        return gr.validate(True, "")
+
     def complete(prompt: str, *settings) -> Iterator[str]:
         model, sampling = current(), sampling_from(*settings)
         tokens = model.engine.encode_prompt(prompt or "")
@@ -105,6 +125,15 @@ def build_app(store: ModelStore) -> gr.Blocks:
     def refresh():
         runs = store.runs()
         return gr.Dropdown(choices=runs, value=store.current.name if store.current else None)
+
+    def on_page_load():
+        """What the server serves now, not what it served when the app was built: another page may have
+        switched models, and runs may have appeared (a first one is loaded, as the hint promises)."""
+        if store.current is None and (runs := store.runs()):
+            with contextlib.suppress(UserError):  # a damaged newest run: the Model tab says why when picked
+                store.load(runs[0])
+        model = store.current
+        return status(model), refresh(), model.describe() if model else TRAIN_HINT.format(root=store.root)
 
     def status(model: LoadedModel | None) -> str:
         return f"**Model:** `{model.name}`" if model else TRAIN_HINT.format(root=store.root)
@@ -134,6 +163,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
                     run_examples_on_click=True,
                     cache_examples=False,
                     api_name="chat",
+                    validator=check_message,
                     analytics_enabled=False,
                     fill_height=True,
                 )
@@ -148,17 +178,23 @@ def build_app(store: ModelStore) -> gr.Blocks:
             with gr.Tab("Model", id="model") as model_tab:
                 with gr.Row():
                     picker = gr.Dropdown(
-                        choices=store.runs(), value=model.name if model else None, label="Checkpoint", scale=4
+                        choices=store.runs(),
+                        value=model.name if model else None,
+                        label="Checkpoint",
+                        scale=4,
+                        allow_custom_value=True,  # a run trained since the page loaded; ModelStore.load checks it
                     )
                     rescan = gr.Button("Rescan", scale=1)
                 info = gr.Markdown(model.describe() if model else TRAIN_HINT.format(root=store.root))
                 curve = gr.LinePlot(
                     model.curve() if model else None, x="step", y="value", color="series", label="Training curve"
                 )
-                picker.change(switch, picker, [info, curve, status_box], api_name="load_model")
+                # .input: a person's pick (or an API call), not the page refreshing the list.
+                picker.input(switch, picker, [info, curve, status_box], api_name="load_model")
                 rescan.click(refresh, None, picker, api_visibility="private")
                 # A plot drawn while its tab is hidden has no size: draw it when the tab opens.
                 model_tab.select(
                     lambda: store.current.curve() if store.current else None, None, curve, api_visibility="private"
                 )
+        app.load(on_page_load, None, [status_box, picker, info], api_visibility="private")
     return app
