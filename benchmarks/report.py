@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 from model.errors import UserError
+from model.files import writable_folder
 
 NANOGPT = {
     "cpu": {"seconds": 89, "bpb": 2.74, "label": "nanoGPT CPU recipe (0.8M, char)"},
@@ -161,15 +161,9 @@ def check_writable(out: str | Path | None, folder: bool = False) -> None:
     if not out:
         return
     out = Path(out)
-    target = out if folder else out.parent
     if not folder and out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name for the figures")
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create {target} for the figures ({error.strerror}); give another --out") from None
-    if not os.access(target, os.W_OK):
-        raise UserError(f"{target} is not writable; give another --out")
+    writable_folder(out if folder else out.parent, "--out" if folder else "the folder of --out")
 
 
 def print_json(figures: dict, out: str | None) -> None:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data.sources import Piece, Source, open_source
 from model.errors import UserError
-from model.files import remove_abandoned, temporary_name
+from model.files import remove_abandoned, temporary_name, writable_folder
 from model.tokenizer import Tokenizer, build_char, load_gpt2, train_bpe
 
 PREP_VERSION = 1
@@ -64,14 +64,7 @@ def prepare(
 ) -> Prepared:
     """Prepare (or reuse) the token files for `data`; `tokenizer` given means reuse that one."""
     cache_dir = Path(cache_dir)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(
-            f"cannot create the data cache {cache_dir} ({error.strerror}); give a --cache-dir you can write"
-        ) from None
-    if not os.access(cache_dir, os.W_OK):
-        raise UserError(f"the data cache {cache_dir} is not writable; give a --cache-dir you can write")
+    writable_folder(cache_dir, "the data cache (--cache-dir)")
     source = open_source(data, text_column=text_column, cache_dir=cache_dir, max_bytes=max_bytes)
     val_source = open_source(val_data, text_column=text_column, cache_dir=cache_dir) if val_data else source.validation
     tokenizer_key = tokenizer.fingerprint if tokenizer else f"{tokenizer_kind}:{vocab_size}"

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from model.chat_template import TurnsTemplate, template_for
 from model.errors import UserError, run_cli
-from model.files import WRITE_ERRORS, fsync, fsync_folder, remove_abandoned, temporary_name
+from model.files import WRITE_ERRORS, fsync, fsync_folder, remove_abandoned, temporary_name, writable_folder
 from model.gpt import GPT, ModelConfig
 from model.sampling import SamplingConfig
 from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, SPECIAL_TOKENS, Tokenizer, _bytes_to_unicode
@@ -236,10 +236,7 @@ def export(
     checkpoint = load_checkpoint(checkpoint_path)
     check_mappable(checkpoint.meta["model"])
     model, tokenizer = checkpoint.load_model("cpu"), checkpoint.load_tokenizer()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create {out.parent} for the export ({error.strerror}); give another --out") from None
+    writable_folder(out.parent, "the folder of --out")
     remove_abandoned(out.parent, prefix=out.name)  # only our own leftovers: the folder is the user's
     tmp = temporary_name(out)
     try:

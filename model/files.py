@@ -15,8 +15,21 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from model.errors import UserError
+
 TEMPORARY = ".tmp-"
 WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a full disk as its own error type
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """Create `folder` (and its parents) if needed and check it can be written, before any long work
+    that would write there; `what` names it for the user ("--out-dir", "the data cache")."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {what} {folder} ({error.strerror}); give a folder you can write") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{what} {folder} is not writable; give a folder you can write")
 
 
 def temporary_name(final: Path) -> Path:

@@ -95,7 +95,7 @@ BAD_INPUTS = [
     ("model.export", "missing checkpoint", ["--checkpoint", "{bad}/missing"], error("does not exist")),
     ("model.export", "an output folder of other files", ["--out", "{bad}"], error("holds files that are not an export")),
     ("model.export", "an output path that is a file", ["--out", "{bad}/empty.txt"], error("is a file; --out names the folder")),
-    ("model.export", "an output folder inside a file", ["--out", "{bad}/empty.txt/hf"], error("cannot create .* for the export")),
+    ("model.export", "an output folder inside a file", ["--out", "{bad}/empty.txt/hf"], error("cannot create the folder of --out")),
     ("model.export", "an unknown precision", ["--dtype", "int4"], usage("invalid choice: 'int4'")),
     ("ui", "port out of range", ["--port", "99999"], error("--port must be 1-65535")),
     ("ui", "no concurrency", ["--concurrency", "0"], error("--concurrency at least 1")),

@@ -44,7 +44,7 @@ from model.device import autocast, can_compile, matmul_peak_flops, pick_device, 
 from model.engine import Engine
 from model.errors import UserError
 from model.evaluate import bits_per_byte, score
-from model.files import write_atomically
+from model.files import writable_folder, write_atomically
 from model.gpt import GPT, ModelConfig
 from model.sampling import SamplingConfig
 from training import distributed
@@ -528,12 +528,7 @@ def check_new_run_folder(out_dir: Path) -> None:
         raise UserError(
             f"{out_dir} holds files that are not a run's ({', '.join(foreign[:3])}); give a new or empty --out-dir"
         )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create --out-dir {out_dir} ({error.strerror}); give a folder you can write") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"--out-dir {out_dir} is not writable; give a folder you can write")
+    writable_folder(out_dir, "--out-dir")
 
 
 def train(typed: dict) -> tuple[Trainer, dict]:
