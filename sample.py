@@ -125,11 +125,12 @@ def main() -> None:
 
 def chat(engine, meta: dict, sampling, system: str) -> None:
     """A conversation in the terminal (or scripted through a pipe), one user message per line."""
-    from model.chat_template import stream_reply, template_for
+    from model.chat_template import prompt_budget, stream_reply, template_for
 
     template = template_for(meta, engine.tokenizer)
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": system}] if system else []
+    template.check_system(messages, prompt_budget(engine.context, sampling.max_new_tokens))  # before any input
     if interactive:
         print(f"chatting with a {'chat' if template.name == 'turns' else 'base'} model; Ctrl-D to quit")
     while True:
@@ -144,7 +145,7 @@ def chat(engine, meta: dict, sampling, system: str) -> None:
         try:
             prompt, pieces = stream_reply(engine, template, messages, sampling)
         except UserError as error:
-            if not interactive or error.args[0].startswith("the system prompt"):
+            if not interactive:
                 raise
             print(f"error: {error}", file=sys.stderr)  # a person can type a shorter message
             messages.pop()

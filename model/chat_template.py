@@ -68,13 +68,17 @@ class ChatTemplate:
         """The generation prompt for `messages`, dropping the oldest turns until it fits `budget`."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system) :]
-        if system and len(self.render(system, add_generation_prompt=True).ids) > budget:
-            raise UserError("the system prompt alone is longer than the model's context; give a shorter one")
+        self.check_system(system, budget)
         for start in range(len(turns)):
             rendered = self.render(system + turns[start:], add_generation_prompt=True)
             if len(rendered.ids) <= budget:
                 return replace(rendered, dropped=start)
         raise UserError("the last message alone is longer than the model's context; send a shorter one")
+
+    def check_system(self, system: list[dict], budget: int) -> None:
+        """Refuse a system prompt (a list of at most that one message) that leaves no room for a turn."""
+        if system and len(self.render(system, add_generation_prompt=True).ids) > budget:
+            raise UserError("the system prompt alone is longer than the model's context; give a shorter one")
 
     def _message(self, role: str, content: str) -> tuple[list[int], list[int], list[int]]:
         raise NotImplementedError

@@ -133,10 +133,13 @@ def build_app(store: ModelStore) -> gr.Blocks:
             with contextlib.suppress(UserError):  # a damaged newest run: the Model tab says why when picked
                 store.load(runs[0])
         model = store.current
-        return status(model), refresh(), model.describe() if model else TRAIN_HINT.format(root=store.root)
+        return status(model), refresh(), description(model)
 
     def status(model: LoadedModel | None) -> str:
         return f"**Model:** `{model.name}`" if model else TRAIN_HINT.format(root=store.root)
+
+    def description(model: LoadedModel | None) -> str:
+        return model.describe() if model else TRAIN_HINT.format(root=store.root)
 
     model = store.current
     with gr.Blocks(title="pocketgpt", analytics_enabled=False, fill_height=True) as app:
@@ -185,7 +188,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
                         allow_custom_value=True,  # a run trained since the page loaded; ModelStore.load checks it
                     )
                     rescan = gr.Button("Rescan", scale=1)
-                info = gr.Markdown(model.describe() if model else TRAIN_HINT.format(root=store.root))
+                info = gr.Markdown(description(model))
                 curve = gr.LinePlot(
                     model.curve() if model else None, x="step", y="value", color="series", label="Training curve"
                 )
