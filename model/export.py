@@ -15,7 +15,9 @@ Design decisions:
 - The tokenizer becomes a Hugging Face `tokenizers` pipeline that reproduces tiktoken exactly: our
   split pattern, then byte-level BPE whose merges are derived from the tiktoken ranks (each token's
   possible halves, in rank order, the conversion `transformers` itself uses for tiktoken models),
-  with `ignore_merges` for tiktoken's whole-piece shortcut. Special tokens keep their ids.
+  with `ignore_merges` for tiktoken's whole-piece shortcut. Special tokens keep their ids. Like
+  our engine's prompts, an encoded text starts with `<|endoftext|>` (the document start the model
+  was trained to expect), so `model.generate(**tokenizer(text))` continues as `sample.py` does.
 - A chat model gets its chat template as Jinja (model/chat_template.py builds it from the same
   special tokens). A base model gets none: our transcript template has no exact Jinja twin.
 - `generation_config.json` carries our sampling defaults and stopping rules: stop at the end of a
@@ -118,7 +120,7 @@ def hf_weights(model: GPT, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def hf_tokenizer(tokenizer: Tokenizer):
     """A `tokenizers.Tokenizer` that encodes exactly like ours (tiktoken ranks -> byte-level BPE merges)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
     ranks = tokenizer.ranks
@@ -151,6 +153,11 @@ def hf_tokenizer(tokenizer: Tokenizer):
         raise UserError(
             f"the exported tokenizer would give {moved[0]} another id; the tokenizer files are inconsistent"
         )
+    # A text starts a document, as our engine's prompts and the training data do (model/engine.py).
+    start = (DOC_SEPARATOR, tokenizer.doc_separator)
+    result.post_processor = processors.TemplateProcessing(
+        single=f"{DOC_SEPARATOR} $A", pair=f"{DOC_SEPARATOR} $A {DOC_SEPARATOR} $B", special_tokens=[start]
+    )
     return result
 
 
@@ -221,7 +228,7 @@ def compare_with_transformers(folder: Path, model: GPT, tokenizer: Tokenizer, sa
     return {
         "max_logit_difference": float((ours - theirs).abs().max()),
         "logit_scale": float(ours.abs().max()),
-        "same_ids": hf_ids == tokenizer.encode(sample_text),
+        "same_ids": hf_ids == [tokenizer.doc_separator, *tokenizer.encode(sample_text)],
     }
 
 

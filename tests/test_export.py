@@ -124,7 +124,10 @@ def test_greedy_generation_gives_the_same_tokens(fixture, request, tiny_run, cha
     theirs = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     context = checkpoint.model_config.context
     if fixture == "exported":
-        prompts = [engine.encode_prompt(text) for text in ("The river", "Every old lantern", "A")]
+        texts = ("The river", "Every old lantern", "A")
+        prompts = [engine.encode_prompt(text) for text in texts]
+        their_tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        assert [their_tokenizer(text)["input_ids"] for text in texts] == prompts  # generate(**tokenizer(text))
     else:
         template = TurnsTemplate(tokenizer)
         prompts = [
@@ -161,6 +164,7 @@ def test_the_exported_tokenizer_gives_our_ids_special_tokens_included(kind, tmp_
         ids = theirs.encode(text, add_special_tokens=False)
         assert ids == tokenizer.encode(text), text
         assert theirs.decode(ids) == text
+        assert theirs(text)["input_ids"] == [tokenizer.doc_separator, *ids]  # a text starts a document, as ours
     for text, pieces in with_specials(texts[:100], seed=5):
         expected = []
         for piece in pieces:
@@ -182,6 +186,8 @@ def test_the_chat_template_renders_conversations_to_our_tokens(exported_chat, ch
             expected = ours.render(messages, add_generation_prompt=opened).ids
             rendered = theirs.apply_chat_template(messages, add_generation_prompt=opened, tokenize=False)
             assert theirs.encode(rendered, add_special_tokens=False) == expected, messages
+            tokenized = theirs.apply_chat_template(messages, add_generation_prompt=opened, return_dict=True)
+            assert tokenized["input_ids"] == expected, messages  # one document start, not two
     parts = [{"role": "user", "content": [{"type": "text", "text": "Who keeps "}, {"type": "text", "text": "it?"}]}]
     rendered = theirs.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
     assert rendered == "<|endoftext|><|user|>Who keeps it?<|end|><|assistant|>"
