@@ -6,7 +6,8 @@ megabyte, so a corpus of any size is read without holding it in memory. Kinds of
     builtin            the offline default corpus (data/builtin.py)
     tinyshakespeare    the classic 1 MB corpus, downloaded once into the cache
     path/to/file.txt   any UTF-8 text file (one document)
-    path/to/folder     every .txt/.md/.rst file below it, in sorted order (one document each)
+    path/to/folder     every .txt/.md/.rst file below it, in sorted order (one document each;
+                       hidden files and folders are skipped, a file linked twice is read once)
     file.jsonl         one JSON object per line; the text is in --text-column
     file.parquet       a Parquet table; the text is in --text-column
     owner/name[:conf]  a Hugging Face dataset, streamed with `datasets` (online users)
@@ -92,9 +93,7 @@ def text_file_source(path: Path) -> Source:
 
 
 def folder_source(folder: Path) -> Source:
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and not p.name.startswith(".")
-    )
+    files = _text_files(folder)
     if not files:
         raise UserError(f"folder {folder} has no {'/'.join(TEXT_SUFFIXES)} files")
     fingerprint = hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
@@ -104,6 +103,20 @@ def folder_source(folder: Path) -> Source:
             yield from _text_file_pieces(path)
 
     return Source(f"{folder} ({len(files)} files)", fingerprint, read)
+
+
+def _text_files(folder: Path) -> list[Path]:
+    """The text files below `folder`, sorted: hidden files and folders (`.git`, `.venv`) are not corpus,
+    and a file reached twice through symbolic links is read once (links to folders are not followed)."""
+    files: dict[Path, Path] = {}
+    for parent, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in names:
+            path = Path(parent) / name
+            if path.suffix in TEXT_SUFFIXES and not name.startswith(".") and path.is_file():
+                target = path.resolve()
+                files[target] = min(files.get(target, path), path)  # the first name in sorted order
+    return sorted(files.values())
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, object, str | None]]:

@@ -70,6 +70,11 @@ def test_folder_jsonl_and_parquet_sources_give_the_same_documents(tmp_path):
     for i, doc in enumerate(docs):
         (folder / f"{i:02d}.txt").write_text(doc)
     (folder / "skip.bin").write_bytes(b"\0\1")  # not a text suffix: ignored
+    (folder / ".git").mkdir()
+    (folder / ".git" / "notes.txt").write_text("not corpus")  # in a hidden folder: ignored
+    (folder / ".draft.txt").write_text("not corpus")  # a hidden file: ignored
+    (folder / "zz-link.txt").symlink_to(folder / "00.txt")  # the same file again: read once
+    (folder / "zz-loop").symlink_to(folder)  # a link to a folder is not followed
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
     pq.write_table(pa.table({"content": docs, "id": list(range(6))}), tmp_path / "d.parquet")
     for spec in (folder, tmp_path / "d.jsonl", tmp_path / "d.parquet"):
