@@ -29,15 +29,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(cmd: list[str]) -> str:
+    """Run a project script; its failure is ours, told in one line (its own last line says why)."""
     result = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"error: {' '.join(cmd)} failed:\n{result.stderr.strip()[-2000:]}")
+        lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+        script = cmd[1] if cmd[0] == "-m" else cmd[0]
+        raise UserError(f"{script} failed: {lines[-1].removeprefix('error: ')}")
     return result.stdout
 
 
 def split_corpus(corpus: Path, folder: Path) -> tuple[Path, Path]:
     """First 90% of the characters to train.txt, the last 10% to val.txt."""
-    text = corpus.read_text(encoding="utf-8")
+    try:
+        text = corpus.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{corpus} is not UTF-8 text (byte {error.start}); convert it, e.g. iconv -t UTF-8, and rerun"
+        ) from None
     cut = int(len(text) * 0.9)
     train, val = folder / "train.txt", folder / "val.txt"
     train.write_text(text[:cut], encoding="utf-8")

@@ -65,6 +65,7 @@ def test_the_suite_writes_json_markdown_and_a_plot_with_every_figure(corpus_file
     assert 50 < data["prepare_peak_mb_1MB"] < 4096
     table = (tmp_path / "benchmarks.md").read_text()
     assert f"{figures['quality'][0]['median_bpb']:.3f}" in table and "time to first token" in table
+    assert f"| BPE training (s), 0.1 MB | {data['bpe_seconds_0.1MB']:g} |  |  |" in table  # no target, still shown
     assert (tmp_path / "loss_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -86,9 +87,20 @@ def test_the_table_says_whether_a_longer_budget_ended_worse_than_a_shorter_one()
     ]
 
 
-def test_bad_suite_input_is_one_line():
+def test_bad_suite_input_is_one_line(tmp_path):
     result = run_script("-m", "benchmarks", "--corpus", "no/such/file.txt")
-    assert result.returncode != 0 and result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    assert_clean_error(result, "is not a file")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait\n".encode("latin-1") * 50)
+    for tool in ("benchmarks", "benchmarks.quality"):
+        result = run_script("-m", tool, "--corpus", str(latin1), "--out", str(tmp_path / "out"), timeout=60)
+        assert_clean_error(result, "latin1.txt is not UTF-8 text \\(byte 3\\); convert it")
+
+
+def test_a_failing_training_run_is_one_line_with_its_reason(corpus_file, tmp_path):
+    flags = ["--train-flags", "--preset tiny --n-layer 0", "--runs", "1", "--max-minutes", "1"]
+    result = run_script("-m", "benchmarks.quality", "--corpus", str(corpus_file), *flags, "--out", str(tmp_path))
+    assert_clean_error(result, "^error: train.py failed: .*n-layer")
 
 
 @pytest.mark.parametrize("part", ["dropout", "attention"])
