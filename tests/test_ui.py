@@ -147,6 +147,8 @@ def test_switching_checkpoints_without_restart(served):
         store.load("../first")
     client.predict("first", api_name="/load_model")
     assert store.current.name == "first"
+    served_now = store.current
+    assert store.load("first") is served_now  # served already: not read again (a dropdown pick comes twice)
 
 
 def test_app_starts_without_any_checkpoint_and_a_reload_finds_the_first(tiny_run, tmp_path):
@@ -216,6 +218,56 @@ def test_a_refused_message_leaves_the_chat_usable(served):
         expect(page.locator("[data-testid=bot]").last).not_to_be_empty(timeout=20_000)
         assert page.locator("[data-testid=user]").count() == 1, "the refused message was never sent"
         browser.close()
+
+
+def test_clear_removes_the_dropped_messages_notice(served):
+    from playwright.sync_api import expect, sync_playwright
+
+    _, url = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        box = page.locator("textarea[data-testid=textbox]").first
+        notice = page.get_by_text("oldest messages no longer fit")
+        for turn in range(4):  # the tiny model's 64-token context holds fewer turns than this
+            box.fill("Old stone river and the lantern by the water " * 2)
+            box.press("Enter")
+            # The box is disabled before the message shows and enabled again once the reply is done
+            # (which may be empty: a sampled reply can end at once).
+            expect(page.locator("[data-testid=user]")).to_have_count(turn + 1, timeout=20_000)
+            expect(box).to_be_enabled(timeout=20_000)
+        expect(notice).to_be_visible()
+        page.get_by_role("button", name="Clear").first.click()
+        expect(page.locator("[data-testid=bot]")).to_have_count(0)
+        expect(notice).to_have_count(0)
+        browser.close()
+
+
+def test_a_run_that_fails_to_load_is_not_shown_as_picked(served, tiny_run):
+    from playwright.sync_api import expect, sync_playwright
+
+    store, url = served
+    shutil.copytree(tiny_run, store.root / "broken")
+    for weights in (store.root / "broken").glob("step-*/model.safetensors"):
+        weights.write_bytes(b"not a model")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(url)
+            page.get_by_role("tab", name="Model").click()
+            picker = page.get_by_label("Checkpoint")
+            expect(picker).to_have_value("first")
+            picker.click()
+            page.get_by_role("option", name="broken").click()
+            expect(page.locator(".toast-body").first).to_contain_text("broken", timeout=20_000)
+            expect(picker).to_have_value("first")
+            expect(page.get_by_text("Model: first")).to_be_visible()
+            browser.close()
+        assert store.current.name == "first"
+    finally:
+        shutil.rmtree(store.root / "broken")
 
 
 def test_the_page_in_a_real_browser(served):

@@ -157,7 +157,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
                 system = gr.Textbox(
                     label="System prompt", placeholder="Optional instructions for the model", lines=1, render=False
                 )
-                gr.ChatInterface(
+                interface = gr.ChatInterface(
                     chat,
                     additional_inputs=[system, *settings],
                     additional_inputs_accordion="System prompt",
@@ -170,6 +170,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
                     analytics_enabled=False,
                     fill_height=True,
                 )
+                interface.chatbot.clear(lambda: "", None, notice, api_visibility="private")  # no stale notice
             with gr.Tab("Complete", id="complete"):
                 prompt = gr.Textbox(label="Text to continue", lines=4, placeholder="Once upon a time")
                 with gr.Row():
@@ -193,7 +194,12 @@ def build_app(store: ModelStore) -> gr.Blocks:
                     model.curve() if model else None, x="step", y="value", color="series", label="Training curve"
                 )
                 # .input: a person's pick (or an API call), not the page refreshing the list.
-                picker.input(switch, picker, [info, curve, status_box], api_name="load_model")
+                picker.input(switch, picker, [info, curve, status_box], api_name="load_model").failure(
+                    refresh,
+                    None,
+                    picker,
+                    api_visibility="private",  # a run that failed to load is not shown as picked
+                )
                 rescan.click(refresh, None, picker, api_visibility="private")
                 # A plot drawn while its tab is hidden has no size: draw it when the tab opens.
                 model_tab.select(

@@ -97,6 +97,9 @@ class ModelStore:
         root = self.root.resolve()
         if not (run_dir.resolve().is_relative_to(root) and folder.resolve().is_relative_to(root)):
             raise UserError(f"'{name}' leads outside {self.root} (a symbolic link?); only runs under it are served")
+        current = self.current
+        if current is not None and current.name == name and current.checkpoint.folder == folder:
+            return current  # already served (Gradio 6.31's dropdown sends each pick twice)
         checkpoint = load_checkpoint(folder)  # reads and checksums the files: only after the check above
         tokenizer = checkpoint.load_tokenizer()
         model = checkpoint.load_model(self.device)
