@@ -21,7 +21,7 @@ from model.checkpoint import _sha256, load_checkpoint
 from model.errors import UserError
 from tests.conftest import ROOT, run_script
 from tests.test_cli import assert_clean_error
-from tests.test_ui import CHROMIUM, CHROMIUM_ARGS
+from tests.test_ui import opened_page
 from ui.models import ModelStore
 
 
@@ -188,12 +188,9 @@ def test_auth_protects_every_route_the_api_included(tiny_run, tmp_path):
 
 
 def _log_in_with_a_browser(url: str) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(url)
+    with opened_page(url) as page:
         page.get_by_label("username").fill("alice")
         page.get_by_label("password").fill("wrong")
         page.get_by_role("button", name="Login").click()
@@ -201,7 +198,6 @@ def _log_in_with_a_browser(url: str) -> None:
         page.get_by_label("password").fill("s3cret")
         page.get_by_role("button", name="Login").click()
         expect(page.locator("textarea[data-testid=textbox]").first).to_be_visible(timeout=20_000)
-        browser.close()
 
 
 def test_auth_flag_is_checked(tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +37,19 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 ]
+
+
+@contextlib.contextmanager
+def opened_page(url: str) -> Iterator:
+    """A page of headless Chromium at `url`, kept off the network; the browser closes afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        yield page
+        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +167,7 @@ def test_switching_checkpoints_without_restart(served):
 
 
 def test_app_starts_without_any_checkpoint_and_a_reload_finds_the_first(tiny_run, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     store = ModelStore(tmp_path / "empty")
     app = build_app(store)
@@ -164,12 +179,8 @@ def test_app_starts_without_any_checkpoint_and_a_reload_finds_the_first(tiny_run
         with pytest.raises(Exception, match="python train.py"):
             client.predict(*chat_arguments("hello"), api_name="/chat")
         shutil.copytree(tiny_run, tmp_path / "empty" / "first")  # "train one, then reload this page"
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            page.goto(url)
+        with opened_page(url) as page:
             expect(page.get_by_text("Model: first")).to_be_visible(timeout=20_000)
-            browser.close()
         assert store.current is not None and store.current.name == "first"
     finally:
         app.close()
@@ -177,7 +188,7 @@ def test_app_starts_without_any_checkpoint_and_a_reload_finds_the_first(tiny_run
 
 def test_a_page_shows_the_model_served_now_and_runs_trained_since_it_started(served, tiny_run):
     """Another user's switch, and a run the app was not built with, are what a newly opened page shows."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     store, url = served
     shutil.copytree(tiny_run, store.root / "later")
@@ -185,14 +196,10 @@ def test_a_page_shows_the_model_served_now_and_runs_trained_since_it_started(ser
     try:
         info, _curve, status = client.predict("later", api_name="/load_model")
         assert store.current.name == "later" and "later" in status
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            page.goto(url)
+        with opened_page(url) as page:
             expect(page.get_by_text("Model: later")).to_be_visible(timeout=20_000)
             page.get_by_role("tab", name="Model").click()
             expect(page.get_by_label("Checkpoint")).to_have_value("later")
-            browser.close()
     finally:
         client.predict("first", api_name="/load_model")
         shutil.rmtree(store.root / "later")
@@ -200,13 +207,10 @@ def test_a_page_shows_the_model_served_now_and_runs_trained_since_it_started(ser
 
 def test_a_refused_message_leaves_the_chat_usable(served):
     """The refusal shows, the input stays enabled, and the next message is answered."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     store, url = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(url)
+    with opened_page(url) as page:
         expect(page.get_by_text(example_prompts(store.current)[0])).to_be_visible()
         box = page.locator("textarea[data-testid=textbox]").first
         box.fill("word " * 3000)
@@ -217,17 +221,13 @@ def test_a_refused_message_leaves_the_chat_usable(served):
         box.press("Enter")
         expect(page.locator("[data-testid=bot]").last).not_to_be_empty(timeout=20_000)
         assert page.locator("[data-testid=user]").count() == 1, "the refused message was never sent"
-        browser.close()
 
 
 def test_clear_removes_the_dropped_messages_notice(served):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     _, url = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(url)
+    with opened_page(url) as page:
         box = page.locator("textarea[data-testid=textbox]").first
         notice = page.get_by_text("oldest messages no longer fit")
         for turn in range(4):  # the tiny model's 64-token context holds fewer turns than this
@@ -241,21 +241,17 @@ def test_clear_removes_the_dropped_messages_notice(served):
         page.get_by_role("button", name="Clear").first.click()
         expect(page.locator("[data-testid=bot]")).to_have_count(0)
         expect(notice).to_have_count(0)
-        browser.close()
 
 
 def test_a_run_that_fails_to_load_is_not_shown_as_picked(served, tiny_run):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     store, url = served
     shutil.copytree(tiny_run, store.root / "broken")
     for weights in (store.root / "broken").glob("step-*/model.safetensors"):
         weights.write_bytes(b"not a model")
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            page.goto(url)
+        with opened_page(url) as page:
             page.get_by_role("tab", name="Model").click()
             picker = page.get_by_label("Checkpoint")
             expect(picker).to_have_value("first")
@@ -264,21 +260,17 @@ def test_a_run_that_fails_to_load_is_not_shown_as_picked(served, tiny_run):
             expect(page.locator(".toast-body").first).to_contain_text("broken", timeout=20_000)
             expect(picker).to_have_value("first")
             expect(page.get_by_text("Model: first")).to_be_visible()
-            browser.close()
         assert store.current.name == "first"
     finally:
         shutil.rmtree(store.root / "broken")
 
 
 def test_the_page_in_a_real_browser(served):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     store, url = served
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(url)
+    with opened_page(url) as page:
         expect(page.get_by_text(example_prompts(store.current)[0])).to_be_visible()  # the app is mounted
         seed = page.get_by_label("Seed (-1 = random)")
         seed.fill("7")  # a fixed seed, so the test can know what the full replies would be
@@ -327,7 +319,6 @@ def test_the_page_in_a_real_browser(served):
         expect(chart).to_be_visible(timeout=10_000)  # the training curve is drawn
         chart.scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "model-tab.png"), full_page=True)
-        browser.close()
 
 
 def test_the_load_test_script_at_a_small_size(tiny_run, tmp_path):
