@@ -38,16 +38,15 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
-# BPE training sees no run of whitespace or of other characters longer than this many characters. The `tokenizers` trainer slows
-# down with the square of a piece's length (200,000 letters without a space: 23 s; 3 MB: no end in
-# 5 minutes), and text without whitespace (minified code, base64, a long run of one symbol) makes
-# such pieces. The cap only rules out tokens longer than itself, which ordinary text never learns
-# (Tiny Shakespeare gives the same merges with and without it). Encoding keeps whole pieces:
-# tiktoken 0.14 encodes 200,000 letters in 0.06 s.
+# BPE training sees no run of whitespace, or of other characters, longer than this. The
+# `tokenizers` trainer slows down with the square of a piece's length (200,000 letters without a
+# space: 23 s; 3 MB: no end in 5 minutes), and text without whitespace (minified code, base64, a
+# long run of one symbol) makes such pieces. The cap only rules out tokens longer than itself, which
+# ordinary text never learns (Tiny Shakespeare gives the same merges with and without it).
 TRAINING_PIECE_CHARS = 256
-# tiktoken's regex overflows its stack (a Rust panic) on a run of about a million whitespace
-# characters, so encoding cuts whitespace runs longer than this; it is the only case where the ids
-# depend on such a cut.
+# Encoding keeps whole pieces (tiktoken 0.14 encodes 200,000 letters in 0.06 s), except that its
+# regex overflows its stack (a Rust panic) on a run of about a million whitespace characters: runs
+# of whitespace longer than this are cut, the only case where ids depend on a cut.
 ENCODING_SPACE_CHARS = 100_000
 CHAR_PATTERN = r"[\s\S]"  # one piece per character (spelled so tiktoken and Oniguruma both read it)
 
@@ -217,7 +216,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 def _cut_long_runs(texts: Iterable[str]) -> Iterator[str]:
     """Each text, cut into separate texts every TRAINING_PIECE_CHARS characters of any longer run of
     whitespace or of other characters. Pieces never cross texts, and a piece spans at most a run of
-    each kind (punctuation then line ends) plus a space, so none is more than twice the cap.
+    each kind (punctuation then line ends) plus a space: about twice the cap at most.
 
     Finding runs with the regex costs a quarter of training's time, so numpy first rules them out on
     the bytes (about 12 ms a megabyte), counting a byte of a non-ASCII character as either kind.
