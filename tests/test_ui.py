@@ -223,6 +223,19 @@ def test_a_refused_message_leaves_the_chat_usable(served):
         assert page.locator("[data-testid=user]").count() == 1, "the refused message was never sent"
 
 
+def test_a_system_prompt_the_chat_would_refuse_is_warned_of_when_the_box_is_left(served):
+    from playwright.sync_api import expect
+
+    _, url = served
+    with opened_page(url) as page:
+        system = page.get_by_placeholder("Optional instructions for the model")
+        system.fill("word " * 300)  # the tiny model's context is 64 tokens
+        page.locator("textarea[data-testid=textbox]").first.click()
+        warning = page.locator(".toast-body").first
+        expect(warning).to_contain_text("system prompt alone is longer", timeout=20_000)
+        expect(warning).to_contain_text("until then the chat refuses every message")
+
+
 def test_clear_removes_the_dropped_messages_notice(served):
     from playwright.sync_api import expect
 

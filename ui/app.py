@@ -102,6 +102,19 @@ def build_app(store: ModelStore) -> gr.Blocks:
             return gr.validate(False, str(error))
         return gr.validate(True, "")
 
+    def check_system_prompt(system: str) -> None:
+        """Warn, as soon as the box is left, of a system prompt the chat would refuse: that refusal
+        comes from the chat function, which leaves Gradio 6.31's input disabled until a reload."""
+        model = store.current
+        if model is None or not (system and system.strip()):
+            return
+        try:
+            model.template.check_system(
+                [{"role": "system", "content": system}], prompt_budget(model.engine.context, model.engine.context)
+            )
+        except UserError as error:
+            gr.Warning(f"{error} (until then the chat refuses every message)")
+
     def complete(prompt: str, *settings) -> Iterator[str]:
         model, sampling = current(), sampling_from(*settings)
         tokens = model.engine.encode_prompt(prompt or "")
@@ -171,6 +184,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
                     fill_height=True,
                 )
                 interface.chatbot.clear(lambda: "", None, notice, api_visibility="private")  # no stale notice
+                system.blur(check_system_prompt, system, None, api_visibility="private")
             with gr.Tab("Complete", id="complete"):
                 prompt = gr.Textbox(label="Text to continue", lines=4, placeholder="Once upon a time")
                 with gr.Row():
