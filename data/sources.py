@@ -95,8 +95,9 @@ def text_file_source(path: Path) -> Source:
 def folder_source(folder: Path) -> Source:
     files = _text_files(folder)
     if not files:
-        raise UserError(f"folder {folder} has no {'/'.join(TEXT_SUFFIXES)} files")
-    fingerprint = hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
+        raise UserError(f"folder {folder} has no {'/'.join(TEXT_SUFFIXES)} files (hidden ones are skipped)")
+    listing = "\n".join(_file_fingerprint(p) for p in files)
+    fingerprint = hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()  # any file name
 
     def read() -> Iterator[Piece]:
         for path in files:
@@ -107,15 +108,24 @@ def folder_source(folder: Path) -> Source:
 
 def _text_files(folder: Path) -> list[Path]:
     """The text files below `folder`, sorted: hidden files and folders (`.git`, `.venv`) are not corpus,
-    and a file reached twice through symbolic links is read once (links to folders are not followed)."""
+    and a file reached twice through symbolic links is read once (links to folders are not followed).
+    A folder that cannot be read, or a text file's broken link, is refused: it would be left out unseen."""
+
+    def refuse(error: OSError) -> None:
+        raise UserError(f"cannot read the folder {error.filename}: {error.strerror}")
+
     files: dict[Path, Path] = {}
-    for parent, folders, names in os.walk(folder):
+    for parent, folders, names in os.walk(folder, onerror=refuse):
         folders[:] = [name for name in folders if not name.startswith(".")]
         for name in names:
             path = Path(parent) / name
-            if path.suffix in TEXT_SUFFIXES and not name.startswith(".") and path.is_file():
+            if path.suffix not in TEXT_SUFFIXES or name.startswith("."):
+                continue
+            if path.is_file():
                 target = path.resolve()
                 files[target] = min(files.get(target, path), path)  # the first name in sorted order
+            elif not path.exists():
+                raise UserError(f"{path} is a symbolic link to nothing; remove it or restore what it pointed to")
     return sorted(files.values())
 
 
@@ -276,16 +286,28 @@ def _text_field(row: object, column: str, where: str) -> str:
         raise UserError(f"{where} has no '{column}' field; name the text field with --text-column")
     if not isinstance(row[column], str):
         raise UserError(f"{where}: field '{column}' is not a string")
-    return row[column].replace("\r\n", "\n")
+    text = row[column]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON can escape half of a surrogate pair (\ud800) on its own
+        raise UserError(f"{where}: field '{column}' holds a lone surrogate escape, which is not text; fix it") from None
+    return text.replace("\r\n", "\n")
 
 
 def _text_file_pieces(path: Path) -> Iterator[Piece]:
     """Stream a UTF-8 file in ~1 MB pieces cut after a newline, refusing binary or non-UTF-8 input."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     pending, offset, first = "", 0, True
-    with open(path, "rb") as file:
+    try:
+        file = open(path, "rb")  # closed by the `with` below, whose reads have their own message
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+    with file:
         while True:
-            chunk = file.read(CHUNK_BYTES)
+            try:
+                chunk = file.read(CHUNK_BYTES)
+            except OSError as error:
+                raise UserError(f"cannot read {path}: {error.strerror}") from None
             if b"\0" in chunk:
                 raise UserError(f"{path} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
             try:
@@ -296,7 +318,10 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
                     "e.g. `iconv -f latin1 -t utf-8`"
                 ) from None
             offset += len(chunk)
-            pending += text.replace("\r\n", "\n")
+            text = text.replace("\r\n", "\n")
+            if pending.endswith("\r") and text.startswith("\n"):
+                pending = pending[:-1]  # a CRLF split across chunks
+            pending += text
             cut = len(pending) if not chunk else pending.rfind("\n") + 1
             if pending.endswith("\r") and chunk:
                 cut = min(cut, len(pending) - 1)  # a CRLF may be split across chunks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import threading
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from data.prepare import prepare
-from data.sources import download, hub_source, open_source
+from data.sources import CHUNK_BYTES, download, hub_source, open_source
 from model.errors import UserError
 from tests.conftest import make_text
 
@@ -88,6 +89,38 @@ def test_folder_jsonl_and_parquet_sources_give_the_same_documents(tmp_path):
         progress=False,
     )
     assert prepared_text(prepared, "train").count("<|endoftext|>") == 6  # the split cuts into the sixth
+
+
+def test_a_folder_reads_any_file_name_and_refuses_what_it_cannot_read(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / os.fsdecode(b"caf\xe9.txt")).write_text("a name that is not UTF-8\n")
+    assert documents(open_source(str(folder), cache_dir=tmp_path)) == ["a name that is not UTF-8\n"]
+    (folder / "gone.txt").symlink_to(tmp_path / "deleted.txt")
+    with pytest.raises(UserError, match="gone.txt is a symbolic link to nothing"):  # not silently left out
+        open_source(str(folder), cache_dir=tmp_path)
+    (folder / "gone.txt").unlink()
+    (folder / "mem.txt").symlink_to("/proc/self/mem")  # a file whose reading fails (EIO), even for root
+    with pytest.raises(UserError, match="^cannot read .*mem.txt: Input/output error$"):
+        documents(open_source(str(folder), cache_dir=tmp_path))
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".notes.txt").write_text("x")
+    with pytest.raises(UserError, match="no .txt/.md/.rst/.text files \\(hidden ones are skipped\\)"):
+        open_source(str(tmp_path / "hidden"), cache_dir=tmp_path)
+
+
+def test_a_crlf_split_between_two_reads_becomes_one_line_end(tmp_path):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"a" * (CHUNK_BYTES - 1) + b"\r\n" + b"x\r\n" * 10)  # the \r ends the first read
+    (text,) = documents(open_source(str(path), cache_dir=tmp_path))
+    assert "\r" not in text and text == "a" * (CHUNK_BYTES - 1) + "\n" + "x\n" * 10
+
+
+def test_a_lone_surrogate_escape_in_jsonl_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "half a pair \\ud800 here"}\n')
+    with pytest.raises(UserError, match="d.jsonl line 2: field 'text' holds a lone surrogate escape"):
+        documents(open_source(str(path), cache_dir=tmp_path))
 
 
 def test_hub_dataset_loader_streams_a_local_dataset_repository(tmp_path):
