@@ -68,8 +68,10 @@ SPECIAL_TOKENS = (
 KINDS = ("bpe", "char", "gpt2")
 FORMAT_VERSION = 1
 _SURROGATE_RUN = re.compile("([\udc80-\udcff]+)")
-_LONG_RUN = re.compile(rf"\S{{{TRAINING_PIECE_CHARS + 1},}}|\s{{{TRAINING_PIECE_CHARS + 1},}}")
-_HUGE_SPACE_RUN = re.compile(rf"\s{{{ENCODING_SPACE_CHARS + 1},}}")
+# Whitespace as tiktoken and `tokenizers` see it: Python's \s also takes \x1c-\x1f.
+_SPACE, _NOT_SPACE = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
+_LONG_RUN = re.compile(rf"{_NOT_SPACE}{{{TRAINING_PIECE_CHARS + 1},}}|{_SPACE}{{{TRAINING_PIECE_CHARS + 1},}}")
+_HUGE_SPACE_RUN = re.compile(rf"{_SPACE}{{{ENCODING_SPACE_CHARS + 1},}}")
 _SPACES = re.compile(r"\s*")
 _ASCII_SPACE = np.zeros(256, dtype=bool)
 _ASCII_SPACE[list(b" \t\n\r\x0b\x0c")] = True

@@ -6,7 +6,15 @@ import random
 
 import pytest
 
-from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, SPECIAL_TOKENS, Tokenizer, build_char, train_bpe
+from model.tokenizer import (
+    DOC_SEPARATOR,
+    END_OF_TURN,
+    SPECIAL_TOKENS,
+    TRAINING_PIECE_CHARS,
+    Tokenizer,
+    build_char,
+    train_bpe,
+)
 from tests.conftest import make_text, run_script
 
 UNICODE_SAMPLES = [
@@ -49,6 +57,15 @@ def test_bpe_trains_and_encodes_long_runs_without_whitespace_or_of_it():
     result = run_script("-c", code, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["400"] and "panic" not in result.stderr
+
+
+def test_bpe_cuts_runs_of_the_separators_python_calls_whitespace_and_tiktoken_does_not():
+    """\\x1c-\\x1f are whitespace to Python's regex only: cut as whitespace, `.\\x1c` runs were left whole
+    (quadratic training, and a 32,768-byte token learned from 60,000 characters)."""
+    text = ".\x1c" * 30_000
+    tokenizer = train_bpe([text], 400)
+    assert max(len(token) for token in tokenizer.ranks) <= 2 * TRAINING_PIECE_CHARS + 1
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_unicode_round_trips(tokenizers):
