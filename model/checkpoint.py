@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from model.errors import UserError
-from model.files import TEMPORARY, WRITE_ERRORS, fsync, remove_abandoned, temporary_name, write_atomically
+from model.files import TEMPORARY, WRITE_ERRORS, remove_abandoned, settle_files, temporary_name, write_atomically
 from model.gpt import GPT, ModelConfig
 from model.tokenizer import Tokenizer
 
@@ -135,8 +135,7 @@ def _write_folder(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, tr
         save_file(tensors, str(folder / "trainer.safetensors"))
     meta["files"] = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
     (folder / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
-    for path in folder.iterdir():
-        fsync(path)
+    settle_files(folder)
 
 
 def write_failed(run_dir: Path, what: str, error: Exception) -> UserError:

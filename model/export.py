@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 from model.chat_template import TurnsTemplate, template_for
 from model.errors import UserError, run_cli
-from model.files import WRITE_ERRORS, fsync, fsync_folder, remove_abandoned, temporary_name, writable_folder
+from model.files import WRITE_ERRORS, fsync_folder, remove_abandoned, settle_files, temporary_name, writable_folder
 from model.gpt import GPT, ModelConfig
 from model.sampling import SamplingConfig
 from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, SPECIAL_TOKENS, Tokenizer, _bytes_to_unicode
@@ -169,6 +169,7 @@ def tokenizer_config(tokenizer: Tokenizer, context: int, chat_template: str | No
         "pad_token": DOC_SEPARATOR,
         "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (DOC_SEPARATOR, END_OF_TURN)],
         "model_max_length": context,
+        "truncation_side": "left",  # truncation=True keeps a long prompt's newest tokens, as our engine
         "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() would refuse them
         "clean_up_tokenization_spaces": False,
     }
@@ -209,8 +210,7 @@ def write_export(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, dty
         (folder / name).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
     hf_tokenizer(tokenizer).save(str(folder / "tokenizer.json"))
     save_file(hf_weights(model, DTYPES[dtype]), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    for path in folder.iterdir():
-        fsync(path)
+    settle_files(folder)
 
 
 @torch.inference_mode()

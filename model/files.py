@@ -42,6 +42,17 @@ def fsync(path: Path) -> None:
         os.fsync(file.fileno())
 
 
+def settle_files(folder: Path) -> None:
+    """Flush every file in `folder` to disk, each with the permissions a new file gets from the umask:
+    safetensors creates its files readable by their owner only, which a service or another user
+    serving the model could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+        fsync(path)
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename inside `folder` durable."""
     descriptor = os.open(folder, os.O_RDONLY)

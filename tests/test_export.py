@@ -86,6 +86,9 @@ def test_the_export_writes_a_standard_qwen3_folder(exported, tiny_run):
         ours.mlp_hidden,
     )
     assert "chat_template" not in json.loads((exported / "tokenizer_config.json").read_text())  # a base model
+    new_file = exported.parent / "new"
+    new_file.write_text("")  # the mode the umask gives a new file; safetensors alone would give 0o600
+    assert {p.stat().st_mode & 0o777 for p in exported.iterdir()} == {new_file.stat().st_mode & 0o777}
     assert not list(exported.parent.glob(".tmp-*")), "no temporary folder is left behind"
 
 
@@ -165,6 +168,9 @@ def test_the_exported_tokenizer_gives_our_ids_special_tokens_included(kind, tmp_
         assert ids == tokenizer.encode(text), text
         assert theirs.decode(ids) == text
         assert theirs(text)["input_ids"] == [tokenizer.doc_separator, *ids]  # a text starts a document, as ours
+    long = " ".join(texts[:50])
+    kept = theirs(long, truncation=True)["input_ids"]  # the newest tokens, as our engine keeps
+    assert kept == [tokenizer.doc_separator, *tokenizer.encode(long)[-(config.context - 1) :]]
     for text, pieces in with_specials(texts[:100], seed=5):
         expected = []
         for piece in pieces:

@@ -336,6 +336,9 @@ def test_checkpoint_round_trip_restores_weights_config_and_tokenizer(corpus_file
         "tokenizer.tiktoken",
         "trainer.safetensors",
     ]
+    new_file = tmp_path / "new"
+    new_file.write_text("")  # the mode the umask gives a new file; safetensors alone would give 0o600
+    assert {p.stat().st_mode & 0o777 for p in checkpoint.folder.iterdir()} == {new_file.stat().st_mode & 0o777}
 
 
 def test_the_best_checkpoint_is_kept_and_loaded_for_inference_while_resume_takes_the_latest(tmp_path):
