@@ -64,7 +64,7 @@ def reference(corpus_file, tmp_path_factory) -> Path:
 KILL_POINTS = [
     ("during step 13, after backward", "torch:Tensor.backward:13", 10),
     ("during the evaluation at step 15", "training.trainer:bits_per_byte:3", 10),
-    ("while the step-15 files are flushed", "model.checkpoint:fsync:12", 10),
+    ("while the step-15 files are flushed", "model.files:fsync:2:step-0000015", 10),
     ("after step-15 is renamed into place, before LATEST moves", "model.checkpoint:write_atomically:3:LATEST", 10),
     ("after LATEST moves to step 10, before BEST does", "model.checkpoint:write_atomically:2:BEST", 10),
 ]
