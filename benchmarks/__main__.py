@@ -29,7 +29,7 @@ import torch
 
 from benchmarks import data_speed, generation, quality, report
 from model.device import matmul_peak_flops, pick_dtype
-from model.errors import UserError, run_cli
+from model.errors import run_cli
 from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,11 +70,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the results")
     args = parser.parse_args()
     corpus = Path(args.corpus)
-    if not corpus.is_file():
-        raise UserError(f"{corpus} is not a file; give a UTF-8 text corpus with --corpus")
-    if args.runs < 1 or min(args.budgets) <= 0:
-        raise UserError("--runs must be at least 1 and every budget positive")
-    report.check_writable(args.out, folder=True)
+    quality.check_arguments(corpus, args.runs, args.budgets, args.out)
 
     figures: dict = {"machine": machine(), "corpus": corpus.name}
     # Evaluations every 50 steps draw the curve (they pause the training clock, so cost no budget).

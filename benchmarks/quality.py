@@ -38,6 +38,15 @@ def run(cmd: list[str]) -> str:
     return result.stdout
 
 
+def check_arguments(corpus: Path, runs: int, budgets: list[float], out: str) -> None:
+    """Refuse, before any training, what this benchmark (alone or in the suite) cannot measure or write."""
+    if not corpus.is_file():
+        raise UserError(f"{corpus} is not a file; give a UTF-8 text corpus with --corpus")
+    if runs < 1 or min(budgets) <= 0:
+        raise UserError("--runs must be at least 1 and every budget positive")
+    report.check_writable(out, folder=True)
+
+
 def split_corpus(corpus: Path, folder: Path) -> tuple[Path, Path]:
     """First 90% of the characters to train.txt, the last 10% to val.txt."""
     try:
@@ -137,11 +146,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     corpus = Path(args.corpus)
-    if not corpus.is_file():
-        raise UserError(f"{corpus} is not a file; give a UTF-8 text corpus with --corpus")
-    if args.runs < 1 or min(args.max_minutes) <= 0:
-        raise UserError("--runs must be at least 1 and every budget positive")
-    report.check_writable(args.out, folder=True)
+    check_arguments(corpus, args.runs, args.max_minutes, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         results = measure(corpus, args.max_minutes, args.runs, args.train_flags.split(), Path(tmp))
     out_dir = Path(args.out)

@@ -299,37 +299,33 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     pending, offset, first = "", 0, True
     try:
-        file = open(path, "rb")  # closed by the `with` below, whose reads have their own message
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror}") from None
-    with file:
-        while True:
-            try:
+        with open(path, "rb") as file:
+            while True:
                 chunk = file.read(CHUNK_BYTES)
-            except OSError as error:
-                raise UserError(f"cannot read {path}: {error.strerror}") from None
-            if b"\0" in chunk:
-                raise UserError(f"{path} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
-            try:
-                text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as error:
-                raise UserError(
-                    f"{path} is not UTF-8 text (bad byte at offset {offset + error.start}); convert it, "
-                    "e.g. `iconv -f latin1 -t utf-8`"
-                ) from None
-            offset += len(chunk)
-            text = text.replace("\r\n", "\n")
-            if pending.endswith("\r") and text.startswith("\n"):
-                pending = pending[:-1]  # a CRLF split across chunks
-            pending += text
-            cut = len(pending) if not chunk else pending.rfind("\n") + 1
-            if pending.endswith("\r") and chunk:
-                cut = min(cut, len(pending) - 1)  # a CRLF may be split across chunks
-            if cut > 0:
-                yield first, pending[:cut]
-                pending, first = pending[cut:], False
-            if not chunk:
-                return
+                if b"\0" in chunk:
+                    raise UserError(f"{path} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
+                try:
+                    text = decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as error:
+                    raise UserError(
+                        f"{path} is not UTF-8 text (bad byte at offset {offset + error.start}); convert it, "
+                        "e.g. `iconv -f latin1 -t utf-8`"
+                    ) from None
+                offset += len(chunk)
+                text = text.replace("\r\n", "\n")
+                if pending.endswith("\r") and text.startswith("\n"):
+                    pending = pending[:-1]  # a CRLF split across chunks
+                pending += text
+                cut = len(pending) if not chunk else pending.rfind("\n") + 1
+                if pending.endswith("\r") and chunk:
+                    cut = min(cut, len(pending) - 1)  # a CRLF may be split across chunks
+                if cut > 0:
+                    yield first, pending[:cut]
+                    pending, first = pending[cut:], False
+                if not chunk:
+                    return
+    except OSError as error:  # permissions, an I/O error: the file cannot be read at all
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
 
 
 def _file_fingerprint(path: Path) -> str:

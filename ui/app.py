@@ -57,6 +57,17 @@ def sampling_from(temperature, top_k, top_p, max_new_tokens, seed) -> SamplingCo
     return sampling
 
 
+def system_messages(system: str | None) -> list[dict]:
+    """The system prompt as the conversation's first message, or none when the box is blank."""
+    return [{"role": "system", "content": system}] if system and system.strip() else []
+
+
+def default_budget(model: LoadedModel) -> int:
+    """The conversation tokens a prompt may hold with the default settings (a reply of a quarter of
+    the context): what the checks made before a chat starts can hold a message or system prompt to."""
+    return prompt_budget(model.engine.context, model.engine.context)
+
+
 def build_app(store: ModelStore) -> gr.Blocks:
     def current() -> LoadedModel:
         if store.current is None:
@@ -65,7 +76,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
 
     def chat(message: str, history: list[dict], system: str, *settings) -> Iterator[tuple[str, str]]:
         model, sampling = current(), sampling_from(*settings)
-        messages = [{"role": "system", "content": system}] if system and system.strip() else []
+        messages = system_messages(system)
         messages += [
             {"role": m["role"], "content": message_text(m["content"])}
             for m in history
@@ -89,15 +100,12 @@ def build_app(store: ModelStore) -> gr.Blocks:
         """Refuse, before the chat starts, what the chat function would refuse: Gradio 6's ChatInterface
         stays disabled until a reload when its function raises first (the API still gets the error).
         Gradio passes a validator the message alone, so this checks it with no history or system
-        prompt, against the room a reply of a quarter of the context leaves (the default settings')."""
+        prompt, with the default settings."""
         model = store.current
         if model is None:
             return gr.validate(False, TRAIN_HINT.format(root=store.root))
         try:
-            model.template.fit(
-                [{"role": "user", "content": message_text(message)}],
-                prompt_budget(model.engine.context, model.engine.context),
-            )
+            model.template.fit([{"role": "user", "content": message_text(message)}], default_budget(model))
         except UserError as error:
             return gr.validate(False, str(error))
         return gr.validate(True, "")
@@ -106,12 +114,10 @@ def build_app(store: ModelStore) -> gr.Blocks:
         """Warn, as soon as the box is left, of a system prompt the chat would refuse: that refusal
         comes from the chat function, which leaves Gradio 6.31's input disabled until a reload."""
         model = store.current
-        if model is None or not (system and system.strip()):
+        if model is None:
             return
         try:
-            model.template.check_system(
-                [{"role": "system", "content": system}], prompt_budget(model.engine.context, model.engine.context)
-            )
+            model.template.check_system(system_messages(system), default_budget(model))
         except UserError as error:
             gr.Warning(f"{error} (until then the chat refuses every message)")
 
