@@ -223,6 +223,35 @@ def test_a_refused_message_leaves_the_chat_usable(served):
         assert page.locator("[data-testid=user]").count() == 1, "the refused message was never sent"
 
 
+def test_a_refusal_from_the_chat_itself_gives_the_message_back(served):
+    """A seed out of range is refused by the chat function, not the validator: the message goes back
+    into the box, enabled, the chat shows no trace of it, and once the seed is fixed it is answered."""
+    from playwright.sync_api import expect
+
+    store, url = served
+    with opened_page(url) as page:
+        expect(page.get_by_text(example_prompts(store.current)[0])).to_be_visible()
+        seed = page.get_by_label("Seed (-1 = random)")
+        seed.fill(str(2**70))
+        seed.press("Tab")
+        box = page.locator("textarea[data-testid=textbox]").first
+        box.fill("Old stone river")
+        box.press("Enter")
+        expect(page.locator(".toast-body").first).to_contain_text("the seed must be in", timeout=20_000)
+        expect(box).to_be_enabled(timeout=20_000)
+        expect(box).to_have_value("Old stone river")
+        expect(page.locator("[data-testid=submit-button]").first).to_be_visible()
+        expect(page.locator("[data-testid=user]")).to_have_count(0)
+        seed.fill("7")
+        seed.press("Tab")
+        box.press("Enter")
+        bot = page.locator("[data-testid=bot]").last
+        expect(page.locator("[data-testid=user]")).to_have_count(1, timeout=20_000)
+        expect(page.locator("[data-testid=submit-button]").first).to_be_visible(timeout=20_000)
+        reply = full_reply(store, [{"role": "user", "content": "Old stone river"}], 200)
+        assert " ".join(bot.inner_text().split()) == " ".join(reply.split())
+
+
 def test_a_system_prompt_the_chat_would_refuse_is_warned_of_when_the_box_is_left(served):
     from playwright.sync_api import expect
 

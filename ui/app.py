@@ -7,8 +7,10 @@ Design decisions:
 - Settings live in a sidebar shared by the Chat and Complete tabs; values arriving through the
   API are validated by the same `SamplingConfig.validate` as the CLI and reported with `gr.Error`
   (a message on the page, never a stack trace). A chat message the model cannot take is refused by
-  ChatInterface's validator before the chat starts: a refusal raised from the chat function itself
-  leaves Gradio 6's input disabled until the page is reloaded.
+  ChatInterface's validator before it is shown in the chat. What the validator cannot see (the
+  settings, the system prompt) is refused by the chat function; after such a refusal the message
+  goes back into the input box (Gradio 6.31's page would leave the box disabled, see
+  `after_failed_chat`).
 - The conversation is rendered by model/chat_template.py, the same code as `sample.py --chat`
   and fine-tuning; when it outgrows the context the oldest turns are dropped and the page says so.
 - Air-gapped: analytics off, no share link unless asked for, no server-side rendering.
@@ -20,6 +22,7 @@ import contextlib
 from collections.abc import Iterator
 
 import gradio as gr
+from gradio.events import Dependency
 
 from model.chat_template import message_text, prompt_budget, stream_reply
 from model.errors import UserError
@@ -68,13 +71,24 @@ def default_budget(model: LoadedModel) -> int:
     return prompt_budget(model.engine.context, model.engine.context)
 
 
+def chat_steps(app: gr.Blocks, interface: gr.ChatInterface) -> list[int]:
+    """The indices of ChatInterface's chat steps (after sending, retrying, clicking an example): its
+    events are not returned to us, so they are found by their first two inputs, the message being sent
+    and the chat before it."""
+    return [
+        index for index, step in app.fns.items() if step.inputs[:2] == [interface.saved_input, interface.chatbot_state]
+    ]
+
+
 def build_app(store: ModelStore) -> gr.Blocks:
     def current() -> LoadedModel:
         if store.current is None:
             raise gr.Error(TRAIN_HINT.format(root=store.root))
         return store.current
 
-    def chat(message: str, history: list[dict], system: str, *settings) -> Iterator[tuple[str, str]]:
+    def start_reply(message: str, history: list[dict], system: str, *settings):
+        """The model, the fitted prompt and the reply's pieces (not started), or gr.Error for a
+        conversation or setting the chat refuses."""
         model, sampling = current(), sampling_from(*settings)
         messages = system_messages(system)
         messages += [
@@ -84,9 +98,12 @@ def build_app(store: ModelStore) -> gr.Blocks:
         ]
         messages.append({"role": "user", "content": message_text(message)})
         try:
-            prompt, pieces = stream_reply(model.engine, model.template, messages, sampling)
+            return model, *stream_reply(model.engine, model.template, messages, sampling)
         except UserError as error:
             raise gr.Error(str(error)) from None
+
+    def chat(message: str, history: list[dict], system: str, *settings) -> Iterator[tuple[str, str]]:
+        model, prompt, pieces = start_reply(message, history, system, *settings)
         notice = ""
         if prompt.dropped:
             notice = f"⚠️ The {prompt.dropped} oldest messages no longer fit the model's context ({model.engine.context} tokens) and were left out of what it sees."
@@ -96,9 +113,23 @@ def build_app(store: ModelStore) -> gr.Blocks:
             reply += piece
             yield reply.lstrip(), notice
 
+    def after_failed_chat(message: str, history: list[dict], system: str, *settings):
+        """Make the input usable again after a chat step fails or is stopped.
+
+        ChatInterface re-enables its input in `.then` steps, and Gradio 6.31's page runs no `.then`
+        step after a step that raised (it does after one that was stopped), so a refusal left the box
+        disabled until a reload. A refusal (the same inputs are refused again here, which a stopped
+        reply's are not) also takes the message out of the chat and puts it back in the box, to send
+        again once the setting is fixed."""
+        usable = {"interactive": True, "submit_btn": interface.textbox.submit_btn, "stop_btn": False}
+        try:
+            start_reply(message, history, system, *settings)
+        except gr.Error:
+            return gr.Textbox(value=message, **usable), history, history
+        return gr.Textbox(**usable), gr.skip(), gr.skip()
+
     def check_message(message, *_) -> object:
-        """Refuse, before the chat starts, what the chat function would refuse: Gradio 6's ChatInterface
-        stays disabled until a reload when its function raises first (the API still gets the error).
+        """Refuse, before the message is shown in the chat, a message the chat function would refuse.
         Gradio passes a validator the message alone, so this checks it with no history or system
         prompt, with the default settings."""
         model = store.current
@@ -111,8 +142,8 @@ def build_app(store: ModelStore) -> gr.Blocks:
         return gr.validate(True, "")
 
     def check_system_prompt(system: str) -> None:
-        """Warn, as soon as the box is left, of a system prompt the chat would refuse: that refusal
-        comes from the chat function, which leaves Gradio 6.31's input disabled until a reload."""
+        """Warn, as soon as the box is left, of a system prompt the chat would refuse, before a message
+        is written for nothing."""
         model = store.current
         if model is None:
             return
@@ -190,6 +221,14 @@ def build_app(store: ModelStore) -> gr.Blocks:
                     fill_height=True,
                 )
                 interface.chatbot.clear(lambda: "", None, notice, api_visibility="private")  # no stale notice
+                for step in chat_steps(app, interface):
+                    Dependency(None, {}, step, None).failure(
+                        after_failed_chat,
+                        [interface.saved_input, interface.chatbot_state, system, *settings],
+                        [interface.textbox, interface.chatbot, interface.chatbot_state],
+                        queue=False,
+                        api_visibility="private",
+                    )
                 system.blur(check_system_prompt, system, None, api_visibility="private")
             with gr.Tab("Complete", id="complete"):
                 prompt = gr.Textbox(label="Text to continue", lines=4, placeholder="Once upon a time")
