@@ -11,8 +11,8 @@ Two templates, chosen by what the checkpoint records (`checkpoint.json` -> "chat
   The reply ends where the model starts the next "User:" turn.
 
 `render` also returns a loss mask (1 on the assistant's tokens, including its end-of-turn) for
-supervised fine-tuning. `fit` drops the oldest turns (never the system prompt) until the prompt
-leaves room to reply within the model's context.
+supervised fine-tuning. `fit` drops the oldest turns (never the system prompt), a user message
+with the replies after it, until the prompt leaves room to reply within the model's context.
 
 `TurnsTemplate.jinja()` is the same template in the Jinja form Hugging Face tokenizers use, built
 from the same special tokens, for the export (model/export.py); a test renders conversations
@@ -65,11 +65,14 @@ class ChatTemplate:
         return Rendered(ids, mask)
 
     def fit(self, messages: list[dict], budget: int) -> Rendered:
-        """The generation prompt for `messages`, dropping the oldest turns until it fits `budget`."""
+        """The generation prompt for `messages`, dropping the oldest turns until it fits `budget`.
+        What is kept starts at a user message, as every conversation in fine-tuning does."""
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system) :]
         self.check_system(system, budget)
         for start in range(len(turns)):
+            if start and turns[start]["role"] != "user":
+                continue
             rendered = self.render(system + turns[start:], add_generation_prompt=True)
             if len(rendered.ids) <= budget:
                 return replace(rendered, dropped=start)

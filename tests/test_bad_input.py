@@ -66,6 +66,11 @@ BAD_INPUTS = [
     ("train.py", "a cache folder that is a file", ["--cache-dir", "{bad}/empty.txt"], error("cannot create the data cache")),
     ("train.py", "an output folder inside a file", ["--out-dir", "{bad}/empty.txt/run"], error("cannot create --out-dir")),
     ("train.py", "an output folder of other files", ["--out-dir", "{bad}"], error("holds files that are not a run's")),
+    ("train.py", "a fine-tune with another tokenizer than its base", ["--chat-data", "builtin", "--init-from", "{run}", "--tokenizer", "char"], error("--tokenizer char differs from the base model's \\(bpe\\)")),
+    ("train.py", "a chat fine-tune given a pre-training corpus", ["--chat-data", "builtin", "--init-from", "{run}", "--data", "{bad}/empty.txt"], error("--data .* differs from the base model's")),
+    ("train.py", "a chat fine-tune given --eval-tokens", ["--chat-data", "builtin", "--init-from", "{run}", "--eval-tokens", "100"], error("scores every validation conversation")),
+    ("train.py", "empty chat data", ["--chat-data", "", "--init-from", "{run}"], error("--chat-data is empty")),
+    ("train.py", "resuming a folder with no checkpoint yet", ["--resume", "--out-dir", "{bad}/no-checkpoint"], error("nothing to resume .* without --resume")),
     ("train.py", "token noise in chat fine-tuning", ["--chat-data", "builtin", "--init-from", "{run}", "--token-noise", "0.1"], error("applies to pre-training")),
     ("sample.py", "missing checkpoint", ["--checkpoint", "{bad}/missing"], error("does not exist")),
     ("sample.py", "a folder that is not a checkpoint", ["--checkpoint", "{bad}"], error("not a checkpoint")),
@@ -109,6 +114,7 @@ BAD_INPUTS = [
 def bad(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
     (folder / "empty.txt").write_text("")
+    (folder / "no-checkpoint").mkdir()  # a run stopped before it saved anything
     (folder / "binary.txt").write_bytes(bytes(range(256)) * 10)
     (folder / "latin1.txt").write_bytes("déjà vu ".encode("latin-1") * 100)
     (folder / "bom_crlf.txt").write_bytes(b"\xef\xbb\xbf" + b"Old stone river.\r\nThe lantern opens.\r\n" * 400)

@@ -79,16 +79,20 @@ def test_transcript_template_for_base_models():
 
 
 def test_fit_drops_the_oldest_turns_but_keeps_the_system_prompt():
+    """Turns go a user message with its reply at a time: what is kept starts at a user message, as
+    every fine-tuning conversation does (dropping one message would open on an assistant's reply)."""
     template = TurnsTemplate(TOKENIZER)
-    messages = [{"role": "system", "content": "sys"}] + [
-        {"role": r, "content": "x" * 10} for r in ["user", "assistant"] * 4
-    ]
-    full = template.render(messages, True)
-    fitted = template.fit(messages, len(full.ids) - 5)
-    assert fitted.dropped == 1 and fitted.ids[:2] == [S["<|endoftext|>"], S["<|system|>"]]
+    system = [{"role": "system", "content": "sys"}]
+    turns = [{"role": r, "content": "x" * 10} for r in ["user", "assistant"] * 3] + [{"role": "user", "content": "y"}]
+    full = template.render(system + turns, True)
+    fitted = template.fit(system + turns, len(full.ids) - 5)
+    assert fitted.dropped == 2 and fitted.ids[:2] == [S["<|endoftext|>"], S["<|system|>"]]
+    assert fitted.ids[len(template.render(system).ids)] == S["<|user|>"]
     assert len(fitted.ids) <= len(full.ids) - 5
+    without_system = template.fit(turns, len(template.render(turns, True).ids) - 5)
+    assert without_system.dropped == 2 and without_system.ids[1] == S["<|user|>"]
     with pytest.raises(UserError, match="longer than the model's context"):
-        template.fit(messages, 5)
+        template.fit(system + turns, 5)
 
 
 def test_checkpoints_choose_their_template():

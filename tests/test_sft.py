@@ -33,6 +33,8 @@ def test_the_checkpoint_keeps_the_pretraining_corpus_and_records_the_chat_data(c
     chat = json.loads(next(chat_run.glob("step-*/checkpoint.json")).read_text())
     base = json.loads(next(tiny_run.glob("step-*/checkpoint.json")).read_text())
     assert chat["data"] == base["data"]
+    for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "context", "tokenizer", "vocab_size", "data", "max_bytes"):
+        assert chat["train"][name] == base["train"][name], name  # the config describes the model it holds
     assert chat["chat"]["data"].endswith("qa.jsonl") and chat["chat"]["conversations"] == 22
 
 
@@ -117,7 +119,8 @@ def test_builtin_chat_set_asks_about_the_corpus_several_ways():
 def test_resuming_a_chat_run_keeps_it_a_chat_run(chat_run, tmp_path):
     run = tmp_path / "chat"
     shutil.copytree(chat_run, run)
-    result = run_script("train.py", "--resume", "--out-dir", str(run), "--max-steps", "160", "--no-progress")
+    shape = ["--n-layer", "2", "--context", "64", "--tokenizer", "bpe"]  # the base's: typing them is no change
+    result = run_script("train.py", "--resume", "--out-dir", str(run), "--max-steps", "160", "--no-progress", *shape)
     assert result.returncode == 0, result.stderr
     meta = json.loads(next(run.glob("step-*/checkpoint.json")).read_text())
     assert meta["step"] == 160 and meta["chat"]["template"] == "turns"
@@ -140,3 +143,21 @@ def test_hub_chat_dataset_loader_reads_a_local_dataset_repository(tmp_path):
     assert len(loaded.problems) == 1 and "row 12: no assistant reply" in loaded.problems[0]
     with pytest.raises(UserError, match="--messages-column"):
         load_conversations(str(repo.parent), messages_column="conversation")
+
+
+def test_the_sample_question_is_one_that_leaves_room_for_a_reply(tiny_run, tmp_path):
+    """The first validation conversation opens with a question longer than the context (training skips
+    it); each evaluation's sample asks the first question that fits instead of stopping the run."""
+    data = tmp_path / "chats"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(conversation(q, a)) + "\n" for q, a in PAIRS * 3))
+    long_question = conversation("river " * 80, "Too long.")
+    val = [long_question, conversation(*PAIRS[2])]
+    (data / "validation.jsonl").write_text("".join(json.dumps(c) + "\n" for c in val))
+    out = tmp_path / "out"
+    args = ["--init-from", str(tiny_run), "--chat-data", str(data), "--out-dir", str(out), "--max-steps", "2"]
+    result = run_script("train.py", *args, "--eval-interval", "1", "--batch-size", "4", "--sample-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert "val conversation 1: no assistant reply within the context; skipped" in result.stdout
+    assert f"user: {PAIRS[2][0]}" in result.stdout
+    assert (out / "LATEST").is_file()

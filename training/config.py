@@ -117,6 +117,8 @@ class TrainConfig:
             raise UserError("--max-steps and --max-minutes must be positive")
         if self.max_passes < 0:
             raise UserError(f"--max-passes must be 0 (no limit) or more, got {self.max_passes}")
+        if self.chat_data is not None and not self.chat_data.strip():
+            raise UserError("--chat-data is empty; give builtin, a .jsonl file, a folder or a dataset name")
         if self.chat_data and self.max_passes:
             raise UserError(
                 "--max-passes applies to pre-training; chat fine-tuning stops on --max-steps or --max-minutes"
@@ -291,11 +293,13 @@ def preset_of(typed: dict, saved: dict | None = None) -> str:
 
 
 def budget_minutes(typed: dict, saved: dict | None) -> float | None:
-    """The time budget training/budget.py sizes the model for, where it applies (a new run of the
-    cpu preset with a time budget); None elsewhere."""
+    """The time budget training/budget.py sizes the model for, where it applies (a new pre-training run
+    of the cpu preset with a time budget, not one from --init-from, whose model is its base's); None
+    elsewhere."""
     preset = preset_of(typed, saved)
     minutes = {"max_minutes": TrainConfig.max_minutes, **PRESETS[preset], **typed}["max_minutes"]
-    return minutes if preset == "cpu" and not saved and minutes else None
+    new_model = not (saved or typed.get("init_from") or typed.get("chat_data"))
+    return minutes if preset == "cpu" and new_model and minutes else None
 
 
 def budget_sizing(
@@ -327,6 +331,20 @@ RUN_IDENTITY = (
     "optimizer",
 )
 MODEL_SHAPE = ("n_layer", "n_embd", "n_head", "n_kv_head", "context", "tie_embeddings")
+PRETRAINING_DATA = ("data", "val_data", "text_column", "max_bytes")
+
+
+def inherited(base_meta: dict, chat: bool) -> dict:
+    """What a run started from a checkpoint (--init-from) takes from it rather than from flags: the
+    model's shape and tokenizer, and for a chat fine-tune, which reads no corpus, the pre-training
+    data. Its saved config then describes the model it holds, and a --resume of it agrees."""
+    trained = base_meta.get("train", {})
+    tokenizer = (base_meta.get("data") or {}).get("tokenizer", {}).get("kind", trained.get("tokenizer"))
+    values = {name: base_meta["model"][name] for name in MODEL_SHAPE}
+    values |= {"tokenizer": tokenizer, "vocab_size": trained.get("vocab_size", base_meta["model"]["vocab_size"])}
+    if chat:
+        values |= {name: trained.get(name) for name in PRETRAINING_DATA}
+    return values
 
 
 def check_unchanged(typed: dict, recorded: dict, names: tuple[str, ...], what: str) -> None:

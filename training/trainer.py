@@ -38,7 +38,7 @@ from tqdm import tqdm
 from data.conversations import load_conversations
 from data.loader import Batches, ConversationBatches
 from data.prepare import DEFAULT_CACHE, Prepared, prepare
-from model.chat_template import TurnsTemplate, stream_reply
+from model.chat_template import TurnsTemplate, prompt_budget, stream_reply
 from model.checkpoint import METRICS, POINTER, Checkpoint, load_checkpoint, save_checkpoint, strangers, write_failed
 from model.device import autocast, can_compile, matmul_peak_flops, pick_device, pick_dtype
 from model.engine import Engine
@@ -51,7 +51,16 @@ from training import distributed
 from training.allocator import keep_freed_memory
 from training.budget import anchor_step_flops, describe, machine_name, peak_name, remembered_best
 from training.calibration import fit_temperature, held_out_count, temperature_for_passes
-from training.config import MODEL_SHAPE, RUN_IDENTITY, TrainConfig, assemble, budget_minutes, check_unchanged, to_dict
+from training.config import (
+    MODEL_SHAPE,
+    RUN_IDENTITY,
+    TrainConfig,
+    assemble,
+    budget_minutes,
+    check_unchanged,
+    inherited,
+    to_dict,
+)
 from training.memory import check_fits
 from training.optim import build_optimizers, cooling, lr_factor, set_lr
 
@@ -166,7 +175,9 @@ class Trainer:
             "data": conversations.description,
             "conversations": len(conversations.train),
         }
-        self.sample_question = conversations.val[0][0 if conversations.val[0][0]["role"] == "user" else 1]["content"]
+        self.sample_question = first_fitting_question(
+            template, conversations.val, prompt_budget(context, c.sample_tokens)
+        )
         if self.dist.is_main:
             print(
                 f"chat data: {conversations.description}: {len(conversations.train):,} train / {len(conversations.val):,} val conversations"
@@ -392,7 +403,9 @@ class Trainer:
     def _sample(self) -> str:
         engine = Engine(self.model, self.tokenizer, self.dtype, int8_weights=True)  # as sample.py generates
         sampling = SamplingConfig(max_new_tokens=self.config.sample_tokens, seed=self.config.seed)
-        if self.chat:
+        if self.chat and self.sample_question is None:
+            text = "(no validation conversation opens with a question short enough to leave room for a reply)"
+        elif self.chat:
             messages = [{"role": "user", "content": self.sample_question}]
             _, pieces = stream_reply(engine, TurnsTemplate(self.tokenizer), messages, replace(sampling, temperature=0))
             text = f"user: {self.sample_question}\nmodel: {''.join(pieces)}"
@@ -466,6 +479,17 @@ class Trainer:
             )
 
 
+def first_fitting_question(template: TurnsTemplate, conversations: list[list[dict]], budget: int) -> str | None:
+    """The first user message of a conversation that fits a sample's prompt alone, for the sample each
+    evaluation prints (training takes longer conversations than a prompt can hold: it needs no reply's room)."""
+    for conversation in conversations:
+        question = next(m["content"] for m in conversation if m["role"] == "user")
+        with contextlib.suppress(UserError):
+            template.fit([{"role": "user", "content": question}], budget)
+            return question
+    return None
+
+
 def _logged_step(line: str) -> int:
     """The step of one metrics.jsonl line (a torn last line from a crash counts as past every step)."""
     try:
@@ -536,6 +560,10 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     base, resuming, saved = None, bool(typed.get("resume")), None
     if resuming:
         out_dir = typed.get("out_dir") or assemble({k: v for k, v in typed.items() if k != "resume"}).out_dir
+        if Path(out_dir).is_dir() and not any((Path(out_dir) / name).exists() for name in (POINTER, "checkpoint.json")):
+            raise UserError(
+                f"nothing to resume in {out_dir}: it holds no checkpoint yet; start the run without --resume"
+            )
         base = load_checkpoint(out_dir, latest=True)
         saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
         check_unchanged(typed, saved, RUN_IDENTITY + MODEL_SHAPE, "resumed run")
@@ -544,7 +572,13 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         check_new_run_folder(Path(unsized.out_dir))
     if unsized.init_from:
         base = load_checkpoint(unsized.init_from)
-        check_unchanged(typed, base.meta["model"], MODEL_SHAPE, "base model")
+        taken = inherited(base.meta, chat=bool(unsized.chat_data))
+        check_unchanged(typed, taken, tuple(taken), "base model")
+        if unsized.chat_data and "eval_tokens" in typed:
+            raise UserError(
+                "--eval-tokens applies to pre-training; chat fine-tuning scores every validation conversation"
+            )
+        typed = {**taken, **typed}
     device = pick_device(unsized.device)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for memory a step frees and the next takes again
