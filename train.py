@@ -6,6 +6,8 @@ The table of contents of a run: parse the flags (training/config.py), prepare th
 `torchrun --nproc_per_node=N train.py ...`.
 """
 
+import sys
+
 from model.errors import run_cli
 
 
@@ -16,7 +18,7 @@ def main() -> None:
     args = build_parser().parse_args()
     trainer, metrics = train(typed_flags(args))
     if trainer.dist.is_main and metrics:
-        ended = "saved" if trainer.stop_requested else "done"  # a stopped run has said how to resume
+        ended = "saved" if trainer.stopped_early() else "done"  # a stopped run has said how to resume
         print(
             f"{ended}: step {metrics['step']}, val {metrics['val_bpb']:.4f} bits/byte; checkpoint in {trainer.out_dir}"
         )
@@ -29,6 +31,8 @@ def main() -> None:
             print(f"chat with it: python sample.py --checkpoint {trainer.out_dir} --chat   (or: python -m ui)")
         else:
             print(f"sample it: python sample.py --checkpoint {trainer.out_dir} --prompt 'The'")
+    if trainer.stopped_early():  # the status of a program the signal stopped: scripts can tell it is unfinished
+        sys.exit(128 + trainer.stop_signal)
 
 
 if __name__ == "__main__":

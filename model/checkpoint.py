@@ -44,6 +44,7 @@ VERSION = 1
 POINTER = "LATEST"
 BEST = "BEST"
 METRICS = "metrics.jsonl"
+LOCK = ".lock"  # held by the training process writing the run (training/run_lock.py)
 STEP_FOLDER = re.compile(r"step-\d{7}\+*")  # step-NNNNNNN, with a + per same-step save
 
 
@@ -151,7 +152,7 @@ def strangers(run_dir: Path) -> list[str]:
     since it deletes old checkpoints and rewrites the log)."""
     if not run_dir.is_dir():
         return []
-    ours = (POINTER, BEST, METRICS)
+    ours = (POINTER, BEST, METRICS, LOCK)
     return sorted(
         p.name
         for p in run_dir.iterdir()

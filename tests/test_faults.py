@@ -160,7 +160,7 @@ def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(signum, corpus_file, tmp_
         time.sleep(0.05)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
+    assert process.returncode == 128 + signum, stderr  # unfinished, as the signal's own status says
     step = load_checkpoint(run, latest=True).step
     assert step >= 5
     assert f"stopped at step {step}; continue with: python train.py --resume --out-dir {run}" in stdout
@@ -252,3 +252,28 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_reason(
         load_checkpoint(run, latest=True)
     if name != "../LATEST":
         assert str(folder) in str(refused.value), "the message names the checkpoint's folder"
+
+
+def test_a_second_run_into_a_folder_being_trained_is_refused(corpus_file, tmp_path):
+    """The same command in a second terminal, before the first run has saved anything (so no LATEST
+    tells it the folder is taken): the folder's lock refuses it, and the first run is untouched."""
+    run = tmp_path / "run"
+    flags = run_flags(corpus_file, run, tmp_path / "cache")
+    flags[flags.index("--max-steps") + 1] = "100000"
+    flags[flags.index("--eval-interval") + 1] = "0"
+    first = subprocess.Popen(
+        [sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(_lines(run / "metrics.jsonl")) < 2:
+            time.sleep(0.05)
+        second = run_script("train.py", *flags, timeout=60)  # refused in seconds; without the lock it trains on
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=60)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"another training process is using {run}" in second.stderr
+    assert first.returncode == 128 + signal.SIGINT, stderr
+    steps = [step for step, _ in logged_losses(run)]
+    assert steps == list(range(1, len(steps) + 1)), "one run's log, not two interleaved"

@@ -35,7 +35,7 @@ from training.budget import (
     training_rate,
 )
 from training.calibration import fit_temperature, temperature_for_passes
-from training.config import TrainConfig, assemble
+from training.config import TrainConfig, assemble, budget_minutes
 from training.distributed import Distributed
 from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon, orthogonalise
 from training.optim import NS_STEPS, REFINEMENTS
@@ -70,7 +70,7 @@ def flags(corpus: Path, tmp: Path, out: str, **extra) -> dict:
 class StopsAtStep10(Trainer):
     """A real trainer, interrupted after step 10 the way Ctrl-C interrupts one."""
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> tuple[float, int]:
         loss = super()._train_step()
         if self.step + 1 == 10:
             self.request_stop()
@@ -374,7 +374,7 @@ class RecordsNoisySteps(Trainer):
         super().__init__(*args, **kwargs)
         self.noisy_steps: list[bool] = []
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> tuple[float, int]:
         self.noisy_steps.append(self.batches.noisy)
         return super()._train_step()
 
@@ -627,6 +627,51 @@ def test_init_from_starts_a_new_run_from_existing_weights(corpus_file, tmp_path)
     assert all(block.dropout == 0.05 for block in second.model.layers)
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(second.model.state_dict()[name], tensor)
+
+
+def test_resuming_refuses_a_corpus_that_changed_and_a_step_folder(corpus_file, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_file.read_text())
+    train(flags(corpus, tmp_path, "run", max_steps=4, eval_interval=2))
+    with pytest.raises(UserError, match="is one checkpoint of a run: give --resume its run folder"):
+        train({"resume": True, "out_dir": str(tmp_path / "run" / "step-0000004"), "max_steps": 6})
+    corpus.write_text(corpus_file.read_text() + "A line added since the run began.\n")
+    with pytest.raises(UserError, match=r"changed since this run began \(train .* bytes then"):
+        train({"resume": True, "out_dir": str(tmp_path / "run"), "max_steps": 6})
+
+
+def test_a_damaged_record_of_the_run_is_refused_on_resume(corpus_file, tmp_path):
+    train(flags(corpus_file, tmp_path, "run", max_steps=2, eval_interval=2))
+    meta_file = next((tmp_path / "run").glob("step-*/checkpoint.json"))
+    meta = json.loads(meta_file.read_text())
+    for damage, message in [
+        ({"train": {**meta["train"], "batch_size": "abc"}}, "its batch_size is 'abc'"),
+        ({"train": None}, "it has no run arguments"),
+        ({"trainer_state": {"garbage": 1}}, "damaged trainer state"),
+    ]:
+        meta_file.write_text(json.dumps({**meta, **damage}))
+        with pytest.raises(UserError, match=message):
+            train({"resume": True, "out_dir": str(tmp_path / "run"), "max_steps": 4})
+
+
+def test_a_typed_head_count_means_full_attention_unless_kv_heads_are_typed():
+    assert (
+        assemble({"preset": "tiny", "n_head": 4}).n_kv_head,
+        assemble({"preset": "tiny", "n_head": 1}).n_kv_head,
+    ) == (4, 1)
+    assert assemble({"preset": "tiny", "n_head": 4, "n_kv_head": 2}).n_kv_head == 2
+    with pytest.raises(UserError, match=r"--n-embd \(64\) must be a multiple of --n-head \(3\)"):
+        assemble({"preset": "tiny", "n_head": 3})
+
+
+def test_a_run_typed_to_end_by_steps_is_not_sized_for_the_time_budget():
+    assert budget_minutes({}, None) == 5.0 and budget_minutes({"max_minutes": 2}, None) == 2
+    assert budget_minutes({"max_steps": 3}, None) is None
+    assert budget_minutes({"max_steps": 3, "max_minutes": 2}, None) == 2
+    assert (
+        budget_minutes({"init_from": "out/base"}, None) is None
+        and budget_minutes({"chat_data": "builtin"}, None) is None
+    )
 
 
 def test_an_existing_run_is_not_overwritten(corpus_file, tmp_path):

@@ -104,7 +104,10 @@ class TrainConfig:
         if not 0 <= self.seed < 2**63:
             raise UserError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
-            raise UserError("--n-embd must be a multiple of --n-head, and --n-head a multiple of --n-kv-head")
+            raise UserError(
+                f"--n-embd ({self.n_embd}) must be a multiple of --n-head ({self.n_head}), "
+                f"and --n-head a multiple of --n-kv-head ({self.n_kv_head})"
+            )
         if (self.n_embd // self.n_head) % 2:
             raise UserError("the head size (n_embd / n_head) must be even for rotary embeddings")
         if self.batch_size % self.grad_accum:
@@ -294,12 +297,13 @@ def preset_of(typed: dict, saved: dict | None = None) -> str:
 
 def budget_minutes(typed: dict, saved: dict | None) -> float | None:
     """The time budget training/budget.py sizes the model for, where it applies (a new pre-training run
-    of the cpu preset with a time budget, not one from --init-from, whose model is its base's); None
-    elsewhere."""
+    of the cpu preset with a time budget, not one from --init-from, whose model is its base's, nor one
+    typed to end after --max-steps without a typed --max-minutes); None elsewhere."""
     preset = preset_of(typed, saved)
     minutes = {"max_minutes": TrainConfig.max_minutes, **PRESETS[preset], **typed}["max_minutes"]
     new_model = not (saved or typed.get("init_from") or typed.get("chat_data"))
-    return minutes if preset == "cpu" and new_model and minutes else None
+    by_steps = "max_steps" in typed and "max_minutes" not in typed  # ends by steps: not sized for the time
+    return minutes if preset == "cpu" and new_model and minutes and not by_steps else None
 
 
 def budget_sizing(
@@ -365,6 +369,8 @@ def assemble(
     peak_flops: float | None = None,
 ) -> TrainConfig:
     """defaults < preset < size for the budget (budget_sizing) < saved run arguments < typed flags."""
+    if "n_head" in typed and "n_kv_head" not in typed and not saved:  # a typed head count: full attention
+        typed = {**typed, "n_kv_head": typed["n_head"]}  # unless --n-kv-head asks for grouped queries
     preset = preset_of(typed, saved)
     sized = budget_sizing(typed, saved, step_flops, corpus_tokens, peak_flops)
     values = {**PRESETS[preset], **sized, **(saved or {}), **typed, "preset": preset}
@@ -372,6 +378,22 @@ def assemble(
     config = TrainConfig(**{k: v for k, v in values.items() if k in known})
     config.validate()
     return config
+
+
+def saved_arguments(train: object, source: str) -> dict:
+    """A resumed run's saved arguments (checkpoint.json's "train", which no checksum covers), checked
+    against the config's types: a damaged file is refused by name, not met later as a traceback."""
+    if not isinstance(train, dict):
+        raise UserError(f"{source} is damaged: it has no run arguments; resume from an earlier checkpoint")
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+    for field in fields(TrainConfig):
+        kind, _, optional = str(field.type).partition(" | ")
+        value = train.get(field.name)
+        if field.name not in train or (value is None and optional):
+            continue
+        if not isinstance(value, kinds[kind]) or (isinstance(value, bool) and kind != "bool"):
+            raise UserError(f"{source} is damaged: its {field.name} is {value!r}; resume from an earlier checkpoint")
+    return {k: v for k, v in train.items() if k not in ("resume", "init_from")}
 
 
 def to_dict(config: TrainConfig) -> dict:

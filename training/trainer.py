@@ -59,10 +59,12 @@ from training.config import (
     budget_minutes,
     check_unchanged,
     inherited,
+    saved_arguments,
     to_dict,
 )
 from training.memory import check_fits
 from training.optim import build_optimizers, cooling, lr_factor, set_lr
+from training.run_lock import run_folder_lock
 
 
 class Trainer:
@@ -87,6 +89,8 @@ class Trainer:
         if self.chat and base is None:
             raise UserError("chat fine-tuning starts from a trained model: add --init-from out/base (or --resume)")
         self.data = None if self.chat else prepare_corpus(config, base, self.dist)
+        if resuming and self.data:
+            check_same_data(self.data.manifest, base.meta.get("data") or {}, config.data)
         self.tokenizer = base.load_tokenizer() if self.chat else self.data.tokenizer
         self.data_info = base.meta.get("data") if self.chat else self.data.manifest
         self.chat_info = base.meta.get("chat") if base else None
@@ -135,13 +139,18 @@ class Trainer:
         self.metrics: dict = {}
         self.best: dict = base.meta.get("best", {}) if resuming else {}  # step and val_bpb of the best evaluation
         self.stop_requested = False
+        self.stop_signal = signal.SIGINT  # the signal that asked for the stop: the exit status says which
         self.step_rates: list[float] = []  # tokens per second of each step of this session
 
-    def request_stop(self, *_signal_args) -> None:
+    def request_stop(self, signum: int = signal.SIGINT, _frame=None) -> None:
         """Finish the current step, save a checkpoint and return (Ctrl-C and SIGTERM call this)."""
         if self.stop_requested:  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self.stop_requested, self.stop_signal = True, signum
+
+    def stopped_early(self) -> bool:
+        """Whether a signal ended the run before its budget did (its checkpoint is saved to resume)."""
+        return self.stop_requested and self._progress() < 1
 
     def _conversation_batches(self, context: int) -> tuple[ConversationBatches, ConversationBatches]:
         """Load, check, render and pack the conversations; report everything skipped or cut."""
@@ -194,14 +203,20 @@ class Trainer:
         return replace(self.config.model_config(), vocab_size=self.data.tokenizer.n_vocab)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
-        state = checkpoint.load_trainer_state()
-        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
-        if "trained_norm" in state:  # the model file's final norm has the output temperature folded in
-            with torch.no_grad():
-                self.model.norm.weight.copy_(state["trained_norm"])
-        self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
-        torch.set_rng_state(state["rng"])
+        try:  # checkpoint.json's description of the state is not checksummed: a damaged one is refused here
+            state = checkpoint.load_trainer_state()
+            for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+                optimizer.load_state_dict(saved)
+            if "trained_norm" in state:  # the model file's final norm has the output temperature folded in
+                with torch.no_grad():
+                    self.model.norm.weight.copy_(state["trained_norm"])
+            self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
+            torch.set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise UserError(
+                f"{checkpoint.folder} has a damaged trainer state ({type(error).__name__}: {error}); "
+                "resume from an earlier checkpoint or start a new run with --init-from"
+            ) from None
         self.metrics = checkpoint.meta.get("metrics", {})
 
     def _forget_metrics_after(self, step: int) -> None:
@@ -220,6 +235,7 @@ class Trainer:
         self._announce()
         bar = tqdm(
             total=1000,
+            initial=int(1000 * min(1.0, self._progress())),  # a resumed run's rate counts only this session
             disable=not (c.progress and self.dist.is_main),
             bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}",
         )
@@ -237,11 +253,11 @@ class Trainer:
             if not self.chat:  # clean inputs once the learning rate cools: the model settles on the real text
                 self.batches.noisy = not cooling(progress, c.cooldown)
             step_start = time.perf_counter()
-            loss = self._train_step()
+            loss, positions = self._train_step()
             self.step += 1
-            self.tokens_seen += c.batch_size * self.model.config.context
+            self.tokens_seen += positions
             self.elapsed = time.perf_counter() - start
-            tokens_per_sec = c.batch_size * self.model.config.context / (time.perf_counter() - step_start)
+            tokens_per_sec = positions / (time.perf_counter() - step_start)
             self.step_rates.append(tokens_per_sec)
             bar.n = int(1000 * min(1.0, self._progress()))
             bar.set_postfix_str(f" step {self.step} loss {loss:.3f} {tokens_per_sec:,.0f} tok/s", refresh=True)
@@ -278,7 +294,7 @@ class Trainer:
                 f"stopped after {c.max_passes:g} passes over the training data (--max-passes) at {self.elapsed / 60:.1f}"
                 f"{budget} minutes: more passes memorise a corpus this small; more text, not more time, would help"
             )
-        if self.stop_requested and self.dist.is_main and self._progress() < 1:
+        if self.stopped_early() and self.dist.is_main:
             print(f"stopped at step {self.step}; continue with: python train.py --resume --out-dir {self.out_dir}")
         self.dist.close()
         return self.metrics
@@ -312,12 +328,15 @@ class Trainer:
         """Passes made over the pre-training tokens so far (a pass is every window of them once)."""
         return self.tokens_seen / len(self.batches.tokens)
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> tuple[float, int]:
+        """One optimizer step: its mean loss, and the positions it computed over all processes (a chat
+        batch is padded to its longest conversation, which is usually shorter than the context)."""
         c = self.config
-        total = 0.0
+        total, positions = 0.0, 0
         for micro in range(c.grad_accum):
             first = (micro * self.dist.world + self.dist.rank) * self.rows_per_micro
             x, y = self.batches.get(self.step, range(first, first + self.rows_per_micro), c.batch_size, self.device)
+            positions += x.numel() * self.dist.world
             sync = micro == c.grad_accum - 1 or self.dist.world == 1
             context = contextlib.nullcontext() if sync else self.train_model.no_sync()
             with context, autocast(self.device, self.dtype):
@@ -334,7 +353,7 @@ class Trainer:
         loss = self.dist.mean(total)
         if not math.isfinite(loss):
             raise UserError(f"the loss became {loss} at step {self.step}; lower --lr / --muon-lr or use --dtype fp32")
-        return loss
+        return loss, positions
 
     def _evaluate_and_save(self, bar: tqdm) -> None:
         """Evaluate, sample and save the weights this run delivers: the output temperature folded into the
@@ -479,6 +498,22 @@ class Trainer:
             )
 
 
+def check_same_data(now: dict, then: dict, source: str) -> None:
+    """Refuse to resume on text that changed since the run began (its size in bytes or tokens): the
+    losses would no longer continue the run's, and its best checkpoint was chosen on another text."""
+    was = then.get("splits") or {}
+    changed = [
+        f"{split} {was[split]['bytes']:,} bytes then, {sizes['bytes']:,} now"
+        for split, sizes in now["splits"].items()
+        if split in was and was[split] != sizes
+    ]
+    if changed:
+        raise UserError(
+            f"the training data ({source}) changed since this run began ({'; '.join(changed)}); "
+            "restore it to resume, or start a new run from this one with --init-from"
+        )
+
+
 def first_fitting_question(template: TurnsTemplate, conversations: list[list[dict]], budget: int) -> str | None:
     """The first user message of a conversation that fits a sample's prompt alone, for the sample each
     evaluation prints (training takes longer conversations than a prompt can hold: it needs no reply's room)."""
@@ -560,16 +595,30 @@ def train(typed: dict) -> tuple[Trainer, dict]:
     base, resuming, saved = None, bool(typed.get("resume")), None
     if resuming:
         out_dir = typed.get("out_dir") or assemble({k: v for k, v in typed.items() if k != "resume"}).out_dir
-        if Path(out_dir).is_dir() and not any((Path(out_dir) / name).exists() for name in (POINTER, "checkpoint.json")):
+        if (Path(out_dir) / "checkpoint.json").exists():  # a run's step folder, which sample.py accepts
+            raise UserError(
+                f"{out_dir} is one checkpoint of a run: give --resume its run folder ({Path(out_dir).parent}), "
+                "or start a new run from it with --init-from"
+            )
+        if Path(out_dir).is_dir() and not (Path(out_dir) / POINTER).exists():
             raise UserError(
                 f"nothing to resume in {out_dir}: it holds no checkpoint yet; start the run without --resume"
             )
         base = load_checkpoint(out_dir, latest=True)
-        saved = {k: v for k, v in base.meta["train"].items() if k not in ("resume", "init_from")}
+        saved = saved_arguments(base.meta.get("train"), str(base.folder / "checkpoint.json"))
         check_unchanged(typed, saved, RUN_IDENTITY + MODEL_SHAPE, "resumed run")
     unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
     if not resuming:
         check_new_run_folder(Path(unsized.out_dir))
+    with run_folder_lock(Path(unsized.out_dir), take=os.environ.get("RANK", "0") == "0"):
+        return train_in_folder(typed, unsized, base, resuming, saved)
+
+
+def train_in_folder(
+    typed: dict, unsized: TrainConfig, base: Checkpoint | None, resuming: bool, saved: dict | None
+) -> tuple[Trainer, dict]:
+    """The rest of `train`, once the run folder is this process's: open any --init-from base, size the
+    model for the budget where the rule applies, and run."""
     if unsized.init_from:
         base = load_checkpoint(unsized.init_from)
         taken = inherited(base.meta, chat=bool(unsized.chat_data))
