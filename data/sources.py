@@ -14,7 +14,8 @@ megabyte, so a corpus of any size is read without holding it in memory. Kinds of
 
 Text files must be UTF-8 (a byte-order mark is dropped, CRLF line ends become LF); a file that
 looks binary or is in another encoding is refused with a message saying so, never half-read.
-`fingerprint` changes whenever the text could have changed; it keys the prepared-data cache.
+`fingerprint` changes whenever the text could have changed (a file's is a hash of its bytes); it keys
+the prepared-data cache.
 """
 
 from __future__ import annotations
@@ -329,5 +330,14 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
 
 
 def _file_fingerprint(path: Path) -> str:
-    stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    """The file's path and a hash of its bytes. Size and modification time alone miss a changed file
+    that a copy gave the old ones (`cp -p`, `rsync -a`, `tar x`, `touch -r`), and a stale cache entry
+    would be trained on. sha256 reads 100 MB in about 0.07 s where the CPU has SHA instructions."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            while block := file.read(CHUNK_BYTES):
+                digest.update(block)
+    except OSError as error:  # permissions, an I/O error: the file cannot be read at all
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+    return f"{path.resolve()}:{digest.hexdigest()}"

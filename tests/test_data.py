@@ -64,6 +64,36 @@ def test_preparation_is_cached_and_reused(tmp_path):
     assert np.array_equal(np.asarray(again.tokens("train")), expected)
 
 
+@pytest.mark.parametrize("kind", ["c.txt", "c.jsonl", "c.parquet", "folder"])
+def test_a_changed_file_with_its_old_size_and_time_is_prepared_again(tmp_path, kind):
+    """`cp -p`, `rsync -a` and `tar x` keep a file's size and modification time: the cache must not."""
+    path = tmp_path / kind
+    if kind == "folder":
+        path.mkdir()
+        path = path / "a.txt"
+
+    def write(text: str) -> None:
+        if kind == "c.jsonl":
+            path.write_text(json.dumps({"text": text}) + "\n")
+        elif kind == "c.parquet":
+            pq.write_table(pa.table({"text": [text]}), path)
+        else:
+            path.write_text(text)
+
+    old, new = "old text, " * 50, "new text, " * 50
+    write(old)
+    spec = str(tmp_path / kind)
+    first = prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    stat = path.stat()
+    write(new)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size  # what a `cp -p` over it leaves
+    second = prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert second.folder != first.folder and "new text" in prepared_text(second, "train")
+    os.utime(path)  # touched, text unchanged: the entry is reused
+    assert prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False).folder == second.folder
+
+
 def test_folder_jsonl_and_parquet_sources_give_the_same_documents(tmp_path):
     docs = [make_text(30, seed=i) for i in range(6)]
     folder = tmp_path / "folder"
