@@ -52,8 +52,12 @@ class Source:
         return self.read()
 
 
-def open_source(spec: str, *, text_column: str = "text", cache_dir: Path, max_bytes: int | None = None) -> Source:
-    """Turn a `--data` value into a Source, or raise a UserError saying what is wrong with it."""
+def open_source(
+    spec: str, *, text_column: str = "text", cache_dir: Path, max_bytes: int | None = None, flag: str = "--data"
+) -> Source:
+    """Turn a `--data` (or `flag`) value into a Source, or raise a UserError saying what is wrong with it."""
+    if not spec.strip():  # an unset "$DATA": Path("") is the current folder, which would be read as the corpus
+        raise UserError(f"{flag} is empty; give builtin, tinyshakespeare, a file, a folder, or a dataset name")
     if spec == "builtin":
         from data.builtin import builtin_documents
 

@@ -225,6 +225,15 @@ def test_missing_sources_and_bad_jsonl_are_refused(tmp_path):
         list(open_source(str(tmp_path / "nocol.jsonl"), cache_dir=tmp_path).pieces())
 
 
+@pytest.mark.parametrize("flag, values", [("--data", dict(data="")), ("--val-data", dict(val_data=" "))])
+def test_an_empty_data_value_is_refused_not_read_as_this_folder(tmp_path, monkeypatch, flag, values):
+    """An unset "$DATA" gives --data '': Path('') is the current folder, which holds text files here."""
+    (tmp_path / "notes.txt").write_text(make_text(100))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"^{flag} is empty; give builtin"):
+        prepare(**{"data": "notes.txt", **values}, tokenizer_kind="char", cache_dir=tmp_path / "c", progress=False)
+
+
 def test_download_is_atomic_and_cached(tmp_path):
     remote = tmp_path / "remote.txt"
     remote.write_text("downloaded corpus")
