@@ -3,6 +3,7 @@
 `--chat-data SOURCE` takes:
     builtin             the offline set generated from the built-in corpus (data/builtin_chat.py)
     file.jsonl          one {"messages": [{"role": ..., "content": ...}, ...]} per line (OpenAI style)
+    file.parquet        a Parquet table with a messages column (`--messages-column`)
     owner/name[:conf]   a Hugging Face dataset with a messages column (`--messages-column`), streamed
                         (a local folder laid out as a dataset repository works too)
 
@@ -23,11 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.sources import missing_local_path, read_jsonl
+from data.sources import missing_local_path, open_parquet, read_jsonl
 from model.chat_template import message_text
 from model.errors import UserError
 
 Conversation = list[dict]
+KINDS = "builtin, a .jsonl or .parquet file of conversations, a dataset folder, or a Hugging Face dataset name"
 
 
 @dataclass
@@ -48,9 +50,9 @@ def load_conversations(
         return _checked("builtin chat set", rows, None)
     path = Path(spec)
     if path.is_file():
-        return _checked(str(path), _jsonl_rows(path, messages_column), None)
+        return _checked(str(path), _file_rows(path, messages_column), None)
     if missing_local_path(spec):
-        raise UserError(f"{spec} does not exist; give a .jsonl file of conversations, builtin, or a dataset name")
+        raise UserError(f"{spec} does not exist; --chat-data takes {KINDS}")
     return _hub_conversations(spec, messages_column, max_conversations)  # a hub name, or a local dataset folder
 
 
@@ -109,6 +111,24 @@ def _checked(description: str, rows, val_rows) -> ConversationSet:
     if not good or not val:
         raise UserError(f"{description} has no usable conversations in its train or validation split{first}")
     return ConversationSet(description, good, val, problems)
+
+
+def _file_rows(path: Path, column: str):
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path, column)
+    if path.suffix == ".parquet":
+        return _parquet_rows(path, column)
+    raise UserError(f"{path} is neither a .jsonl nor a .parquet file; --chat-data takes {KINDS}")
+
+
+def _parquet_rows(path: Path, column: str):
+    """A Parquet file's rows, numbered from 0 as a dataset folder holding the same file numbers them."""
+    table = open_parquet(path, column, "--messages-column")
+    index = 0
+    for batch in table.iter_batches(columns=[column], batch_size=1024):
+        for messages in batch.column(0).to_pylist():
+            yield f"{path} row {index}", messages
+            index += 1
 
 
 def _jsonl_rows(path: Path, column: str):

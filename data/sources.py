@@ -162,19 +162,24 @@ def jsonl_source(path: Path, text_column: str) -> Source:
     return Source(f"{path} [{text_column}]", f"{_file_fingerprint(path)}:{text_column}", read)
 
 
-def parquet_source(path: Path, text_column: str) -> Source:
-    import pyarrow as pa
+def open_parquet(path: Path, column: str, flag: str):
+    """A Parquet file (`pyarrow.parquet.ParquetFile`) that has `column`; `flag` is the option that names it."""
     import pyarrow.parquet as pq
 
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises its own hierarchy for damaged files
+        raise UserError(f"{path} is not a readable Parquet file ({error})") from None
+    if column not in table.schema_arrow.names:
+        raise UserError(f"{path} has no column '{column}' (columns: {table.schema_arrow.names}); use {flag}")
+    return table
+
+
+def parquet_source(path: Path, text_column: str) -> Source:
+    import pyarrow as pa
+
     def read() -> Iterator[Piece]:
-        try:
-            table = pq.ParquetFile(path)
-        except Exception as error:  # pyarrow raises its own hierarchy for damaged files
-            raise UserError(f"{path} is not a readable Parquet file ({error})") from None
-        if text_column not in table.schema_arrow.names:
-            raise UserError(
-                f"{path} has no column '{text_column}' (columns: {table.schema_arrow.names}); use --text-column"
-            )
+        table = open_parquet(path, text_column, "--text-column")
         kind = table.schema_arrow.field(text_column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise UserError(

@@ -145,6 +145,31 @@ def test_hub_chat_dataset_loader_reads_a_local_dataset_repository(tmp_path):
         load_conversations(str(repo.parent), messages_column="conversation")
 
 
+def test_a_parquet_file_reads_as_the_dataset_folder_holding_it_and_other_files_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "owner_chat" / "data"
+    folder.mkdir(parents=True)
+    rows = [conversation(q, a)["messages"] for q, a in PAIRS] * 3 + [[{"role": "user", "content": "no reply"}]]
+    pq.write_table(pa.table({"messages": rows}), folder / "train-00000-of-00001.parquet")
+    as_file = load_conversations(str(folder / "train-00000-of-00001.parquet"))
+    as_folder = load_conversations(str(folder.parent))
+    assert (as_file.train, as_file.val) == (as_folder.train, as_folder.val) and len(as_file.train) == 11
+    assert as_file.problems == [f"{folder / 'train-00000-of-00001.parquet'} row 12: no assistant reply"]
+    with pytest.raises(UserError, match="has no column 'conversation' .*; use --messages-column"):
+        load_conversations(str(folder / "train-00000-of-00001.parquet"), messages_column="conversation")
+    (tmp_path / "damaged.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match="damaged.parquet is not a readable Parquet file"):
+        load_conversations(str(tmp_path / "damaged.parquet"))
+    (tmp_path / "array.json").write_text(json.dumps([conversation(q, a) for q, a in PAIRS]))
+    with pytest.raises(
+        UserError,
+        match=r"^\S+array.json is neither a .jsonl nor a .parquet file; --chat-data takes builtin, a .jsonl or .parquet file",
+    ):
+        load_conversations(str(tmp_path / "array.json"))
+
+
 def test_the_sample_question_is_one_that_leaves_room_for_a_reply(tiny_run, tmp_path):
     """The first validation conversation opens with a question longer than the context (training skips
     it); each evaluation's sample asks the first question that fits instead of stopping the run."""
