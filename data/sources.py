@@ -136,7 +136,6 @@ def _text_files(folder: Path) -> list[Path]:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """(line number, parsed row, None) per non-empty line, or (number, None, why) if it is not JSON."""
-    number = 0
     try:
         with open(path, encoding="utf-8-sig") as file:
             for number, line in enumerate(file, start=1):
@@ -149,7 +148,28 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object, str | None]]:
                 except RecursionError:
                     yield number, None, "nested too deeply"
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text (a bad byte in line {number + 1}); convert it to UTF-8") from None
+        raise UserError(f"{path} is not UTF-8 text ({_bad_byte(path)}); convert it to UTF-8") from None
+
+
+def _bad_byte(path: Path) -> str:
+    """Where the first byte that is not UTF-8 is: "bad byte at offset N, line L". Found by reading the
+    file again, since a decoder's error gives a position within the block it was decoding (and a
+    text-mode reader decodes blocks ahead of the line it has handed out)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line, newline = 0, 1, b"\n"
+    with open(path, "rb") as file:
+        while True:
+            block = file.read(CHUNK_BYTES)
+            pending = len(decoder.getstate()[0])  # the first bytes of a character the last block cut in two
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                bad = offset - pending + error.start  # the decoder saw the pending bytes, then the block
+                return f"bad byte at offset {bad:,}, line {line + block.count(newline, 0, max(0, bad - offset)):,}"
+            if not block:
+                return "the file changed while it was read"
+            offset += len(block)
+            line += block.count(newline)
 
 
 def jsonl_source(path: Path, text_column: str) -> Source:
@@ -307,7 +327,7 @@ def _text_field(row: object, column: str, where: str) -> str:
 def _text_file_pieces(path: Path) -> Iterator[Piece]:
     """Stream a UTF-8 file in ~1 MB pieces cut after a newline, refusing binary or non-UTF-8 input."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
-    pending, offset, first = "", 0, True
+    pending, first = "", True
     try:
         with open(path, "rb") as file:
             while True:
@@ -316,12 +336,10 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
                     raise UserError(f"{path} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
                 try:
                     text = decoder.decode(chunk, final=not chunk)
-                except UnicodeDecodeError as error:
+                except UnicodeDecodeError:
                     raise UserError(
-                        f"{path} is not UTF-8 text (bad byte at offset {offset + error.start}); convert it, "
-                        "e.g. `iconv -f latin1 -t utf-8`"
+                        f"{path} is not UTF-8 text ({_bad_byte(path)}); convert it, e.g. `iconv -f latin1 -t utf-8`"
                     ) from None
-                offset += len(chunk)
                 text = text.replace("\r\n", "\n")
                 if pending.endswith("\r") and text.startswith("\n"):
                     pending = pending[:-1]  # a CRLF split across chunks

@@ -153,6 +153,24 @@ def test_a_lone_surrogate_escape_in_jsonl_is_refused_with_its_line(tmp_path):
         documents(open_source(str(path), cache_dir=tmp_path))
 
 
+@pytest.mark.parametrize("lines, bad_line", [(6, 4), (2000, 1501)])
+def test_a_bad_byte_in_jsonl_is_reported_on_its_own_line(tmp_path, lines, bad_line):
+    """The text-mode reader decodes blocks ahead of the line it hands out: its position is not the line's."""
+    rows = [json.dumps({"text": f"row {n} " + "words " * 10}).encode() for n in range(1, lines + 1)]
+    rows[bad_line - 1] = rows[bad_line - 1].replace(b"row", b"r\xe9w")  # Latin-1's é
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    offset = sum(len(row) + 1 for row in rows[: bad_line - 1]) + 11
+    with pytest.raises(UserError, match=f"not UTF-8 text \\(bad byte at offset {offset:,}, line {bad_line:,}\\)"):
+        documents(open_source(str(tmp_path / "d.jsonl"), cache_dir=tmp_path))
+
+
+def test_a_bad_byte_after_a_character_cut_between_two_reads_is_placed_exactly(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"a\n" * (CHUNK_BYTES // 2 - 1) + b"a" + b"\xc3x")  # \xc3 ends the first read, x cannot follow it
+    with pytest.raises(UserError, match=f"bad byte at offset {CHUNK_BYTES - 1:,}, line {CHUNK_BYTES // 2:,}\\)"):
+        documents(open_source(str(path), cache_dir=tmp_path))
+
+
 def test_hub_dataset_loader_streams_a_local_dataset_repository(tmp_path):
     """`datasets` treats a local folder of Parquet files like a hub repo: the same code path online."""
     repo = tmp_path / "owner_dataset" / "data"
