@@ -40,9 +40,7 @@ class ConversationSet:
     problems: list[str] = field(default_factory=list)  # "line 7: empty content", one per skipped conversation
 
 
-def load_conversations(
-    spec: str, messages_column: str = "messages", max_conversations: int | None = None
-) -> ConversationSet:
+def load_conversations(spec: str, messages_column: str = "messages") -> ConversationSet:
     if spec == "builtin":
         from data.builtin_chat import builtin_conversations
 
@@ -53,7 +51,7 @@ def load_conversations(
         return _checked(str(path), _file_rows(path, messages_column), None)
     if missing_local_path(spec):
         raise UserError(f"{spec} does not exist; --chat-data takes {KINDS}")
-    return _hub_conversations(spec, messages_column, max_conversations)  # a hub name, or a local dataset folder
+    return _hub_conversations(spec, messages_column)  # a hub name, or a local dataset folder
 
 
 class BrokenJSON(str):
@@ -92,25 +90,38 @@ def check(messages: object) -> tuple[Conversation | None, str | None]:
 
 
 def _checked(description: str, rows, val_rows) -> ConversationSet:
-    good, problems = [], []
+    """The usable conversations of `rows` ((where, messages) pairs) and of a validation split's `val_rows`
+    (None: the last 10% of `rows`), with every one skipped, of either split, listed."""
+    problems: list[str] = []
+    good = _usable(rows, problems)
+    if val_rows is None:
+        if len(good) < 2:
+            raise UserError(
+                f"{description} has {len(good)} usable conversation(s); at least 2 are needed (one to validate on)"
+                + _first(problems)
+            )
+        cut = len(good) - max(1, len(good) // 10)
+        return ConversationSet(description, good[:cut], good[cut:], problems)
+    val = _usable(val_rows, problems)
+    if not good or not val:
+        raise UserError(f"{description} has no usable conversations in its train or validation split{_first(problems)}")
+    return ConversationSet(description, good, val, problems)
+
+
+def _first(problems: list[str]) -> str:
+    return f" (first problem: {problems[0]})" if problems else ""
+
+
+def _usable(rows, problems: list[str]) -> list[Conversation]:
+    """The conversations of `rows` that pass `check`; each one that does not adds a line to `problems`."""
+    good = []
     for where, messages in rows:
         conversation, problem = check(messages)
         if problem:
             problems.append(f"{where}: {problem}")
         else:
             good.append(conversation)
-    first = f" (first problem: {problems[0]})" if problems else ""
-    if val_rows is None:
-        if len(good) < 2:
-            raise UserError(
-                f"{description} has {len(good)} usable conversation(s); at least 2 are needed (one to validate on){first}"
-            )
-        cut = len(good) - max(1, len(good) // 10)
-        return ConversationSet(description, good[:cut], good[cut:], problems)
-    val = [c for c in (check(m)[0] for _, m in val_rows) if c]
-    if not good or not val:
-        raise UserError(f"{description} has no usable conversations in its train or validation split{first}")
-    return ConversationSet(description, good, val, problems)
+    return good
 
 
 def _file_rows(path: Path, column: str):
@@ -142,7 +153,9 @@ def _jsonl_rows(path: Path, column: str):
             yield where, row[column]
 
 
-def _hub_conversations(name: str, column: str, limit: int | None) -> ConversationSet:
+def _hub_conversations(name: str, column: str) -> ConversationSet:
+    """Every conversation of the train split and of the validation split, if there is one: the same
+    conversations in a .jsonl file are all read, and a silent cap would leave some out unseen."""
     import datasets
 
     from data.sources import check_hub_dataset
@@ -158,14 +171,11 @@ def _hub_conversations(name: str, column: str, limit: int | None) -> Conversatio
     train_split = next((s for s in ("train", "train_sft") if s in splits), None)
     if train_split is None:
         raise UserError(f"dataset '{dataset_name}' has no train split (it has {list(splits)})")
-    limit = limit or 100_000
 
-    def rows(split: str, count: int):
+    def rows(split: str):
         index = 0
         try:
             for index, row in enumerate(splits[split]):
-                if index >= count:
-                    return
                 if column not in row:
                     raise UserError(
                         f"dataset '{dataset_name}' has no '{column}' column; name it with --messages-column"
@@ -181,8 +191,4 @@ def _hub_conversations(name: str, column: str, limit: int | None) -> Conversatio
             ) from None
 
     held_out = next((s for s in ("validation", "test", "test_sft") if s in splits), None)
-    if held_out is None:
-        return _checked(f"{name} [{train_split}]", list(rows(train_split, limit)), None)
-    return _checked(
-        f"{name} [{train_split}]", list(rows(train_split, limit)), list(rows(held_out, max(1, limit // 10)))
-    )
+    return _checked(f"{name} [{train_split}]", rows(train_split), held_out and rows(held_out))

@@ -145,6 +145,23 @@ def test_hub_chat_dataset_loader_reads_a_local_dataset_repository(tmp_path):
         load_conversations(str(repo.parent), messages_column="conversation")
 
 
+def test_a_dataset_folder_is_read_whole_and_its_validation_split_reports_what_it_skips(tmp_path):
+    """No silent cap (it was 100,000 conversations, and a tenth of that for validation): the same
+    conversations in a .jsonl file are all read. Skipped validation rows are listed like training's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "owner_chat" / "data"
+    repo.mkdir(parents=True)
+    short = conversation("q", "a")["messages"]
+    pq.write_table(pa.table({"messages": [short] * 100_001}), repo / "train-00000-of-00001.parquet")
+    unanswered = [{"role": "user", "content": "no reply"}]
+    pq.write_table(pa.table({"messages": [short] * 10_001 + [unanswered]}), repo / "test-00000-of-00001.parquet")
+    loaded = load_conversations(str(repo.parent))
+    assert (len(loaded.train), len(loaded.val)) == (100_001, 10_001)
+    assert loaded.problems == [f"{repo.parent} [test] row 10001: no assistant reply"]
+
+
 def test_a_parquet_file_reads_as_the_dataset_folder_holding_it_and_other_files_are_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
