@@ -8,7 +8,8 @@
                         (a local folder laid out as a dataset repository works too)
 
 A conversation is kept only if it is well formed: a list of messages, each with a role of
-system/user/assistant and non-empty text content; a system message only first; user and
+system/user/assistant and non-empty text content (a string, or a list of text parts; a lone
+surrogate escape, which no UTF-8 holds, is not text); a system message only first; user and
 assistant turns alternating, starting with the user; at least one assistant reply. A trailing
 user message (no reply to learn) is dropped. Anything else is skipped and reported with its line
 number (or row index), never half-used; if nothing usable is left, that is an error.
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.sources import missing_local_path, open_parquet, read_jsonl
+from data.sources import has_lone_surrogate, missing_local_path, open_parquet, read_jsonl
 from model.chat_template import message_text
 from model.errors import UserError
 
@@ -72,7 +73,9 @@ def check(messages: object) -> tuple[Conversation | None, str | None]:
         if role not in ("system", "user", "assistant"):
             return None, f"message {index + 1} has unknown role '{role}'"
         if not content.strip():
-            return None, f"message {index + 1} has empty content"
+            return None, f"message {index + 1} {_no_text(message.get('content'))}"
+        if has_lone_surrogate(content):  # --data refuses the same; here the conversation is skipped and listed
+            return None, f"message {index + 1} holds a lone surrogate escape (such as \\ud800), which is not text"
         cleaned.append({"role": role, "content": content})
     system = cleaned[:1] if cleaned[0]["role"] == "system" else []
     turns = cleaned[len(system) :]
@@ -87,6 +90,18 @@ def check(messages: object) -> tuple[Conversation | None, str | None]:
     if not turns:
         return None, "no assistant reply"
     return system + turns, None
+
+
+def _no_text(content: object) -> str:
+    """Why a message's content gave no text, in JSON's words (a number is not "empty")."""
+    if content is None:
+        return "has no content"
+    if isinstance(content, str):
+        return "has empty content"
+    if isinstance(content, list):
+        return "has a list of content parts with no text in them"
+    what = {bool: "true or false", int: "a number", float: "a number", dict: "an object"}.get(type(content))
+    return f"has content that is {what or type(content).__name__}, not text"
 
 
 def _checked(description: str, rows, val_rows) -> ConversationSet:

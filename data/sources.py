@@ -317,11 +317,18 @@ def _text_field(row: object, column: str, where: str) -> str:
     if not isinstance(row[column], str):
         raise UserError(f"{where}: field '{column}' is not a string")
     text = row[column]
+    if has_lone_surrogate(text):
+        raise UserError(f"{where}: field '{column}' holds a lone surrogate escape, which is not text; fix it")
+    return text.replace("\r\n", "\n")
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """JSON can escape half of a surrogate pair (\\ud800) on its own: a string no UTF-8 can hold."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # JSON can escape half of a surrogate pair (\ud800) on its own
-        raise UserError(f"{where}: field '{column}' holds a lone surrogate escape, which is not text; fix it") from None
-    return text.replace("\r\n", "\n")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _text_file_pieces(path: Path) -> Iterator[Piece]:

@@ -44,7 +44,24 @@ def test_the_checkpoint_keeps_the_pretraining_corpus_and_records_the_chat_data(c
         ([], "no messages"),
         ([{"content": "hi"}], "no role"),
         ([{"role": "robot", "content": "hi"}], "unknown role"),
-        ([{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}], "empty content"),
+        ([{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}], "message 1 has empty content"),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}],
+            "message 2 has content that is a number, not text",
+        ),
+        (
+            [{"role": "user", "content": {"text": "d"}}, {"role": "assistant", "content": "x"}],
+            "content that is an object, not text",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": 5}]}, {"role": "assistant", "content": "x"}],
+            "no text in them",
+        ),
+        ([{"role": "user"}, {"role": "assistant", "content": "x"}], "message 1 has no content"),
+        (
+            [{"role": "user", "content": "half \ud800"}, {"role": "assistant", "content": "x"}],
+            "message 1 holds a lone surrogate escape",
+        ),
         ([{"role": "assistant", "content": "x"}], "do not alternate"),
         (
             [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
@@ -57,6 +74,19 @@ def test_the_checkpoint_keeps_the_pretraining_corpus_and_records_the_chat_data(c
 def test_malformed_conversations_are_named(messages, problem):
     conversation_, reason = check(messages)
     assert conversation_ is None and problem in reason
+
+
+def test_a_lone_surrogate_escape_skips_its_conversation_with_its_line(tmp_path):
+    """--data refuses a .jsonl line with "\\ud800" (no UTF-8 holds it); --chat-data skips and lists it."""
+    path = tmp_path / "chats.jsonl"
+    lines = [json.dumps(conversation(q, a)) for q, a in PAIRS]
+    lines[1] = lines[1].replace("lantern", "lan\\ud800tern")  # the JSON escape, as a file would hold it
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_conversations(str(path))
+    assert len(loaded.train) + len(loaded.val) == 3
+    assert loaded.problems == [
+        f"{path} line 2: message 1 holds a lone surrogate escape (such as \\ud800), which is not text"
+    ]
 
 
 def test_well_formed_conversations_pass_and_lose_an_unanswered_last_message():
