@@ -3,11 +3,13 @@
 `--chat-data SOURCE` takes:
     builtin             the offline set generated from the built-in corpus (data/builtin_chat.py)
     file.jsonl          one {"messages": [{"role": ..., "content": ...}, ...]} per line (OpenAI style)
+    file.parquet        a Parquet table with a messages column (`--messages-column`)
     owner/name[:conf]   a Hugging Face dataset with a messages column (`--messages-column`), streamed
                         (a local folder laid out as a dataset repository works too)
 
 A conversation is kept only if it is well formed: a list of messages, each with a role of
-system/user/assistant and non-empty text content; a system message only first; user and
+system/user/assistant and non-empty text content (a string, or a list of text parts; a lone
+surrogate escape, which no UTF-8 holds, is not text); a system message only first; user and
 assistant turns alternating, starting with the user; at least one assistant reply. A trailing
 user message (no reply to learn) is dropped. Anything else is skipped and reported with its line
 number (or row index), never half-used; if nothing usable is left, that is an error.
@@ -23,11 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.sources import missing_local_path, read_jsonl
+from data.sources import has_lone_surrogate, missing_local_path, open_parquet, read_jsonl
 from model.chat_template import message_text
 from model.errors import UserError
 
 Conversation = list[dict]
+KINDS = "builtin, a .jsonl or .parquet file of conversations, a dataset folder, or a Hugging Face dataset name"
 
 
 @dataclass
@@ -38,9 +41,7 @@ class ConversationSet:
     problems: list[str] = field(default_factory=list)  # "line 7: empty content", one per skipped conversation
 
 
-def load_conversations(
-    spec: str, messages_column: str = "messages", max_conversations: int | None = None
-) -> ConversationSet:
+def load_conversations(spec: str, messages_column: str = "messages") -> ConversationSet:
     if spec == "builtin":
         from data.builtin_chat import builtin_conversations
 
@@ -48,10 +49,10 @@ def load_conversations(
         return _checked("builtin chat set", rows, None)
     path = Path(spec)
     if path.is_file():
-        return _checked(str(path), _jsonl_rows(path, messages_column), None)
+        return _checked(str(path), _file_rows(path, messages_column), None)
     if missing_local_path(spec):
-        raise UserError(f"{spec} does not exist; give a .jsonl file of conversations, builtin, or a dataset name")
-    return _hub_conversations(spec, messages_column, max_conversations)  # a hub name, or a local dataset folder
+        raise UserError(f"{spec} does not exist; --chat-data takes {KINDS}")
+    return _hub_conversations(spec, messages_column)  # a hub name, or a local dataset folder
 
 
 class BrokenJSON(str):
@@ -72,7 +73,9 @@ def check(messages: object) -> tuple[Conversation | None, str | None]:
         if role not in ("system", "user", "assistant"):
             return None, f"message {index + 1} has unknown role '{role}'"
         if not content.strip():
-            return None, f"message {index + 1} has empty content"
+            return None, f"message {index + 1} {_no_text(message.get('content'))}"
+        if has_lone_surrogate(content):  # --data refuses the same; here the conversation is skipped and listed
+            return None, f"message {index + 1} holds a lone surrogate escape (such as \\ud800), which is not text"
         cleaned.append({"role": role, "content": content})
     system = cleaned[:1] if cleaned[0]["role"] == "system" else []
     turns = cleaned[len(system) :]
@@ -89,26 +92,69 @@ def check(messages: object) -> tuple[Conversation | None, str | None]:
     return system + turns, None
 
 
+def _no_text(content: object) -> str:
+    """Why a message's content gave no text, in JSON's words (a number is not "empty")."""
+    if content is None:
+        return "has no content"
+    if isinstance(content, str):
+        return "has empty content"
+    if isinstance(content, list):
+        return "has a list of content parts with no text in them"
+    what = {bool: "true or false", int: "a number", float: "a number", dict: "an object"}.get(type(content))
+    return f"has content that is {what or type(content).__name__}, not text"
+
+
 def _checked(description: str, rows, val_rows) -> ConversationSet:
-    good, problems = [], []
+    """The usable conversations of `rows` ((where, messages) pairs) and of a validation split's `val_rows`
+    (None: the last 10% of `rows`), with every one skipped, of either split, listed."""
+    problems: list[str] = []
+    good = _usable(rows, problems)
+    if val_rows is None:
+        if len(good) < 2:
+            raise UserError(
+                f"{description} has {len(good)} usable conversation(s); at least 2 are needed (one to validate on)"
+                + _first(problems)
+            )
+        cut = len(good) - max(1, len(good) // 10)
+        return ConversationSet(description, good[:cut], good[cut:], problems)
+    val = _usable(val_rows, problems)
+    if not good or not val:
+        raise UserError(f"{description} has no usable conversations in its train or validation split{_first(problems)}")
+    return ConversationSet(description, good, val, problems)
+
+
+def _first(problems: list[str]) -> str:
+    return f" (first problem: {problems[0]})" if problems else ""
+
+
+def _usable(rows, problems: list[str]) -> list[Conversation]:
+    """The conversations of `rows` that pass `check`; each one that does not adds a line to `problems`."""
+    good = []
     for where, messages in rows:
         conversation, problem = check(messages)
         if problem:
             problems.append(f"{where}: {problem}")
         else:
             good.append(conversation)
-    first = f" (first problem: {problems[0]})" if problems else ""
-    if val_rows is None:
-        if len(good) < 2:
-            raise UserError(
-                f"{description} has {len(good)} usable conversation(s); at least 2 are needed (one to validate on){first}"
-            )
-        cut = len(good) - max(1, len(good) // 10)
-        return ConversationSet(description, good[:cut], good[cut:], problems)
-    val = [c for c in (check(m)[0] for _, m in val_rows) if c]
-    if not good or not val:
-        raise UserError(f"{description} has no usable conversations in its train or validation split{first}")
-    return ConversationSet(description, good, val, problems)
+    return good
+
+
+def _file_rows(path: Path, column: str):
+    if path.suffix == ".jsonl":
+        return _jsonl_rows(path, column)
+    if path.suffix == ".parquet":
+        return _parquet_rows(path, column)
+    raise UserError(f"{path} is neither a .jsonl nor a .parquet file; --chat-data takes {KINDS}")
+
+
+def _parquet_rows(path: Path, column: str):
+    """A Parquet file's rows, numbered from 0 as a dataset folder holding the same file numbers them."""
+    table = open_parquet(path, column, "--messages-column")
+    index = 0
+    for batch in table.iter_batches(columns=[column], batch_size=1024):
+        for messages in batch.column(0).to_pylist():
+            yield f"{path} row {index}", messages
+            index += 1
 
 
 def _jsonl_rows(path: Path, column: str):
@@ -122,7 +168,9 @@ def _jsonl_rows(path: Path, column: str):
             yield where, row[column]
 
 
-def _hub_conversations(name: str, column: str, limit: int | None) -> ConversationSet:
+def _hub_conversations(name: str, column: str) -> ConversationSet:
+    """Every conversation of the train split and of the validation split, if there is one: the same
+    conversations in a .jsonl file are all read, and a silent cap would leave some out unseen."""
     import datasets
 
     from data.sources import check_hub_dataset
@@ -138,14 +186,11 @@ def _hub_conversations(name: str, column: str, limit: int | None) -> Conversatio
     train_split = next((s for s in ("train", "train_sft") if s in splits), None)
     if train_split is None:
         raise UserError(f"dataset '{dataset_name}' has no train split (it has {list(splits)})")
-    limit = limit or 100_000
 
-    def rows(split: str, count: int):
+    def rows(split: str):
         index = 0
         try:
             for index, row in enumerate(splits[split]):
-                if index >= count:
-                    return
                 if column not in row:
                     raise UserError(
                         f"dataset '{dataset_name}' has no '{column}' column; name it with --messages-column"
@@ -161,8 +206,4 @@ def _hub_conversations(name: str, column: str, limit: int | None) -> Conversatio
             ) from None
 
     held_out = next((s for s in ("validation", "test", "test_sft") if s in splits), None)
-    if held_out is None:
-        return _checked(f"{name} [{train_split}]", list(rows(train_split, limit)), None)
-    return _checked(
-        f"{name} [{train_split}]", list(rows(train_split, limit)), list(rows(held_out, max(1, limit // 10)))
-    )
+    return _checked(f"{name} [{train_split}]", rows(train_split), held_out and rows(held_out))

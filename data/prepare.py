@@ -66,7 +66,11 @@ def prepare(
     cache_dir = Path(cache_dir)
     writable_folder(cache_dir, "the data cache (--cache-dir)")
     source = open_source(data, text_column=text_column, cache_dir=cache_dir, max_bytes=max_bytes)
-    val_source = open_source(val_data, text_column=text_column, cache_dir=cache_dir) if val_data else source.validation
+    val_source = (
+        source.validation
+        if val_data is None
+        else open_source(val_data, text_column=text_column, cache_dir=cache_dir, flag="--val-data")
+    )
     tokenizer_key = tokenizer.fingerprint if tokenizer else f"{tokenizer_kind}:{vocab_size}"
     key_text = json.dumps([PREP_VERSION, source.fingerprint, val_source and val_source.fingerprint, tokenizer_key])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]

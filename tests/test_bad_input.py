@@ -34,6 +34,8 @@ error, usage, ok = expect("error"), expect("usage"), expect("ok")
 BAD_INPUTS = [
     ("train.py", "missing corpus", ["--data", "{bad}/missing.txt"], error("does not exist")),
     ("train.py", "empty corpus", ["--data", "{bad}/empty.txt"], error("no text")),
+    ("train.py", "an empty corpus name (an unset $DATA)", ["--data", ""], error("--data is empty")),
+    ("train.py", "an empty validation name", ["--val-data", ""], error("--val-data is empty")),
     ("train.py", "binary corpus", ["--data", "{bad}/binary.txt"], error("binary")),
     ("train.py", "Latin-1 corpus", ["--data", "{bad}/latin1.txt"], error("not UTF-8")),
     ("train.py", "corpus with a BOM and CRLF line ends", ["--data", "{bad}/bom_crlf.txt", "--max-steps", "2"], ok("done: step 2")),

@@ -64,6 +64,36 @@ def test_preparation_is_cached_and_reused(tmp_path):
     assert np.array_equal(np.asarray(again.tokens("train")), expected)
 
 
+@pytest.mark.parametrize("kind", ["c.txt", "c.jsonl", "c.parquet", "folder"])
+def test_a_changed_file_with_its_old_size_and_time_is_prepared_again(tmp_path, kind):
+    """`cp -p`, `rsync -a` and `tar x` keep a file's size and modification time: the cache must not."""
+    path = tmp_path / kind
+    if kind == "folder":
+        path.mkdir()
+        path = path / "a.txt"
+
+    def write(text: str) -> None:
+        if kind == "c.jsonl":
+            path.write_text(json.dumps({"text": text}) + "\n")
+        elif kind == "c.parquet":
+            pq.write_table(pa.table({"text": [text]}), path)
+        else:
+            path.write_text(text)
+
+    old, new = "old text, " * 50, "new text, " * 50
+    write(old)
+    spec = str(tmp_path / kind)
+    first = prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    stat = path.stat()
+    write(new)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size  # what a `cp -p` over it leaves
+    second = prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert second.folder != first.folder and "new text" in prepared_text(second, "train")
+    os.utime(path)  # touched, text unchanged: the entry is reused
+    assert prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False).folder == second.folder
+
+
 def test_folder_jsonl_and_parquet_sources_give_the_same_documents(tmp_path):
     docs = [make_text(30, seed=i) for i in range(6)]
     folder = tmp_path / "folder"
@@ -120,6 +150,24 @@ def test_a_lone_surrogate_escape_in_jsonl_is_refused_with_its_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\n{"text": "half a pair \\ud800 here"}\n')
     with pytest.raises(UserError, match="d.jsonl line 2: field 'text' holds a lone surrogate escape"):
+        documents(open_source(str(path), cache_dir=tmp_path))
+
+
+@pytest.mark.parametrize("lines, bad_line", [(6, 4), (2000, 1501)])
+def test_a_bad_byte_in_jsonl_is_reported_on_its_own_line(tmp_path, lines, bad_line):
+    """The text-mode reader decodes blocks ahead of the line it hands out: its position is not the line's."""
+    rows = [json.dumps({"text": f"row {n} " + "words " * 10}).encode() for n in range(1, lines + 1)]
+    rows[bad_line - 1] = rows[bad_line - 1].replace(b"row", b"r\xe9w")  # Latin-1's é
+    (tmp_path / "d.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    offset = sum(len(row) + 1 for row in rows[: bad_line - 1]) + 11
+    with pytest.raises(UserError, match=f"not UTF-8 text \\(bad byte at offset {offset:,}, line {bad_line:,}\\)"):
+        documents(open_source(str(tmp_path / "d.jsonl"), cache_dir=tmp_path))
+
+
+def test_a_bad_byte_after_a_character_cut_between_two_reads_is_placed_exactly(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"a\n" * (CHUNK_BYTES // 2 - 1) + b"a" + b"\xc3x")  # \xc3 ends the first read, x cannot follow it
+    with pytest.raises(UserError, match=f"bad byte at offset {CHUNK_BYTES - 1:,}, line {CHUNK_BYTES // 2:,}\\)"):
         documents(open_source(str(path), cache_dir=tmp_path))
 
 
@@ -193,6 +241,15 @@ def test_missing_sources_and_bad_jsonl_are_refused(tmp_path):
     (tmp_path / "nocol.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(UserError, match="--text-column"):
         list(open_source(str(tmp_path / "nocol.jsonl"), cache_dir=tmp_path).pieces())
+
+
+@pytest.mark.parametrize("flag, values", [("--data", dict(data="")), ("--val-data", dict(val_data=" "))])
+def test_an_empty_data_value_is_refused_not_read_as_this_folder(tmp_path, monkeypatch, flag, values):
+    """An unset "$DATA" gives --data '': Path('') is the current folder, which holds text files here."""
+    (tmp_path / "notes.txt").write_text(make_text(100))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"^{flag} is empty; give builtin"):
+        prepare(**{"data": "notes.txt", **values}, tokenizer_kind="char", cache_dir=tmp_path / "c", progress=False)
 
 
 def test_download_is_atomic_and_cached(tmp_path):

@@ -44,7 +44,24 @@ def test_the_checkpoint_keeps_the_pretraining_corpus_and_records_the_chat_data(c
         ([], "no messages"),
         ([{"content": "hi"}], "no role"),
         ([{"role": "robot", "content": "hi"}], "unknown role"),
-        ([{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}], "empty content"),
+        ([{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}], "message 1 has empty content"),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}],
+            "message 2 has content that is a number, not text",
+        ),
+        (
+            [{"role": "user", "content": {"text": "d"}}, {"role": "assistant", "content": "x"}],
+            "content that is an object, not text",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": 5}]}, {"role": "assistant", "content": "x"}],
+            "no text in them",
+        ),
+        ([{"role": "user"}, {"role": "assistant", "content": "x"}], "message 1 has no content"),
+        (
+            [{"role": "user", "content": "half \ud800"}, {"role": "assistant", "content": "x"}],
+            "message 1 holds a lone surrogate escape",
+        ),
         ([{"role": "assistant", "content": "x"}], "do not alternate"),
         (
             [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
@@ -57,6 +74,19 @@ def test_the_checkpoint_keeps_the_pretraining_corpus_and_records_the_chat_data(c
 def test_malformed_conversations_are_named(messages, problem):
     conversation_, reason = check(messages)
     assert conversation_ is None and problem in reason
+
+
+def test_a_lone_surrogate_escape_skips_its_conversation_with_its_line(tmp_path):
+    """--data refuses a .jsonl line with "\\ud800" (no UTF-8 holds it); --chat-data skips and lists it."""
+    path = tmp_path / "chats.jsonl"
+    lines = [json.dumps(conversation(q, a)) for q, a in PAIRS]
+    lines[1] = lines[1].replace("lantern", "lan\\ud800tern")  # the JSON escape, as a file would hold it
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_conversations(str(path))
+    assert len(loaded.train) + len(loaded.val) == 3
+    assert loaded.problems == [
+        f"{path} line 2: message 1 holds a lone surrogate escape (such as \\ud800), which is not text"
+    ]
 
 
 def test_well_formed_conversations_pass_and_lose_an_unanswered_last_message():
@@ -143,6 +173,48 @@ def test_hub_chat_dataset_loader_reads_a_local_dataset_repository(tmp_path):
     assert len(loaded.problems) == 1 and "row 12: no assistant reply" in loaded.problems[0]
     with pytest.raises(UserError, match="--messages-column"):
         load_conversations(str(repo.parent), messages_column="conversation")
+
+
+def test_a_dataset_folder_is_read_whole_and_its_validation_split_reports_what_it_skips(tmp_path):
+    """No silent cap (it was 100,000 conversations, and a tenth of that for validation): the same
+    conversations in a .jsonl file are all read. Skipped validation rows are listed like training's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "owner_chat" / "data"
+    repo.mkdir(parents=True)
+    short = conversation("q", "a")["messages"]
+    pq.write_table(pa.table({"messages": [short] * 100_001}), repo / "train-00000-of-00001.parquet")
+    unanswered = [{"role": "user", "content": "no reply"}]
+    pq.write_table(pa.table({"messages": [short] * 10_001 + [unanswered]}), repo / "test-00000-of-00001.parquet")
+    loaded = load_conversations(str(repo.parent))
+    assert (len(loaded.train), len(loaded.val)) == (100_001, 10_001)
+    assert loaded.problems == [f"{repo.parent} [test] row 10001: no assistant reply"]
+
+
+def test_a_parquet_file_reads_as_the_dataset_folder_holding_it_and_other_files_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "owner_chat" / "data"
+    folder.mkdir(parents=True)
+    rows = [conversation(q, a)["messages"] for q, a in PAIRS] * 3 + [[{"role": "user", "content": "no reply"}]]
+    pq.write_table(pa.table({"messages": rows}), folder / "train-00000-of-00001.parquet")
+    as_file = load_conversations(str(folder / "train-00000-of-00001.parquet"))
+    as_folder = load_conversations(str(folder.parent))
+    assert (as_file.train, as_file.val) == (as_folder.train, as_folder.val) and len(as_file.train) == 11
+    assert as_file.problems == [f"{folder / 'train-00000-of-00001.parquet'} row 12: no assistant reply"]
+    with pytest.raises(UserError, match="has no column 'conversation' .*; use --messages-column"):
+        load_conversations(str(folder / "train-00000-of-00001.parquet"), messages_column="conversation")
+    (tmp_path / "damaged.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match="damaged.parquet is not a readable Parquet file"):
+        load_conversations(str(tmp_path / "damaged.parquet"))
+    (tmp_path / "array.json").write_text(json.dumps([conversation(q, a) for q, a in PAIRS]))
+    with pytest.raises(
+        UserError,
+        match=r"^\S+array.json is neither a .jsonl nor a .parquet file; --chat-data takes builtin, a .jsonl or .parquet file",
+    ):
+        load_conversations(str(tmp_path / "array.json"))
 
 
 def test_the_sample_question_is_one_that_leaves_room_for_a_reply(tiny_run, tmp_path):
