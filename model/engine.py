@@ -96,10 +96,11 @@ class TextStream:
 
     def push(self, data: bytes, final: bool = False) -> str:
         self.text += self.decoder.decode(data, final=final)
-        for stop in self.stops:
-            found = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if found != -1:
-                self.text, self.stopped, final = self.text[:found], True, True
+        # The earliest match of any stop: cutting at each stop in turn could cut at a later one
+        # first, leaving the start of an earlier one in the text.
+        starts = [self.text.find(stop, max(0, self.emitted - len(stop))) for stop in self.stops]
+        if found := [start for start in starts if start != -1]:
+            self.text, self.stopped, final = self.text[: min(found)], True, True
         safe = len(self.text) if final else len(self.text) - self._held_back()
         piece, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
         return piece

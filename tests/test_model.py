@@ -269,6 +269,21 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_stops():
         ["ab"], SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=10, top_p=0.9, seed=7, stop=(stop,))
     )
     assert stopped[0] == text[: text.find(stop)]
+    longer, shorter = text[4:8], text[6:8]  # the shorter one ends inside the longer one
+    earliest = text[: min(text.find(longer), text.find(shorter))]
+    for stops in ((shorter, longer), (longer, shorter)):
+        sampling = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=10, top_p=0.9, seed=7, stop=stops)
+        assert engine.generate(["ab"], sampling)[0] == earliest, stops
+
+
+@pytest.mark.parametrize("stops", [("he", "the"), ("the", "he")])
+def test_several_stops_cut_at_the_earliest_match_whatever_their_order(stops):
+    from model.engine import TextStream
+
+    for pieces in ([b"And the end"], [b"And t", b"he end"], [b"And th", b"e end"]):
+        stream = TextStream(stops)
+        text = "".join(stream.push(piece) for piece in pieces) + stream.push(b"", final=True)
+        assert text == "And " and stream.stopped, (pieces, text)
 
 
 def sampler_for(draw: str, **knobs) -> Sampler:
