@@ -101,6 +101,7 @@ def main() -> None:
     if args.chat:
         chat(engine, checkpoint.meta, sampling, args.system)
         return
+    check_fits(engine, args.num_samples)
     prompt = read_prompt(args)
     tokens = engine.encode_prompt(prompt)
     if len(tokens) > engine.context:
@@ -121,6 +122,20 @@ def main() -> None:
     for number in range(1, args.num_samples):
         out.write(f"--- sample {number + 1} ---\n{prompt}{texts[number]}\n")
     out.flush()
+
+
+def check_fits(engine, samples: int) -> None:
+    """Refuse, before anything is allocated, more samples than their key/value cache leaves memory for
+    (all samples are one batch, each row with a cache of the whole context), as train.py refuses a run."""
+    from training.memory import available_bytes
+
+    per_sample, free = engine.cache_bytes(1), available_bytes()
+    if samples * per_sample > free:
+        raise UserError(
+            f"--num-samples {samples:,} needs about {samples * per_sample / 2**30:,.1f} GB for the key/value cache "
+            f"({per_sample / 2**20:,.2f} MB a sample) but {free / 2**30:,.1f} GB are free: ask for fewer "
+            f"(the cache alone leaves room for {free // per_sample:,}), or run the command several times"
+        )
 
 
 def chat(engine, meta: dict, sampling, system: str) -> None:

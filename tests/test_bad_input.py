@@ -75,6 +75,7 @@ BAD_INPUTS = [
     ("sample.py", "negative top-k", ["--top-k", "-3"], error("top-k")),
     ("sample.py", "zero new tokens", ["--max-new-tokens", "0"], error("max new tokens")),
     ("sample.py", "zero samples", ["--num-samples", "0"], error("num-samples")),
+    ("sample.py", "more samples than memory holds", ["--num-samples", str(10**7)], error(r"needs about .* GB for the key/value cache .* GB are free: ask for fewer")),
     ("sample.py", "unknown flag", ["--temp", "0.5", "--frobnicate"], usage("unrecognized arguments")),
     ("sample.py", "missing prompt file", ["--prompt-file", "{bad}/nope.txt"], error("does not exist")),
     ("sample.py", "a system prompt longer than the context, before any message", ["--chat", "--system", "word " * 3000], error("the system prompt alone is longer")),
