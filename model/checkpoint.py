@@ -65,8 +65,8 @@ class Checkpoint:
 
     def load_model(self, device: torch.device | str = "cpu") -> GPT:
         model = GPT(self.model_config)
-        try:
-            load_model(model, self.folder / "model.safetensors", strict=True, device=str(device))
+        try:  # on the CPU, so that an error here is the file's and not the device's
+            load_model(model, self.folder / "model.safetensors", strict=True)
         except (SafetensorError, RuntimeError) as error:
             first = str(error).strip().splitlines()[-1].strip()[:200]  # torch lists every mismatch on its own line
             raise UserError(

@@ -82,6 +82,8 @@ BAD_INPUTS = [
     ("sample.py", "a folder for a prompt file", ["--prompt-file", "{bad}"], error("is a folder")),
     ("sample.py", "a seed too large", ["--seed", str(10**30)], error(r"seed must be in \[0, 2\*\*64\)")),
     ("sample.py", "a device that does not exist", ["--device", "mps"], error("not a device this machine has")),
+    ("sample.py", "a device without data", ["--device", "meta"], error("--device meta is not a device this machine has")),
+    ("model.evaluate", "a second CPU", ["--text", "{bad}/bom_crlf.txt", "--device", "cpu:1"], error("--device cpu:1 is not a device this machine has")),
     ("sample.py", "binary prompt file", ["--prompt-file", "{bad}/binary.txt"], error("not UTF-8")),
     ("sample.py", "a prompt of special-token text", ["--prompt", SPECIALS, "--max-new-tokens", "3"], ok("^" + re.escape(SPECIALS))),
     ("sample.py", "a prompt file with a BOM and CRLF", ["--prompt-file", "{bad}/bom_crlf.txt", "--max-new-tokens", "3"], ok("^Old stone river.\nThe lantern")),

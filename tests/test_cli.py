@@ -143,6 +143,15 @@ def test_incomplete_and_incompatible_checkpoints_are_refused(tiny_run, tmp_path)
     assert_clean_error(result, "no checkpoint found")
 
 
+def test_an_error_of_the_device_is_not_blamed_on_the_checkpoint(tiny_run):
+    """The weights are read on the CPU and then moved: an error of the file is the file's, and a
+    device that cannot hold them is no sign of damage (meta holds them without their data)."""
+    from model.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tiny_run).load_model("meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 def test_without_a_c_compiler_sampling_falls_back_to_the_pytorch_step_with_a_note(tiny_run, tmp_path):
     args = ["sample.py", "--checkpoint", str(tiny_run), "--prompt", "The", "--max-new-tokens", "30"]
     args += ["--temperature", "0", "--dtype", "fp32", "--no-int8-weights"]  # fp32: both steps compute the same logits
