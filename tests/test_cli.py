@@ -143,6 +143,27 @@ def test_incomplete_and_incompatible_checkpoints_are_refused(tiny_run, tmp_path)
     assert_clean_error(result, "no checkpoint found")
 
 
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tiny_run, tmp_path):
+    """Tokenizer files from another run, their checksums updated: the first special token's id would
+    be past the model's embedding (an IndexError in sample.py and model.evaluate)."""
+    from model.checkpoint import _sha256
+    from model.tokenizer import Tokenizer
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(next(tiny_run.glob("step-*")), folder)
+    tokenizer = Tokenizer.load(folder)
+    extra = {f"extra {i}".encode(): len(tokenizer.ranks) + i for i in range(100)}
+    Tokenizer(tokenizer.kind, tokenizer.pattern, {**tokenizer.ranks, **extra}).save(folder)
+    meta = json.loads((folder / "checkpoint.json").read_text())
+    meta["files"].update({name: _sha256(folder / name) for name in ("tokenizer.json", "tokenizer.tiktoken")})
+    (folder / "checkpoint.json").write_text(json.dumps(meta))
+    message = r"tokenizer.tiktoken has \d+ ids but the model has \d+; the checkpoint is damaged"
+    assert_clean_error(run_script("sample.py", "--checkpoint", str(folder), "--max-new-tokens", "3"), message)
+    (tmp_path / "text.txt").write_text("The river runs.")
+    evaluate = run_script("-m", "model.evaluate", "--checkpoint", str(folder), "--text", str(tmp_path / "text.txt"))
+    assert_clean_error(evaluate, message)
+
+
 def test_an_error_of_the_device_is_not_blamed_on_the_checkpoint(tiny_run):
     """The weights are read on the CPU and then moved: an error of the file is the file's, and a
     device that cannot hold them is no sign of damage (meta holds them without their data)."""
