@@ -202,6 +202,10 @@ def resolve(path: Path | str, latest: bool = False) -> Path:
         return target
     if (path / "checkpoint.json").is_file():
         return path
+    if path.is_file():  # a file of a checkpoint (model.safetensors), or of a run (metrics.jsonl)?
+        holds = (path.parent / "checkpoint.json").is_file() or (path.parent / POINTER).is_file()
+        where = f"pass its folder, {path.parent}" if holds else "pass a run folder or a checkpoint folder"
+        raise UserError(f"{path} is a file, not a checkpoint: {where}")
     raise UserError(f"{path} is not a checkpoint: it has neither {POINTER} nor checkpoint.json")
 
 

@@ -122,6 +122,21 @@ def test_help_explains_every_flag():
     assert result.returncode == 0 and "--max-minutes" in result.stdout and "--preset" in result.stdout
 
 
+def test_sample_help_shows_each_default_once_and_no_empty_ones():
+    result = run_script("sample.py", "--help")
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines anywhere
+    assert "(default: None)" not in help_text and "(default: )" not in help_text and "(default: [])" not in help_text
+    assert ") (default:" not in help_text and "(default: 256)" in help_text  # one default a flag
+
+
+def test_sample_writes_what_the_output_encoding_lacks_as_question_marks(tiny_run):
+    args = ["sample.py", "--checkpoint", str(tiny_run), "--prompt", "café — ok", "--max-new-tokens", "20"]
+    result = run_script(*args, "--seed", "1", env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("caf? ? ok") and result.stdout.isascii()
+
+
 def test_a_prompt_longer_than_the_context_is_cut_to_its_newest_tokens_with_a_note(tiny_run):
     result = run_script("sample.py", "--checkpoint", str(tiny_run), "--prompt", "word " * 400, "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
