@@ -8,7 +8,8 @@ Design decisions:
 - Inverse-CDF sampling: each draw takes one uniform number u in [0, 1) and picks the first token
   whose running probability exceeds it. The same distribution as `torch.multinomial`, cheaper, and
   the numbers come from one seeded torch generator per call whether they are drawn one token at a
-  time or many at once, so a seed gives the same text in C and in PyTorch.
+  time or many at once, so the same logits and seed give the same tokens in C and in PyTorch (the
+  decode steps that compute the logits agree exactly only in fp32 without int8 weights: model/decoder.py).
 - Only the special tokens that end generation (end of turn, document separator) may be drawn; the
   others (turn markers, reserved ids) would mean nothing inside generated text.
 """

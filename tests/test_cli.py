@@ -196,5 +196,15 @@ def test_without_a_c_compiler_sampling_falls_back_to_the_pytorch_step_with_a_not
     assert compiled.returncode == 0 and fallback.returncode == 0, fallback.stderr
     assert "PyTorch decode step" not in compiled.stderr
     note = [line for line in fallback.stderr.splitlines() if "PyTorch decode step" in line]
-    assert len(note) == 1 and "no-such-compiler" in note[0] and "Traceback" not in fallback.stderr
+    assert len(note) == 1 and "no-such-compiler' names no program that is installed" in note[0]
+    assert "Traceback" not in fallback.stderr
     assert fallback.stdout == compiled.stdout and len(compiled.stdout) > len("The")
+
+
+def test_a_compiler_command_of_several_words_in_cc_builds_the_c_step(tiny_run):
+    """CC="ccache gcc" is a command, as make and the shell read it, not one program's name."""
+    wrapped = f"env {shutil.which('cc') or shutil.which('gcc')}"  # a wrapper every system has
+    args = ["sample.py", "--checkpoint", str(tiny_run), "--prompt", "The", "--max-new-tokens", "5"]
+    result = run_script(*args, env={"CC": wrapped})
+    assert result.returncode == 0, result.stderr
+    assert "PyTorch decode step" not in result.stderr
