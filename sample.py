@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 from model.errors import UserError, run_cli
-from model.flags import add_device_flags
+from model.flags import HelpFormatter, add_device_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Generate text from a trained checkpoint.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description="Generate text from a trained checkpoint.", formatter_class=HelpFormatter
     )
     parser.add_argument(
         "--checkpoint", help="run folder or checkpoint folder (default: the newest run under --out-root)"
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out-root", default="out", help="where to look for the newest run when --checkpoint is not given"
     )
-    parser.add_argument("--prompt", default="", help="text to continue; '-' reads it from standard input")
+    parser.add_argument("--prompt", help="text to continue; '-' reads it from standard input")
     parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 file ('-' for standard input)")
     parser.add_argument("--num-samples", type=int, default=1, help="how many samples to generate (as one batch)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per sample")
@@ -48,15 +48,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     parser.add_argument("--chat", action="store_true", help="chat: read user messages, print the model's replies")
-    parser.add_argument("--system", default="", help="system prompt for --chat")
+    parser.add_argument("--system", help="system prompt for --chat")
     add_device_flags(parser)
     return parser
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that would be ignored, or would fight over the prompt, before anything loads."""
+    if args.system is not None and not args.chat:
+        raise UserError("--system is the system prompt of --chat; add --chat, or leave --system out")
+    chat_ignores = {"--prompt": args.prompt is not None, "--prompt-file": args.prompt_file is not None}
+    chat_ignores["--num-samples"] = args.num_samples != 1
+    for flag, given in chat_ignores.items():
+        if args.chat and given:
+            raise UserError(f"--chat reads each message from standard input and writes one reply; leave out {flag}")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give the prompt with --prompt or with --prompt-file, not both")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system), *(("--stop", t) for t in args.stop)):
+        if text is not None and not is_utf8(text):
+            raise UserError(f"the text of {flag} is not UTF-8 text; give it in UTF-8")
+
+
+def is_utf8(typed: str) -> bool:
+    """Whether a command-line argument was valid UTF-8: Python keeps argv's other bytes as lone
+    surrogates, which would reach the model as U+FFFD while the raw byte is echoed."""
+    try:
+        typed.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_prompt(args: argparse.Namespace) -> str:
     source = args.prompt_file or (args.prompt if args.prompt == "-" else None)
     if source is None:
-        return args.prompt
+        return args.prompt or ""
     if source == "-":
         data = sys.stdin.buffer.read()
         where = "standard input"
@@ -94,13 +120,15 @@ def main() -> None:
     sampling.validate()
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    check_flags(args)
     checkpoint = load_checkpoint(args.checkpoint or newest_run(args.out_root))
     device = pick_device(args.device)
     model, tokenizer = checkpoint.load_model(device), checkpoint.load_tokenizer()
     engine = Engine(model, tokenizer, pick_dtype(device, args.dtype), int8_weights=args.int8_weights)
     if args.chat:
-        chat(engine, checkpoint.meta, sampling, args.system)
+        chat(engine, checkpoint.meta, sampling, args.system or "")
         return
+    check_fits(engine, args.num_samples)
     prompt = read_prompt(args)
     tokens = engine.encode_prompt(prompt)
     if len(tokens) > engine.context:
@@ -121,6 +149,20 @@ def main() -> None:
     for number in range(1, args.num_samples):
         out.write(f"--- sample {number + 1} ---\n{prompt}{texts[number]}\n")
     out.flush()
+
+
+def check_fits(engine, samples: int) -> None:
+    """Refuse, before anything is allocated, more samples than their key/value cache leaves memory for
+    (all samples are one batch, each row with a cache of the whole context), as train.py refuses a run."""
+    from training.memory import available_bytes
+
+    per_sample, free = engine.cache_bytes(1), available_bytes()
+    if samples * per_sample > free:
+        raise UserError(
+            f"--num-samples {samples:,} needs about {samples * per_sample / 2**30:,.1f} GB for the key/value cache "
+            f"({per_sample / 2**20:,.2f} MB a sample) but {free / 2**30:,.1f} GB are free: ask for fewer "
+            f"(the cache alone leaves room for {free // per_sample:,}), or run the command several times"
+        )
 
 
 def chat(engine, meta: dict, sampling, system: str) -> None:

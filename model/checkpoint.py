@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from model.errors import UserError
@@ -45,6 +46,7 @@ POINTER = "LATEST"
 BEST = "BEST"
 METRICS = "metrics.jsonl"
 LOCK = ".lock"  # held by the training process writing the run (training/run_lock.py)
+MAX_CONTEXT = 2**20  # tokens; far past what a CPU trains, and a bound a damaged config cannot pass
 STEP_FOLDER = re.compile(r"step-\d{7}\+*")  # step-NNNNNNN, with a + per same-step save
 
 
@@ -62,12 +64,20 @@ class Checkpoint:
         return self.meta["step"]
 
     def load_tokenizer(self) -> Tokenizer:
-        return Tokenizer.load(self.folder)
+        """The tokenizer, refused if it has ids the model has no embedding for (they would fail as an
+        IndexError at the first special token; a model may have more rows than its tokenizer uses)."""
+        tokenizer = Tokenizer.load(self.folder)
+        if tokenizer.n_vocab > self.model_config.vocab_size:
+            raise UserError(
+                f"{self.folder / 'tokenizer.tiktoken'} has {tokenizer.n_vocab} ids but the model has "
+                f"{self.model_config.vocab_size}; the checkpoint is damaged"
+            )
+        return tokenizer
 
     def load_model(self, device: torch.device | str = "cpu") -> GPT:
         model = GPT(self.model_config)
-        try:
-            load_model(model, self.folder / "model.safetensors", strict=True, device=str(device))
+        try:  # on the CPU, so that an error here is the file's and not the device's
+            load_model(model, self.folder / "model.safetensors", strict=True)
         except (SafetensorError, RuntimeError) as error:
             first = str(error).strip().splitlines()[-1].strip()[:200]  # torch lists every mismatch on its own line
             raise UserError(
@@ -193,6 +203,10 @@ def resolve(path: Path | str, latest: bool = False) -> Path:
         return target
     if (path / "checkpoint.json").is_file():
         return path
+    if path.is_file():  # a file of a checkpoint (model.safetensors), or of a run (metrics.jsonl)?
+        holds = (path.parent / "checkpoint.json").is_file() or (path.parent / POINTER).is_file()
+        where = f"pass its folder, {path.parent}" if holds else "pass a run folder or a checkpoint folder"
+        raise UserError(f"{path} is a file, not a checkpoint: {where}")
     raise UserError(f"{path} is not a checkpoint: it has neither {POINTER} nor checkpoint.json")
 
 
@@ -240,6 +254,29 @@ def _check_shape(folder: Path, meta: dict) -> None:
         raise UserError(
             f"{folder / 'checkpoint.json'} records sizes that are not positive whole numbers; it is damaged"
         )
+    # Checked before the model is built, which allocates what the config says (the rotary tables
+    # alone are 16 bytes per position and dimension): a config larger than its weights would end in
+    # an allocator's traceback, or in the kernel's out-of-memory killer.
+    if config.context > MAX_CONTEXT:
+        raise UserError(
+            f"{folder / 'checkpoint.json'} records a context of {config.context:,} tokens, more than the "
+            f"{MAX_CONTEXT:,} this code runs; it is damaged"
+        )
+    stored = _parameters_in(folder / "model.safetensors")
+    if stored != config.num_parameters():
+        raise UserError(
+            f"{folder / 'checkpoint.json'} describes a model of {config.num_parameters():,} parameters but "
+            f"model.safetensors holds {stored:,}; the checkpoint is damaged"
+        )
+
+
+def _parameters_in(path: Path) -> int:
+    """How many numbers a safetensors file holds, read from its header alone."""
+    try:
+        with safe_open(str(path), "pt") as file:
+            return sum(math.prod(file.get_slice(name).get_shape()) for name in file.keys())
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path} cannot be read: {error}; it is damaged") from None
 
 
 def newest_run(root: Path | str = "out") -> Path:

@@ -34,12 +34,23 @@ def pick_device(requested: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    device = _usable(requested)
+    if device is None:
+        raise UserError(f"--device {requested} is not a device this machine has; use auto, cpu or cuda[:N]")
+    return device
+
+
+def _usable(requested: str) -> torch.device | None:
+    """The device `requested` names if a model can run on it, else None. Torch takes more than that:
+    `meta` (tensors without data, which then failed as if the checkpoint were damaged) and `cpu:1`
+    (there is one CPU device), besides backends this build lacks and GPUs past the last one. An Apple
+    GPU (`mps`) that allocates is taken as asked for, as it was before these checks."""
     try:
         device = torch.device(requested)
-        torch.empty(1, device=device)  # an index past the GPUs there are, or a backend this build lacks
+        torch.empty(1, device=device)
     except (RuntimeError, AssertionError, NotImplementedError):
-        raise UserError(f"--device {requested} is not a device this machine has; use auto, cpu or cuda[:N]") from None
-    return device
+        return None
+    return device if device.type in ("cuda", "mps") or str(device) in ("cpu", "cpu:0") else None
 
 
 def cpu_info(field: str) -> str:

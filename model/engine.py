@@ -96,10 +96,11 @@ class TextStream:
 
     def push(self, data: bytes, final: bool = False) -> str:
         self.text += self.decoder.decode(data, final=final)
-        for stop in self.stops:
-            found = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if found != -1:
-                self.text, self.stopped, final = self.text[:found], True, True
+        # The earliest match of any stop: cutting at each stop in turn could cut at a later one
+        # first, leaving the start of an earlier one in the text.
+        starts = [self.text.find(stop, max(0, self.emitted - len(stop))) for stop in self.stops]
+        if found := [start for start in starts if start != -1]:
+            self.text, self.stopped, final = self.text[: min(found)], True, True
         safe = len(self.text) if final else len(self.text) - self._held_back()
         piece, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
         return piece
@@ -141,6 +142,13 @@ class Engine:
         # dtype is the prefill's autocast; int8_weights the C decode step's matrices (model/decoder.py);
         # use_c=False chooses the PyTorch decode step, for comparison.
         self.decoder = FusedDecoder(model, int8_weights, use_c)
+        self.kv_dtype = torch.bfloat16 if dtype == torch.bfloat16 and self.decoder.native else torch.float32
+
+    def cache_bytes(self, rows: int) -> int:
+        """Bytes of the key/value cache that a call with `rows` prompts allocates: keys and values of
+        every layer for `context` positions of each row, whatever the prompts' lengths."""
+        c = self.model.config
+        return 2 * c.n_layer * rows * c.n_kv_head * self.context * c.head_dim * self.kv_dtype.itemsize
 
     def encode_prompt(self, text: str) -> list[int]:
         """A text prompt as the start of a document, the way training data begins."""
@@ -206,8 +214,9 @@ class Engine:
         """Fill a fresh cache with `tokens` (B, T); returns it and the logits of the last position."""
         config = self.model.config
         B, T = tokens.shape
-        kv_dtype = torch.bfloat16 if self.dtype == torch.bfloat16 and self.decoder.native else torch.float32
-        cache = KVCache(config.n_layer, B, config.n_kv_head, self.context, config.head_dim, tokens.device, kv_dtype)
+        cache = KVCache(
+            config.n_layer, B, config.n_kv_head, self.context, config.head_dim, tokens.device, self.kv_dtype
+        )
         cache.positions = (valid.cumsum(dim=1) - 1).clamp(min=0)
         padded = not valid.all()
         if self.decoder.native and T <= SHORT_PROMPT and not padded:  # a token at a time

@@ -8,6 +8,7 @@ status 2, so a user never sees a traceback for their own mistake. Bugs still rai
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -20,6 +21,11 @@ class UserError(Exception):
 def run_cli(main: Callable[[], None]) -> None:
     """Run an entry point, turning `UserError` and Ctrl-C into a one-line message and an exit code
     (and a closed output pipe into a quiet exit)."""
+    for stream in (sys.stdout, sys.stderr):
+        # A character the output's encoding lacks (a model's 'café' under PYTHONIOENCODING=ascii, or
+        # a lone surrogate) is written as '?' rather than ending the program with UnicodeEncodeError.
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
     try:
         main()
     except UserError as error:

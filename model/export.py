@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from model.chat_template import TurnsTemplate, template_for
 from model.errors import UserError, run_cli
 from model.files import WRITE_ERRORS, fsync_folder, remove_abandoned, settle_files, temporary_name, writable_folder
+from model.flags import HelpFormatter
 from model.gpt import GPT, ModelConfig
 from model.sampling import SamplingConfig
 from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, SPECIAL_TOKENS, Tokenizer, _bytes_to_unicode
@@ -312,7 +313,7 @@ def _put_in_place(tmp: Path, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Export a checkpoint to a Hugging Face transformers folder (Qwen3 architecture).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, help="run folder (its best checkpoint) or checkpoint folder")
     parser.add_argument("--out", required=True, help="folder to create for the exported model")

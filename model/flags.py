@@ -10,6 +10,17 @@ from __future__ import annotations
 import argparse
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after a flag's help, except where it would say nothing (no value, an
+    empty one, a switch that is off) or repeat what the help says of the default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        empty = action.default is None or action.default is False or action.default in ("", [])
+        if empty or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_device_flags(parser: argparse.ArgumentParser, decoding: bool = True) -> None:
     """--device and --dtype; with `decoding`, also --int8-weights (add_int8_weights_flag)."""
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -68,13 +69,27 @@ class Sampling(ctypes.Structure):
     ]
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _compiler() -> list[str]:
+    """The compiler's command: $CC split as a shell splits it (`ccache gcc`, `gcc -m64`), else cc, gcc
+    or clang. Raises OSError with the reason when there is none; a $CC naming a program that is not
+    there is not replaced by another compiler, since it may be set on purpose (the tests set it)."""
+    if typed := os.environ.get("CC"):
+        try:
+            command = shlex.split(typed)
+        except ValueError as error:  # an unclosed quote
+            raise OSError(f"CC={typed!r} cannot be split into a command ({error})") from None
+        if not command or shutil.which(command[0]) is None:
+            raise OSError(f"CC={typed!r} names no program that is installed (set CC to a C compiler, or unset it)")
+        return command
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if found is None:
+        raise OSError("no C compiler found (install gcc or clang, or set CC)")
+    return [found]
 
 
-def _library_path(compiler: str, flags: list[str]) -> Path:
+def _library_path(compiler: list[str], flags: list[str]) -> Path:
     processor = [platform.machine(), platform.processor(), cpu_info("model name"), cpu_info("flags")]
-    identity = "\n".join([SOURCE.read_text(), compiler, *flags, *processor])
+    identity = "\n".join([SOURCE.read_text(), *compiler, *flags, *processor])
     name = f"decode_step-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     try:
         BUILD_DIR.mkdir(exist_ok=True)
@@ -85,7 +100,7 @@ def _library_path(compiler: str, flags: list[str]) -> Path:
     return Path(tempfile.gettempdir()) / name
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: list[str]) -> Path:
     """Compile (if not already cached) and return the library's path; raises OSError with the reason."""
     error = ""
     for flags in (FLAGS + TUNED, FLAGS):
@@ -95,7 +110,7 @@ def _build(compiler: str) -> Path:
         partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
+                [*compiler, *flags, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True, text=True, timeout=120
             )
             if result.returncode == 0:
                 os.replace(partial, path)
@@ -105,17 +120,14 @@ def _build(compiler: str) -> Path:
             error = str(failure)
         finally:
             partial.unlink(missing_ok=True)
-    raise OSError(f"{compiler} could not build {SOURCE.name}: {error}")
+    raise OSError(f"{shlex.join(compiler)} could not build {SOURCE.name}: {error}")
 
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled decode step, or None (with a one-line note on stderr) when it cannot be had."""
-    compiler = _compiler()
     try:
-        if compiler is None:
-            raise OSError("no C compiler found (install gcc or clang, or set CC)")
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = ctypes.CDLL(str(_build(_compiler())))
     except OSError as reason:
         print(f"note: generation uses the slower PyTorch decode step: {reason}", file=sys.stderr)
         return None

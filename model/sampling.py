@@ -8,7 +8,8 @@ Design decisions:
 - Inverse-CDF sampling: each draw takes one uniform number u in [0, 1) and picks the first token
   whose running probability exceeds it. The same distribution as `torch.multinomial`, cheaper, and
   the numbers come from one seeded torch generator per call whether they are drawn one token at a
-  time or many at once, so a seed gives the same text in C and in PyTorch.
+  time or many at once, so the same logits and seed give the same tokens in C and in PyTorch (the
+  decode steps that compute the logits agree exactly only in fp32 without int8 weights: model/decoder.py).
 - Only the special tokens that end generation (end of turn, document separator) may be drawn; the
   others (turn markers, reserved ids) would mean nothing inside generated text.
 """
@@ -47,6 +48,12 @@ class SamplingConfig:
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise UserError(f"the seed must be in [0, 2**64), got {self.seed}")
 
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0, or one below float32's smallest normal number, which the C draw reads as 0
+        or as a number too small to divide by: both draws then take the likeliest token."""
+        return self.temperature < torch.finfo(torch.float32).tiny
+
 
 class Sampler:
     """One generation call's sampling: its knobs, its random numbers, and which tokens may be drawn
@@ -69,9 +76,9 @@ class Sampler:
         self.library = library
         if library is not None:  # flags over the vocabulary, as decode_step.c reads them
             self.banned_flags, self.stop_flags = self._flags(banned), self._flags(self.stop_ids)
-            self.native = native.Sampling(
-                self.vocab, config.temperature, config.top_k, config.top_p, self.banned_flags.data_ptr()
-            )
+            temperature = 0.0 if config.greedy else config.temperature
+            top_k = min(config.top_k, self.vocab)  # as the C int holds it: a larger k would wrap around
+            self.native = native.Sampling(self.vocab, temperature, top_k, config.top_p, self.banned_flags.data_ptr())
 
     def _flags(self, ids) -> torch.Tensor:
         """One uint8 per token of the vocabulary: 1 for `ids`, 0 for the rest."""
@@ -104,16 +111,19 @@ def reference_draw(logits: torch.Tensor, config: SamplingConfig, u: torch.Tensor
     Greedy at temperature 0; otherwise top-k, then top-p (the smallest set of likeliest tokens that
     holds top_p of the probability; the likeliest always stays), then the inverse CDF of
     softmax(logits / temperature) at u."""
-    if config.temperature == 0:
+    if config.greedy:
         return logits.argmax(dim=-1)
     if config.top_k and config.top_k < logits.size(-1):
         kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # Less the largest logit first, as decode_step.c does: at a tiny temperature logits / temperature
+    # would be +inf and -inf, whose softmax is NaN; this way the likeliest token keeps 0 and the rest -inf.
+    tempered = (logits - logits.amax(dim=-1, keepdim=True)) / config.temperature
     if config.top_p < 1.0:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = torch.softmax(ordered / config.temperature, dim=-1)
+        ordered, order = tempered.sort(dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
         outside = probs.cumsum(dim=-1) - probs > config.top_p
-        logits = torch.empty_like(logits).scatter_(-1, order, ordered.masked_fill(outside, float("-inf")))
-    cdf = torch.softmax(logits / config.temperature, dim=-1).cumsum(dim=-1)
+        tempered = torch.empty_like(tempered).scatter_(-1, order, ordered.masked_fill(outside, float("-inf")))
+    cdf = torch.softmax(tempered, dim=-1).cumsum(dim=-1)
     target = u[:, None] * cdf[:, -1:]  # in [0, total)
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)

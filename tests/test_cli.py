@@ -122,6 +122,22 @@ def test_help_explains_every_flag():
     assert result.returncode == 0 and "--max-minutes" in result.stdout and "--preset" in result.stdout
 
 
+def test_sample_help_shows_each_default_once_and_no_empty_ones():
+    result = run_script("sample.py", "--help")
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines anywhere
+    assert "(default: None)" not in help_text and "(default: )" not in help_text and "(default: [])" not in help_text
+    assert "(default: the newest run under --out-root) (default:" not in help_text  # said once, by the help
+    assert "(default: 256)" in help_text
+
+
+def test_sample_writes_what_the_output_encoding_lacks_as_question_marks(tiny_run):
+    args = ["sample.py", "--checkpoint", str(tiny_run), "--prompt", "café — ok", "--max-new-tokens", "20"]
+    result = run_script(*args, "--seed", "1", env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("caf? ? ok") and result.stdout.isascii()
+
+
 def test_a_prompt_longer_than_the_context_is_cut_to_its_newest_tokens_with_a_note(tiny_run):
     result = run_script("sample.py", "--checkpoint", str(tiny_run), "--prompt", "word " * 400, "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
@@ -143,6 +159,36 @@ def test_incomplete_and_incompatible_checkpoints_are_refused(tiny_run, tmp_path)
     assert_clean_error(result, "no checkpoint found")
 
 
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tiny_run, tmp_path):
+    """Tokenizer files from another run, their checksums updated: the first special token's id would
+    be past the model's embedding (an IndexError in sample.py and model.evaluate)."""
+    from model.checkpoint import _sha256
+    from model.tokenizer import Tokenizer
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(next(tiny_run.glob("step-*")), folder)
+    tokenizer = Tokenizer.load(folder)
+    extra = {f"extra {i}".encode(): len(tokenizer.ranks) + i for i in range(100)}
+    Tokenizer(tokenizer.kind, tokenizer.pattern, {**tokenizer.ranks, **extra}).save(folder)
+    meta = json.loads((folder / "checkpoint.json").read_text())
+    meta["files"].update({name: _sha256(folder / name) for name in ("tokenizer.json", "tokenizer.tiktoken")})
+    (folder / "checkpoint.json").write_text(json.dumps(meta))
+    message = r"tokenizer.tiktoken has \d+ ids but the model has \d+; the checkpoint is damaged"
+    assert_clean_error(run_script("sample.py", "--checkpoint", str(folder), "--max-new-tokens", "3"), message)
+    (tmp_path / "text.txt").write_text("The river runs.")
+    evaluate = run_script("-m", "model.evaluate", "--checkpoint", str(folder), "--text", str(tmp_path / "text.txt"))
+    assert_clean_error(evaluate, message)
+
+
+def test_an_error_of_the_device_is_not_blamed_on_the_checkpoint(tiny_run):
+    """The weights are read on the CPU and then moved: an error of the file is the file's, and a
+    device that cannot hold them is no sign of damage (meta holds them without their data)."""
+    from model.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tiny_run).load_model("meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 def test_without_a_c_compiler_sampling_falls_back_to_the_pytorch_step_with_a_note(tiny_run, tmp_path):
     args = ["sample.py", "--checkpoint", str(tiny_run), "--prompt", "The", "--max-new-tokens", "30"]
     args += ["--temperature", "0", "--dtype", "fp32", "--no-int8-weights"]  # fp32: both steps compute the same logits
@@ -151,5 +197,15 @@ def test_without_a_c_compiler_sampling_falls_back_to_the_pytorch_step_with_a_not
     assert compiled.returncode == 0 and fallback.returncode == 0, fallback.stderr
     assert "PyTorch decode step" not in compiled.stderr
     note = [line for line in fallback.stderr.splitlines() if "PyTorch decode step" in line]
-    assert len(note) == 1 and "no-such-compiler" in note[0] and "Traceback" not in fallback.stderr
+    assert len(note) == 1 and "no-such-compiler' names no program that is installed" in note[0]
+    assert "Traceback" not in fallback.stderr
     assert fallback.stdout == compiled.stdout and len(compiled.stdout) > len("The")
+
+
+def test_a_compiler_command_of_several_words_in_cc_builds_the_c_step(tiny_run):
+    """CC="ccache gcc" is a command, as make and the shell read it, not one program's name."""
+    wrapped = f"env {shutil.which('cc') or shutil.which('gcc')}"  # a wrapper every system has
+    args = ["sample.py", "--checkpoint", str(tiny_run), "--prompt", "The", "--max-new-tokens", "5"]
+    result = run_script(*args, env={"CC": wrapped})
+    assert result.returncode == 0, result.stderr
+    assert "PyTorch decode step" not in result.stderr

@@ -223,6 +223,14 @@ def _edit_meta(**changes):
     return edit
 
 
+def _edit_model(**changes):
+    def edit(path: Path) -> None:
+        meta = json.loads(path.read_text())
+        path.write_text(json.dumps({**meta, "model": {**meta["model"], **changes}}))
+
+    return edit
+
+
 # (what is wrong, the file to damage, how, what the refusal must say)
 DAMAGE = [
     ("truncated weights", "model.safetensors", _truncate, "model.safetensors does not match its checksum"),
@@ -233,6 +241,8 @@ DAMAGE = [
     ("no checksums", "checkpoint.json", _edit_meta(files={}), "lists no checksum"),
     ("no model config", "checkpoint.json", _edit_meta(model=None), "has no usable model config"),
     ("a negative step", "checkpoint.json", _edit_meta(step=-1), "records sizes that are not positive whole numbers"),
+    ("a context of a billion tokens", "checkpoint.json", _edit_model(context=10**9), "records a context of 1,000,000,000 tokens"),
+    ("a width of a billion", "checkpoint.json", _edit_model(n_embd=10**9, n_head=1, n_kv_head=1), "but model.safetensors holds"),
     ("LATEST in another encoding", "../LATEST", lambda p: p.write_bytes(b"\xff\xfe\x00"), "does not name a checkpoint folder"),
     ("a missing tokenizer", "tokenizer.json", Path.unlink, "tokenizer.json is missing"),
     ("LATEST pointing outside the run", "../LATEST", lambda p: p.write_text("../../elsewhere\n"), "does not name a checkpoint folder"),

@@ -269,6 +269,21 @@ def test_sampling_is_reproducible_with_a_seed_and_respects_stops():
         ["ab"], SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=10, top_p=0.9, seed=7, stop=(stop,))
     )
     assert stopped[0] == text[: text.find(stop)]
+    longer, shorter = text[4:8], text[6:8]  # the shorter one ends inside the longer one
+    earliest = text[: min(text.find(longer), text.find(shorter))]
+    for stops in ((shorter, longer), (longer, shorter)):
+        sampling = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=10, top_p=0.9, seed=7, stop=stops)
+        assert engine.generate(["ab"], sampling)[0] == earliest, stops
+
+
+@pytest.mark.parametrize("stops", [("he", "the"), ("the", "he")])
+def test_several_stops_cut_at_the_earliest_match_whatever_their_order(stops):
+    from model.engine import TextStream
+
+    for pieces in ([b"And the end"], [b"And t", b"he end"], [b"And th", b"e end"]):
+        stream = TextStream(stops)
+        text = "".join(stream.push(piece) for piece in pieces) + stream.push(b"", final=True)
+        assert text == "And " and stream.stopped, (pieces, text)
 
 
 def sampler_for(draw: str, **knobs) -> Sampler:
@@ -310,6 +325,7 @@ def test_sampling_draws_from_the_tempered_softmax_cut_by_top_k_and_top_p(draw):
         dict(temperature=1.0, top_p=0.8),
         dict(temperature=0.9, top_k=40, top_p=0.9),
         dict(temperature=1.0, top_k=TOKENIZER.n_vocab),  # k as large as the vocabulary: no cut
+        dict(temperature=1.0, top_k=2**32 + 1),  # larger than a C int holds (it would wrap to 1): no cut
         dict(temperature=1.0, stop_at_special=False),  # every special token banned
     ],
 )
@@ -324,6 +340,19 @@ def test_the_c_sampler_draws_exactly_the_tokens_of_the_pytorch_rule(knobs):
     assert torch.equal(drawn, in_torch.draw(logits))
     assert drawn.max() < TOKENIZER.n_vocab and not set(drawn.tolist()) & set(in_c.banned.tolist())
     assert len(set(drawn.tolist())) > (1 if knobs["temperature"] == 0 else 50)  # not a constant
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-46])  # 1e-46 is 0 as a float32
+@pytest.mark.parametrize("draw", ["c", "torch"])
+def test_a_tiny_temperature_draws_the_likeliest_token(draw, temperature):
+    """Logits over a tiny temperature overflow to +-inf, whose softmax is NaN: never a banned token."""
+    greedy = sampler_for(draw, temperature=0)
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(500, TOKENIZER.n_vocab + 6)
+    logits[:, greedy.banned] += 20
+    for top_p in (1.0, 0.9):
+        tiny = sampler_for(draw, seed=3, temperature=temperature, top_p=top_p)
+        assert torch.equal(tiny.draw(logits), greedy.draw(logits)), top_p
 
 
 @pytest.mark.parametrize(

@@ -194,8 +194,8 @@ HELP = {
     "val_data": "separate validation text (default: the last 10%% of --data)",
     "text_column": "field holding the text in .jsonl/.parquet files and hub datasets",
     "max_bytes": "read at most this many bytes of a Hugging Face dataset's training text (default 200 MB; local files are read whole)",
-    "chat_data": 'fine-tune for chat on conversations: builtin, a .jsonl of {"messages": [...]}, or a '
-    "Hugging Face dataset name (needs --init-from a trained model)",
+    "chat_data": 'fine-tune for chat on conversations: builtin, a .jsonl of {"messages": [...]}, a .parquet '
+    "file, a dataset folder, or a Hugging Face dataset name (needs --init-from a trained model)",
     "messages_column": "column holding the messages in hub chat datasets and .jsonl files",
     "cache_dir": "where prepared token files and the best training speed measured on this machine are kept "
     "(default: data/cache in the project)",
