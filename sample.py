@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that would be ignored, or would fight over the prompt, before anything loads."""
+    from model.tokenizer import has_lone_surrogate
+
     if args.system is not None and not args.chat:
         raise UserError("--system is the system prompt of --chat; add --chat, or leave --system out")
     chat_ignores = {"--prompt": args.prompt is not None, "--prompt-file": args.prompt_file is not None}
@@ -65,18 +67,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give the prompt with --prompt or with --prompt-file, not both")
     for flag, text in (("--prompt", args.prompt), ("--system", args.system), *(("--stop", t) for t in args.stop)):
-        if text is not None and not is_utf8(text):
+        if text is not None and has_lone_surrogate(text):  # argv bytes that are not UTF-8
             raise UserError(f"the text of {flag} is not UTF-8 text; give it in UTF-8")
-
-
-def is_utf8(typed: str) -> bool:
-    """Whether a command-line argument was valid UTF-8: Python keeps argv's other bytes as lone
-    surrogates, which would reach the model as U+FFFD while the raw byte is echoed."""
-    try:
-        typed.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def read_prompt(args: argparse.Namespace) -> str:

@@ -25,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.sources import has_lone_surrogate, missing_local_path, open_parquet, read_jsonl
+from data.sources import missing_local_path, open_parquet, read_jsonl
 from model.chat_template import message_text
 from model.errors import UserError
+from model.tokenizer import has_lone_surrogate
 
 Conversation = list[dict]
 KINDS = "builtin, a .jsonl or .parquet file of conversations, a dataset folder, or a Hugging Face dataset name"

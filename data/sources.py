@@ -33,6 +33,7 @@ from pathlib import Path
 
 from model.errors import UserError
 from model.files import fsync, remove_abandoned, temporary_name
+from model.tokenizer import has_lone_surrogate
 
 Piece = tuple[bool, str]
 CHUNK_BYTES = 1 << 20
@@ -320,15 +321,6 @@ def _text_field(row: object, column: str, where: str) -> str:
     if has_lone_surrogate(text):
         raise UserError(f"{where}: field '{column}' holds a lone surrogate escape, which is not text; fix it")
     return text.replace("\r\n", "\n")
-
-
-def has_lone_surrogate(text: str) -> bool:
-    """JSON can escape half of a surrogate pair (\\ud800) on its own: a string no UTF-8 can hold."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _text_file_pieces(path: Path) -> Iterator[Piece]:

@@ -306,3 +306,14 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return {byte: chr(char) for byte, char in zip(printable, chars, strict=True)}
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether `text` holds half of a surrogate pair on its own, which no UTF-8 (and so no tokenizer)
+    can hold: JSON can escape one (\\ud800), and Python keeps command-line bytes that are not UTF-8 as
+    such halves. Corpora, conversations and typed prompts are checked with this one test."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from gradio_client import Client
@@ -160,13 +161,29 @@ def command(tool: str, args: list[str], bad, run, tmp_path) -> list[str]:
     return [tool, *args] if tool.endswith(".py") else ["-m", tool, *args]
 
 
-@pytest.mark.parametrize("tool, what, args, expected", BAD_INPUTS, ids=[f"{t}: {w}" for t, w, _, _ in BAD_INPUTS])
-def test_bad_input_on_the_command_line(tool, what, args, expected, bad, tiny_run, tmp_path):
-    result = run_script(*command(tool, args, bad, tiny_run, tmp_path))
-    kind, pattern = expected
+@pytest.fixture(scope="module")
+def outcomes(request, bad, tiny_run, tmp_path_factory) -> dict:
+    """The run of every selected row (its folder and result), two at a time: each row is a fresh
+    interpreter that spends most of its second or two importing, and the table is the suite's longest
+    stretch of them. Rows write only into their own folder, so they cannot meet."""
+
+    def run(row: int):
+        tool, _, args, _ = BAD_INPUTS[row]
+        folder = tmp_path_factory.mktemp("row")
+        return folder, run_script(*command(tool, args, bad, tiny_run, folder))
+
+    selected = [item.callspec.params["row"] for item in request.session.items if item.originalname == "test_bad_input_on_the_command_line"]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(selected, pool.map(run, selected), strict=True))
+
+
+@pytest.mark.parametrize("row", range(len(BAD_INPUTS)), ids=[f"{t}: {w}" for t, w, _, _ in BAD_INPUTS])
+def test_bad_input_on_the_command_line(row, outcomes):
+    folder, result = outcomes[row]
+    kind, pattern = BAD_INPUTS[row][3]
     if kind == "error":
         assert_clean_error(result, pattern)
-        assert not (tmp_path / "o" / "LATEST").exists(), "a refused run writes no checkpoint"
+        assert not (folder / "o" / "LATEST").exists(), "a refused run writes no checkpoint"
     elif kind == "usage":
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert re.search(pattern, result.stderr.strip().splitlines()[-1]), result.stderr

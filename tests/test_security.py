@@ -17,7 +17,7 @@ import torch
 from gradio_client import Client
 
 from benchmarks.load import chat_arguments, reply_text, serve
-from model.checkpoint import _sha256, load_checkpoint
+from model.checkpoint import Checkpoint, _sha256, load_checkpoint
 from model.errors import UserError
 from tests.conftest import ROOT, run_script
 from tests.test_cli import assert_clean_error
@@ -66,7 +66,9 @@ def test_the_planted_pickles_are_armed(booby_trapped):
 
 def test_loading_a_checkpoint_never_runs_code_from_it(booby_trapped, corpus_file, tmp_path):
     folder, marker = booby_trapped
-    checkpoint = load_checkpoint(folder)  # checksums match, so it opens
+    with pytest.raises(UserError, match="model.safetensors"):
+        load_checkpoint(folder)  # checksums match, but its header is refused: a pickle is no safetensors file
+    checkpoint = Checkpoint(folder, json.loads((folder / "checkpoint.json").read_text()))  # past that check
     with pytest.raises(UserError, match="model.safetensors"):
         checkpoint.load_model()
     with pytest.raises(UserError, match="trainer.safetensors"):

@@ -229,7 +229,7 @@ HELP = {
     "max_minutes": "stop after this many minutes of training; the schedule ends exactly then (or at --max-passes)",
     "max_passes": "stop after this many passes over the training data, if that comes before the other budgets "
     "(the schedule then ends there): a small corpus seen more often is memorised (0 = no limit)",
-    "eval_interval": "evaluate, print a sample and save a checkpoint every this many steps",
+    "eval_interval": "evaluate, print a sample and save a checkpoint every this many steps (0 = only at the end)",
     "eval_tokens": "validation tokens scored at each evaluation during training",
     "sample_tokens": "tokens in the sample printed at each evaluation (0 = none)",
     "log_interval": "steps between lines in metrics.jsonl",
@@ -263,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
             shown = f"{PRESETS['cpu'][field.name]} in the cpu preset, else {default}"
         else:
             shown = str(default)
+        if others := [f"{PRESETS[p][field.name]} in {p}" for p in PRESETS if p != "cpu" and field.name in PRESETS[p]]:
+            shown += f"; {', '.join(others)}"  # what --preset tiny, chat or gpu sets instead
         if kind == "bool":
             parser.add_argument(
                 flag,
