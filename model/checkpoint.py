@@ -22,6 +22,7 @@ the pointers name folders of this run, and every checksum, and says which file i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -149,12 +150,23 @@ def _write_folder(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, tr
     settle_files(folder)
 
 
+WRITE_ADVICE = {
+    errno.ENOSPC: "Free some space",
+    errno.EDQUOT: "Free some space",
+    errno.EACCES: "Make the run folder writable",
+    errno.EPERM: "Make the run folder writable",
+    errno.EROFS: "Copy the run to a writable disk",
+}
+
+
 def write_failed(run_dir: Path, what: str, error: Exception) -> UserError:
-    """The error for a write into a run folder that failed (a full disk, most often)."""
+    """The error for a write into a run folder that failed (a full disk, most often), with what to do
+    about its cause."""
     latest = _pointed(run_dir, POINTER)
     kept = f"the last complete checkpoint {latest} is intact" if latest else "no checkpoint was written yet"
     reason = getattr(error, "strerror", None) or error
-    return UserError(f"could not write {what}: {reason}; {kept}. Free some space, then continue with --resume")
+    advice = WRITE_ADVICE.get(getattr(error, "errno", None), "Remove the cause")
+    return UserError(f"could not write {what}: {reason}; {kept}. {advice}, then continue with --resume")
 
 
 def strangers(run_dir: Path) -> list[str]:

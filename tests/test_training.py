@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.load import free_port
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, write_failed
 from model.device import can_compile, matmul_peak_flops, pick_dtype
 from model.errors import UserError
 from model.evaluate import bits_per_byte
@@ -662,6 +663,15 @@ def test_a_typed_head_count_means_full_attention_unless_kv_heads_are_typed():
     assert assemble({"preset": "tiny", "n_head": 4, "n_kv_head": 2}).n_kv_head == 2
     with pytest.raises(UserError, match=r"--n-embd \(64\) must be a multiple of --n-head \(3\)"):
         assemble({"preset": "tiny", "n_head": 3})
+
+
+def test_a_negative_byte_limit_is_refused_and_a_failed_write_says_what_to_do(tmp_path):
+    with pytest.raises(UserError, match="--max-bytes must be at least 1, got -1"):
+        assemble({"preset": "tiny", "max_bytes": -1})
+    full = write_failed(tmp_path, "metrics.jsonl", OSError(errno.ENOSPC, "No space left on device"))
+    denied = write_failed(tmp_path, "metrics.jsonl", PermissionError(errno.EACCES, "Permission denied"))
+    assert "Free some space, then continue with --resume" in str(full)
+    assert "Permission denied; no checkpoint was written yet. Make the run folder writable" in str(denied)
 
 
 def test_a_run_typed_to_end_by_steps_is_not_sized_for_the_time_budget():

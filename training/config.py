@@ -118,6 +118,8 @@ class TrainConfig:
             self.max_minutes is not None and self.max_minutes <= 0
         ):
             raise UserError("--max-steps and --max-minutes must be positive")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise UserError(f"--max-bytes must be at least 1, got {self.max_bytes}")
         if self.max_passes < 0:
             raise UserError(f"--max-passes must be 0 (no limit) or more, got {self.max_passes}")
         if self.chat_data is not None and not self.chat_data.strip():
