@@ -88,12 +88,24 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     if requested == "fp32":
         return torch.float32
     if requested == "bf16":
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            note_emulated_bf16()
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu" and cpu_has_native_bf16() and bf16_multiplies_faster():
         return torch.bfloat16
     return torch.float32
+
+
+@functools.cache
+def note_emulated_bf16() -> None:
+    """Say once that an asked-for bf16 is emulated here: runs work, several times slower than fp32."""
+    print(
+        "note: this CPU has no native bf16 (AVX-512 BF16 or AMX), so --dtype bf16 is emulated and several times "
+        "slower than fp32; --dtype auto chooses fp32 here",
+        file=sys.stderr,
+    )
 
 
 def can_compile(device: torch.device) -> bool:

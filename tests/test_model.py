@@ -476,3 +476,13 @@ def test_cpu_matmul_attention_equals_the_fused_kernel_in_value_and_gradient(head
         rough = causal_attention(q, k, v)
     assert rough.dtype == torch.bfloat16
     torch.testing.assert_close(rough.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_an_asked_for_bf16_that_is_emulated_is_noted_once(capsys):
+    from model.device import cpu_has_native_bf16, note_emulated_bf16, pick_dtype
+
+    note_emulated_bf16.cache_clear()
+    assert pick_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert pick_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    noted = capsys.readouterr().err.count("--dtype bf16 is emulated")
+    assert noted == (0 if cpu_has_native_bf16() else 1)  # a CPU with bf16 units gets no note
