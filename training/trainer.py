@@ -97,10 +97,6 @@ class Trainer:
         self.model = base.load_model(self.device) if base else GPT(self._model_config()).to(self.device)
         if base:  # --dropout belongs to this run, also when it starts from a checkpoint
             self.model.set_dropout(config.dropout)
-        if base and self.model.config.vocab_size < self.tokenizer.n_vocab:
-            raise UserError(
-                f"{base.folder} has a smaller vocabulary than its tokenizer; the checkpoint is inconsistent"
-            )
         self.optimizers = build_optimizers(self.model, config, self.dtype, fused=self.device.type == "cuda")
         self.calibration_tokens = None  # held-out training tokens that fit the output temperature
         self.step, self.elapsed, self.tokens_seen = 0, 0.0, 0
