@@ -150,6 +150,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object, str | None]]:
                     yield number, None, "nested too deeply"
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text ({_bad_byte(path)}); convert it to UTF-8") from None
+    except OSError as error:  # permissions, an I/O error: the file cannot be read at all
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
 
 
 def _bad_byte(path: Path) -> str:

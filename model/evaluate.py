@@ -34,25 +34,34 @@ from model.gpt import GPT
 
 @torch.inference_mode()
 def score(model: GPT, batches, token_bytes: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict:
-    """Loss and bits per byte over (inputs, targets) batches; targets of -1 are not scored."""
+    """Loss and bits per byte over (inputs, targets) batches; targets of -1 are not scored. Scored
+    targets that are special tokens (a chat reply's end of turn) stand for no bytes, so they are left
+    out of both and reported on their own as "special_loss", their mean loss: how surely the model
+    knows where a reply ends (absent when there are none)."""
     device = next(model.parameters()).device
     token_bytes = token_bytes.to(device)
     was_training = model.training
     model.eval()
-    nats, nbytes, counted = 0.0, 0, 0
+    nats, nbytes, counted, special_nats, specials = 0.0, 0, 0, 0.0, 0
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(device, dtype):
             loss = model(inputs, targets, reduction="none")  # (B, T), 0 where the target is -1
         weights = token_bytes[targets.clamp(min=0)] * (targets >= 0)
         counts = weights > 0  # special tokens stand for no bytes and are not counted
+        special = (targets >= 0) & ~counts
         nats += (loss * counts).sum().item()
         nbytes += int(weights.sum())
         counted += int(counts.sum())
+        special_nats += (loss * special).sum().item()
+        specials += int(special.sum())
     model.train(was_training)
     if nbytes == 0:
         raise UserError("nothing to score: the text is empty")
-    return {"bpb": nats / nbytes / math.log(2), "loss": nats / max(counted, 1), "tokens": counted, "bytes": nbytes}
+    result = {"bpb": nats / nbytes / math.log(2), "loss": nats / max(counted, 1), "tokens": counted, "bytes": nbytes}
+    if specials:
+        result["special_loss"] = special_nats / specials
+    return result
 
 
 def bits_per_byte(

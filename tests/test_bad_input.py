@@ -49,10 +49,12 @@ BAD_INPUTS = [
     ("train.py", "token noise out of range", ["--token-noise", "-0.1"], error(r"--token-noise must be in \[0, 1\)")),
     ("train.py", "negative learning rate", ["--lr", "-1"], error("learning rates must be positive")),
     ("train.py", "a vocabulary too small for bytes", ["--vocab-size", "10"], error("at least 264")),
+    ("train.py", "a bpe vocabulary size for the char tokenizer", ["--tokenizer", "char", "--vocab-size", "1000000000"], error("--vocab-size sets the size of the bpe tokenizer; --tokenizer char")),
     ("train.py", "a model too big for memory", ["--n-embd", "1000000"], error("GB .* are free")),
     ("train.py", "a batch too big for memory", ["--batch-size", "100000000"], error("GB .* are free")),
     ("train.py", "resuming a run that does not exist", ["--resume", "--out-dir", "{bad}/no-run"], error("does not exist")),
     ("train.py", "conversations with broken JSON", ["--chat-data", "{bad}/broken.jsonl", "--init-from", "{run}"], error("line 2: broken JSON")),
+    ("train.py", "a conversation file that cannot be read", ["--chat-data", "{bad}/unreadable.jsonl", "--init-from", "{run}"], error("cannot read .*unreadable.jsonl: Input/output error")),
     ("train.py", "a conversation file that does not exist", ["--chat-data", "{bad}/nope.jsonl", "--init-from", "{run}"], error("does not exist")),
     ("train.py", "conversations nested too deeply, or with a number for text", ["--chat-data", "{bad}/odd.jsonl", "--init-from", "{run}"], error(r"line 2: broken JSON \(nested too deeply\)")),
     ("train.py", "conversations all longer than the context", ["--chat-data", "{bad}/long_chats.jsonl", "--init-from", "{run}"], error("none has an assistant reply within the model's context")),
@@ -147,6 +149,7 @@ def bad(tmp_path_factory):
     long_chat = {"messages": [{"role": "user", "content": "word " * 3000}, {"role": "assistant", "content": "ok"}]}
     (folder / "long_chats.jsonl").write_text(f"{json.dumps(long_chat)}\n" * 3)
     (folder / "latin1.jsonl").write_bytes('{"text": "déjà vu"}\n'.encode("latin-1"))
+    (folder / "unreadable.jsonl").symlink_to("/proc/self/mem")  # reading it at offset 0 fails with EIO (Linux)
     return folder
 
 

@@ -38,6 +38,14 @@ def test_the_checkpoint_keeps_the_pretraining_corpus_and_records_the_chat_data(c
     assert chat["chat"]["data"].endswith("qa.jsonl") and chat["chat"]["conversations"] == 22
 
 
+def test_chat_validation_reports_how_surely_replies_end(chat_run, tiny_run):
+    chat = [json.loads(line) for line in (chat_run / "metrics.jsonl").read_text().splitlines()]
+    base = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    last = [record for record in chat if "val_bpb" in record][-1]
+    assert 0 < last["val_end_loss"] < 0.1  # the model ends every answer it learnt (the test above)
+    assert all("val_end_loss" not in record for record in base)  # pre-training has no replies
+
+
 @pytest.mark.parametrize(
     "messages, problem",
     [

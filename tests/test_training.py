@@ -397,10 +397,23 @@ def test_a_run_stops_after_max_passes_over_its_data_with_the_schedule_ended_ther
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     factors = [r["lr_factor"] for r in records if "lr_factor" in r]
     assert factors[-1] < 0.2 < max(factors) == 1.0  # the cooldown ran down to the passes (step 500's is at 1.0 here)
-    assert "stopped after 3 passes over the training data (--max-passes)" in capsys.readouterr().out
+    stopped = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("stopped after"))
+    assert "stopped after 3 passes over the training data (--max-passes)" in stopped
+    assert "memorise" not in stopped  # three passes are too few to memorise (the reason given from MEMORISING_PASSES)
     for bad in ({"max_passes": -1}, {"max_passes": 2, "chat_data": "builtin"}):
         with pytest.raises(UserError, match="--max-passes"):
             assemble({"max_steps": 9, **bad})
+
+
+def test_a_refused_run_leaves_no_folder_it_created_and_keeps_one_the_user_made(tmp_path):
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(UserError, match="does not exist"):
+        train(flags(missing, tmp_path, "new/run"))
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="does not exist"):
+        train(flags(missing, tmp_path, "mine"))
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_the_time_budget_sizes_the_default_model_and_typed_or_saved_flags_win():

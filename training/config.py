@@ -355,6 +355,15 @@ def inherited(base_meta: dict, chat: bool) -> dict:
     return values
 
 
+def check_vocab_flag(typed: dict, config: TrainConfig) -> None:
+    """Refuse a typed --vocab-size for a tokenizer it does not size (char and gpt2 have their own)."""
+    if "vocab_size" in typed and config.tokenizer != "bpe":
+        raise UserError(
+            f"--vocab-size sets the size of the bpe tokenizer; --tokenizer {config.tokenizer} has its own "
+            "vocabulary: drop --vocab-size"
+        )
+
+
 def check_unchanged(typed: dict, recorded: dict, names: tuple[str, ...], what: str) -> None:
     """Refuse a typed flag that would change what `recorded` (a resumed run, a base model) already is."""
     for name in names:

@@ -7,6 +7,9 @@ process takes an exclusive advisory lock (`flock`) on a file in the folder befor
 anything, and the second run is refused. The kernel drops the lock when the process ends, however it
 ends (kill -9 included), so a crashed run never leaves a stale lock behind. Windows has no `fcntl`:
 runs there are not guarded.
+
+A run that fails before it writes anything (a missing corpus, a model too big for memory) removes
+the folder it created, lock file and all (`remove_if_unused`), so a refused run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -38,3 +41,12 @@ def run_folder_lock(out_dir: Path, take: bool = True) -> Iterator[None]:
                 f"another training process is using {out_dir}; let it finish, or give this run another --out-dir"
             ) from None
         yield  # closing the file releases the lock
+
+
+def remove_if_unused(out_dir: Path) -> None:
+    """Remove the run folder a failed run created, if the run wrote nothing there but the lock file.
+    A log or a checkpoint it wrote stays."""
+    with contextlib.suppress(OSError):
+        if [path.name for path in out_dir.iterdir()] == [LOCK]:
+            (out_dir / LOCK).unlink()
+            out_dir.rmdir()

@@ -49,7 +49,7 @@ from model.gpt import GPT, ModelConfig
 from model.sampling import SamplingConfig
 from training import distributed
 from training.allocator import keep_freed_memory
-from training.budget import anchor_step_flops, describe, machine_name, peak_name, remembered_best
+from training.budget import MEMORISING_PASSES, anchor_step_flops, describe, machine_name, peak_name, remembered_best
 from training.calibration import fit_temperature, held_out_count, temperature_for_passes
 from training.config import (
     MODEL_SHAPE,
@@ -58,13 +58,14 @@ from training.config import (
     assemble,
     budget_minutes,
     check_unchanged,
+    check_vocab_flag,
     inherited,
     saved_arguments,
     to_dict,
 )
 from training.memory import check_fits
 from training.optim import build_optimizers, cooling, lr_factor, set_lr
-from training.run_lock import run_folder_lock
+from training.run_lock import remove_if_unused, run_folder_lock
 
 
 class Trainer:
@@ -286,9 +287,10 @@ class Trainer:
             )
         if self.dist.is_main and c.max_passes and self._passes() / c.max_passes >= 1:
             budget = f" of {c.max_minutes:g}" if c.max_minutes else ""
+            why = ": more passes memorise a corpus this small; more text, not more time, would help"
             print(
                 f"stopped after {c.max_passes:g} passes over the training data (--max-passes) at {self.elapsed / 60:.1f}"
-                f"{budget} minutes: more passes memorise a corpus this small; more text, not more time, would help"
+                f"{budget} minutes{why if c.max_passes >= MEMORISING_PASSES else ''}"
             )
         if self.stopped_early() and self.dist.is_main:
             print(f"stopped at step {self.step}; continue with: python train.py --resume --out-dir {self.out_dir}")
@@ -397,6 +399,8 @@ class Trainer:
                 "time": round(self.elapsed, 2),
                 "tokens_seen": self.tokens_seen,
             }
+            if self.chat and "special_loss" in result:  # the loss on the replies' end-of-turn tokens
+                self.metrics["val_end_loss"] = result["special_loss"]
             if trained_norm is not None:
                 self.metrics["temperature"] = round(temperature, 4)
             if self.step_rates:
@@ -407,6 +411,10 @@ class Trainer:
             if is_best:
                 self.best = {"step": self.step, "val_bpb": result["bpb"]}
             message = f"step {self.step}: val loss {result['loss']:.4f}, val {result['bpb']:.4f} bits/byte"
+            if "val_end_loss" in self.metrics:
+                message += (
+                    f", end of reply {result['special_loss']:.3f} nats (p = {math.exp(-result['special_loss']):.2f})"
+                )
             if trained_norm is not None:
                 message += f" (output temperature {temperature:.3f})"
             if c.sample_tokens:
@@ -604,10 +612,18 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         saved = saved_arguments(base.meta.get("train"), str(base.folder / "checkpoint.json"))
         check_unchanged(typed, saved, RUN_IDENTITY + MODEL_SHAPE, "resumed run")
     unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
+    check_vocab_flag(typed, unsized)
+    out_dir, main_process = Path(unsized.out_dir), os.environ.get("RANK", "0") == "0"
+    made_here = not resuming and not out_dir.exists() and main_process
     if not resuming:
-        check_new_run_folder(Path(unsized.out_dir))
-    with run_folder_lock(Path(unsized.out_dir), take=os.environ.get("RANK", "0") == "0"):
-        return train_in_folder(typed, unsized, base, resuming, saved)
+        check_new_run_folder(out_dir)
+    try:
+        with run_folder_lock(out_dir, take=main_process):
+            return train_in_folder(typed, unsized, base, resuming, saved)
+    except BaseException:
+        if made_here:
+            remove_if_unused(out_dir)
+        raise
 
 
 def train_in_folder(
