@@ -18,6 +18,10 @@ which reports them too.
 
 Validation: the dataset's own validation split where a hub dataset has one; otherwise the last 10%
 of the conversations (at least one).
+
+`limit` (--max-conversations) reads only the first conversations of a source (of a hub dataset's
+validation split, a tenth as many): a large dataset (smoltalk's million) is held in memory whole,
+and a CPU fine-tune of a few minutes sees only thousands. The description says when it cut.
 """
 
 from __future__ import annotations
@@ -42,18 +46,19 @@ class ConversationSet:
     problems: list[str] = field(default_factory=list)  # "line 7: empty content", one per skipped conversation
 
 
-def load_conversations(spec: str, messages_column: str = "messages") -> ConversationSet:
+def load_conversations(spec: str, messages_column: str = "messages", limit: int = 0) -> ConversationSet:
+    """The conversations of `spec` (see the module's doc), the first `limit` of them if `limit`."""
     if spec == "builtin":
         from data.builtin_chat import builtin_conversations
 
         rows = [(f"conversation {i + 1}", c) for i, c in enumerate(builtin_conversations())]
-        return _checked("builtin chat set", rows, None)
+        return _checked("builtin chat set", rows, None, limit)
     path = Path(spec)
     if path.is_file():
-        return _checked(str(path), _file_rows(path, messages_column), None)
+        return _checked(str(path), _file_rows(path, messages_column), None, limit)
     if missing_local_path(spec):
         raise UserError(f"{spec} does not exist; --chat-data takes {KINDS}")
-    return _hub_conversations(spec, messages_column)  # a hub name, or a local dataset folder
+    return _hub_conversations(spec, messages_column, limit)  # a hub name, or a local dataset folder
 
 
 class BrokenJSON(str):
@@ -105,10 +110,14 @@ def _no_text(content: object) -> str:
     return f"has content that is {what or type(content).__name__}, not text"
 
 
-def _checked(description: str, rows, val_rows) -> ConversationSet:
+def _checked(description: str, rows, val_rows, limit: int = 0) -> ConversationSet:
     """The usable conversations of `rows` ((where, messages) pairs) and of a validation split's `val_rows`
-    (None: the last 10% of `rows`), with every one skipped, of either split, listed."""
+    (None: the last 10% of `rows`), with every one skipped, of either split, listed; only the first
+    `limit` rows (and `limit` // 10 validation rows) if `limit`."""
     problems: list[str] = []
+    cut_short: list[bool] = []
+    rows = _first_rows(rows, limit, cut_short)
+    val_rows = val_rows and _first_rows(val_rows, max(1, limit // 10) if limit else 0, cut_short)
     good = _usable(rows, problems)
     if val_rows is None:
         if len(good) < 2:
@@ -117,11 +126,25 @@ def _checked(description: str, rows, val_rows) -> ConversationSet:
                 + _first(problems)
             )
         cut = len(good) - max(1, len(good) // 10)
-        return ConversationSet(description, good[:cut], good[cut:], problems)
+        return ConversationSet(_told(description, cut_short, limit), good[:cut], good[cut:], problems)
     val = _usable(val_rows, problems)
+    description = _told(description, cut_short, limit)
     if not good or not val:
         raise UserError(f"{description} has no usable conversations in its train or validation split{_first(problems)}")
     return ConversationSet(description, good, val, problems)
+
+
+def _first_rows(rows, limit: int, cut_short: list[bool]):
+    """The first `limit` of `rows` (all if 0), appending to `cut_short` whether there were more."""
+    for count, row in enumerate(rows):
+        if limit and count == limit:
+            cut_short.append(True)
+            return
+        yield row
+
+
+def _told(description: str, cut_short: list[bool], limit: int) -> str:
+    return description + (f" (cut to --max-conversations {limit:,})" if any(cut_short) else "")
 
 
 def _first(problems: list[str]) -> str:
@@ -169,9 +192,10 @@ def _jsonl_rows(path: Path, column: str):
             yield where, row[column]
 
 
-def _hub_conversations(name: str, column: str) -> ConversationSet:
-    """Every conversation of the train split and of the validation split, if there is one: the same
-    conversations in a .jsonl file are all read, and a silent cap would leave some out unseen."""
+def _hub_conversations(name: str, column: str, limit: int = 0) -> ConversationSet:
+    """Every conversation of the train split and of the validation split, if there is one (the first
+    `limit` if `limit`): the same conversations in a .jsonl file are all read, and a silent cap would
+    leave some out unseen."""
     import datasets
 
     from data.sources import check_hub_dataset
@@ -207,4 +231,4 @@ def _hub_conversations(name: str, column: str) -> ConversationSet:
             ) from None
 
     held_out = next((s for s in ("validation", "test", "test_sft") if s in splits), None)
-    return _checked(f"{name} [{train_split}]", rows(train_split), held_out and rows(held_out))
+    return _checked(f"{name} [{train_split}]", rows(train_split), held_out and rows(held_out), limit)

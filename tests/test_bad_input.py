@@ -50,6 +50,8 @@ BAD_INPUTS = [
     ("train.py", "negative learning rate", ["--lr", "-1"], error("learning rates must be positive")),
     ("train.py", "a vocabulary too small for bytes", ["--vocab-size", "10"], error("at least 264")),
     ("train.py", "a bpe vocabulary size for the char tokenizer", ["--tokenizer", "char", "--vocab-size", "1000000000"], error("--vocab-size sets the size of the bpe tokenizer; --tokenizer char")),
+    ("train.py", "a conversation limit for pre-training", ["--max-conversations", "5"], error("--max-conversations applies to chat fine-tuning")),
+    ("train.py", "a negative conversation limit", ["--chat-data", "builtin", "--init-from", "{run}", "--max-conversations", "-1"], error(r"--max-conversations must be 0 \(all\) or more")),
     ("train.py", "a model too big for memory", ["--n-embd", "1000000"], error("GB .* are free")),
     ("train.py", "a batch too big for memory", ["--batch-size", "100000000"], error("GB .* are free")),
     ("train.py", "resuming a run that does not exist", ["--resume", "--out-dir", "{bad}/no-run"], error("does not exist")),

@@ -198,6 +198,14 @@ def test_a_dataset_folder_is_read_whole_and_its_validation_split_reports_what_it
     loaded = load_conversations(str(repo.parent))
     assert (len(loaded.train), len(loaded.val)) == (100_001, 10_001)
     assert loaded.problems == [f"{repo.parent} [test] row 10001: no assistant reply"]
+    capped = load_conversations(str(repo.parent), limit=1_000)  # the flag that bounds it: said, not silent
+    assert (len(capped.train), len(capped.val)) == (1_000, 100) and capped.problems == []
+    assert capped.description.endswith("(cut to --max-conversations 1,000)")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(conversation(f"q{i}", "a")) + "\n" for i in range(30)))
+    first = load_conversations(str(qa), limit=20)  # a file's validation conversations are the last of those read
+    assert (len(first.train), len(first.val)) == (18, 2) and first.val[-1][0]["content"] == "q19"
+    assert load_conversations(str(qa), limit=30).description == str(qa)  # nothing was left out
 
 
 def test_a_parquet_file_reads_as_the_dataset_folder_holding_it_and_other_files_are_refused(tmp_path):

@@ -152,7 +152,7 @@ class Trainer:
     def _conversation_batches(self, context: int) -> tuple[ConversationBatches, ConversationBatches]:
         """Load, check, render and pack the conversations; report everything skipped or cut."""
         c = self.config
-        conversations = load_conversations(c.chat_data, c.messages_column)
+        conversations = load_conversations(c.chat_data, c.messages_column, c.max_conversations)
         template = TurnsTemplate(self.tokenizer)
         problems = list(conversations.problems)
         batches = []
