@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model.device import autocast, pick_device, pick_dtype
 from model.errors import UserError, run_cli
-from model.flags import add_device_flags
+from model.flags import HelpFormatter, add_device_flags
 from model.gpt import GPT
 
 
@@ -73,10 +74,16 @@ def bits_per_byte(
     batch_size: int = 16,
     max_tokens: int | None = None,
     dtype: torch.dtype = torch.float32,
+    progress: bool = False,
 ) -> dict:
-    """Score `tokens` (a document separator should come first) in strided windows; see module doc."""
+    """Score `tokens` (a document separator should come first) in strided windows; see module doc.
+    `progress`: a bar on stderr (when it is a terminal) over the batches of windows."""
     tokens = tokens[: (max_tokens + 1) if max_tokens else None]
-    return score(model, windows(tokens, model.config.context, stride, batch_size), token_bytes, dtype)
+    batches = windows(tokens, model.config.context, stride, batch_size)
+    if progress:
+        count = -(-(len(tokens) - 1) // (stride or model.config.context))
+        batches = tqdm(batches, desc="scoring", unit="batch", total=-(-count // batch_size), disable=None)
+    return score(model, batches, token_bytes, dtype)
 
 
 def windows(tokens: np.ndarray | list[int], context: int, stride: int | None = None, batch_size: int = 16):
@@ -101,29 +108,64 @@ def windows(tokens: np.ndarray | list[int], context: int, stride: int | None = N
         yield inputs, targets
 
 
+def encode_file(path: Path, tokenizer) -> np.ndarray:
+    """A text file's tokens after a document separator, as int32: encoded in the ~1 MB pieces the
+    file is read in (as preparing training data encodes them), so memory holds 4 bytes a token, not
+    the whole text and a Python list of it. The text is read as training reads it: a leading BOM
+    dropped and CRLF line ends made LF, so those bytes are not scored."""
+    from data.sources import text_file_source
+
+    parts = [np.array([tokenizer.doc_separator], dtype=np.int32)]
+    with tqdm(desc="tokenizing", unit="B", unit_scale=True, total=path.stat().st_size, disable=None) as bar:
+        for _, piece in text_file_source(path).pieces():
+            parts.append(np.asarray(tokenizer.encode(piece), dtype=np.int32))
+            bar.update(len(piece.encode("utf-8")))
+    return np.concatenate(parts)
+
+
+def check_batch_fits(model: GPT, batch_size: int) -> None:
+    """Refuse a --batch-size whose windows cannot fit in memory, before they are allocated: per
+    position, the logits with their log-softmax (12 bytes per vocabulary entry) and one layer's
+    activations (about 40 bytes per width), as training's estimate (training/memory.py) counts them."""
+    from training.memory import available_bytes
+
+    c = model.config
+    need = batch_size * c.context * (12 * c.vocab_size + 40 * c.n_embd)
+    have = available_bytes()
+    if need > have:
+        raise UserError(
+            f"--batch-size {batch_size:,} needs about {need / 2**30:,.1f} GB for its windows but {have / 2**30:,.1f} GB "
+            f"are free: use at most {max(1, batch_size * have // need):,}"
+        )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Bits per byte of a checkpoint over a text file, as one JSON line.")
+    parser = argparse.ArgumentParser(
+        prog="python -m model.evaluate",
+        description="Bits per byte of a checkpoint over a text file, as one JSON line.",
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument(
         "--checkpoint",
         required=True,
         help="run folder (uses its best checkpoint, the one BEST names) or checkpoint folder",
     )
-    parser.add_argument("--text", required=True, help="UTF-8 text file to score")
+    parser.add_argument(
+        "--text",
+        required=True,
+        help="UTF-8 text file to score, read as training reads text (a BOM dropped, CRLF line ends made LF)",
+    )
     parser.add_argument("--stride", type=int, default=None, help="window advance in tokens (default: half the context)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows scored at once")
     add_device_flags(parser, decoding=False)
     args = parser.parse_args()
 
-    from data.sources import text_file_source
     from model.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
     path = Path(args.text)
     if not path.exists() or path.is_dir():
         raise UserError(f"{path} is not a file")
-    text = "".join(piece for _, piece in text_file_source(path).pieces())
-    if not text:
-        raise UserError(f"{path} is empty")
     device = pick_device(args.device)
     model = checkpoint.load_model(device)
     context = model.config.context
@@ -132,8 +174,11 @@ def main() -> None:
         raise UserError(f"--stride must be between 1 and the context ({context})")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    check_batch_fits(model, args.batch_size)
     tokenizer = checkpoint.load_tokenizer()
-    tokens = [tokenizer.doc_separator, *tokenizer.encode(text)]
+    tokens = encode_file(path, tokenizer)
+    if len(tokens) == 1:
+        raise UserError(f"{path} is empty")
     result = bits_per_byte(
         model,
         tokens,
@@ -141,7 +186,13 @@ def main() -> None:
         stride=stride,
         batch_size=args.batch_size,
         dtype=pick_dtype(device, args.dtype),
+        progress=True,
     )
+    if not math.isfinite(result["bpb"]):
+        raise UserError(
+            f"the model in {checkpoint.folder} computes a loss that is not a number ({result['bpb']}): "
+            "its weights or settings are damaged; score an earlier checkpoint"
+        )
     result.update(checkpoint=str(checkpoint.folder), text=str(path), stride=stride, context=context)
     json.dump(result, sys.stdout)
     print()

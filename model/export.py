@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.chat_template import TurnsTemplate, template_for
+from model.checkpoint import POINTER
 from model.errors import UserError, run_cli
 from model.files import WRITE_ERRORS, fsync_folder, remove_abandoned, settle_files, temporary_name, writable_folder
 from model.flags import HelpFormatter
@@ -171,6 +172,7 @@ def tokenizer_config(tokenizer: Tokenizer, context: int, chat_template: str | No
         "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (DOC_SEPARATOR, END_OF_TURN)],
         "model_max_length": context,
         "truncation_side": "left",  # truncation=True keeps a long prompt's newest tokens, as our engine
+        "padding_side": "left",  # a batch of prompts padded before them, as our engine: generate() continues each
         "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: generate() would refuse them
         "clean_up_tokenization_spaces": False,
     }
@@ -244,6 +246,7 @@ def export(
     checkpoint = load_checkpoint(checkpoint_path)
     check_mappable(checkpoint.meta["model"])
     model, tokenizer = checkpoint.load_model("cpu"), checkpoint.load_tokenizer()
+    _check_finite(model, checkpoint.folder)
     writable_folder(out.parent, "the folder of --out")
     remove_abandoned(out.parent, prefix=out.name)  # only our own leftovers: the folder is the user's
     tmp = temporary_name(out)
@@ -278,7 +281,7 @@ def _checked(folder: Path, model: GPT, tokenizer: Tokenizer, dtype: str) -> dict
             f"transformers {transformers.__version__} could not load the export ({type(error).__name__}: {error}); "
             "nothing was written (--no-check writes it without this check)"
         ) from None
-    if found["max_logit_difference"] > 1e-3 * max(1.0, found["logit_scale"]) or not found["same_ids"]:
+    if not found["max_logit_difference"] <= 1e-3 * max(1.0, found["logit_scale"]) or not found["same_ids"]:  # NaN too
         raise UserError(
             "transformers does not compute what this model computes (largest logit difference "
             f"{found['max_logit_difference']:.3g}, same token ids: {found['same_ids']}); nothing was written"
@@ -286,10 +289,29 @@ def _checked(folder: Path, model: GPT, tokenizer: Tokenizer, dtype: str) -> dict
     return {"checked": "yes: transformers loads it and computes the same logits and token ids", **found}
 
 
+@torch.inference_mode()
+def _check_finite(model: GPT, folder: Path) -> None:
+    """Refuse a model whose logits are not numbers (a run that diverged, damaged settings): checked
+    or not, such an export would load and generate nothing but one token."""
+    ids = torch.arange(model.config.context).remainder(model.config.vocab_size)[None]
+    if not torch.isfinite(model.eval()(ids)).all():
+        raise UserError(
+            f"the model in {folder} computes logits that are not numbers: its weights or settings are damaged "
+            "(or its training diverged); export an earlier checkpoint"
+        )
+
+
 def _check_destination(out: Path, overwrite: bool) -> None:
-    """`out` must be new, empty, or (with overwrite) an earlier export: never a folder of other files."""
+    """`out` must be new, empty, or (with overwrite) an earlier export: never a folder of other files,
+    nor inside a run or checkpoint folder, whose step folders training deletes as it saves."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; --out names the folder to create")
+    for folder in out.resolve().parents:
+        if (folder / "checkpoint.json").is_file() or (folder / POINTER).is_file():
+            raise UserError(
+                f"--out {out} is inside the run or checkpoint folder {folder}, whose checkpoints training "
+                "replaces and deletes; export to a folder outside it"
+            )
     existing = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if existing and not existing <= set(FILES):
         raise UserError(
@@ -312,6 +334,7 @@ def _put_in_place(tmp: Path, out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m model.export",
         description="Export a checkpoint to a Hugging Face transformers folder (Qwen3 architecture).",
         formatter_class=HelpFormatter,
     )

@@ -10,6 +10,7 @@ the next writer once their process is gone.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -78,11 +79,16 @@ def write_atomically(path: Path, text: str) -> None:
 def remove_abandoned(folder: Path, prefix: str = "") -> None:
     """Delete temporaries in `folder` whose writing process no longer runs (killed mid-write).
 
-    `prefix` limits it to temporaries of names starting so, in a folder that is not ours alone.
+    `prefix` (a name) limits it, in a folder that is not ours alone, to the temporaries
+    `temporary_name` gives that name and its `.old` (the name, a process id): a user's own
+    `.tmp-<name>-notes` is not ours to delete.
     """
     if not folder.is_dir():
         return
+    ours = re.compile(re.escape(f"{TEMPORARY}{prefix}") + r"(\.old)?-\d+")
     for path in folder.glob(f"{TEMPORARY}{prefix}*"):
+        if prefix and not ours.fullmatch(path.name):
+            continue
         pid = path.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
             continue

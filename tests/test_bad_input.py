@@ -115,6 +115,7 @@ BAD_INPUTS = [
     ("model.evaluate", "text with a BOM and CRLF", ["--text", "{bad}/bom_crlf.txt"], ok('"bytes": 14400,')),  # 400 x 36: BOM and CRs gone
     ("model.evaluate", "stride 0", ["--text", "{bad}/bom_crlf.txt", "--stride", "0"], error("--stride must be between 1")),
     ("model.evaluate", "batch size 0", ["--text", "{bad}/bom_crlf.txt", "--batch-size", "0"], error("--batch-size must be at least 1")),
+    ("model.evaluate", "a batch too big for memory", ["--text", "{bad}/bom_crlf.txt", "--batch-size", "1000000000"], error("--batch-size 1,000,000,000 needs about .* GB for its windows")),
     ("model.evaluate", "unknown flag", ["--text", "{bad}/bom_crlf.txt", "--fast"], usage("unrecognized arguments")),
     ("model.export", "missing checkpoint", ["--checkpoint", "{bad}/missing"], error("does not exist")),
     ("model.export", "an output folder of other files", ["--out", "{bad}"], error("holds files that are not an export")),

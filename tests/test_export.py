@@ -220,6 +220,18 @@ def test_other_shapes_and_half_precision_export_too(tmp_path):
     assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
 
 
+def test_a_padded_batch_generates_what_each_prompt_generates_alone(exported):
+    tokenizer = AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    theirs = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True, dtype=torch.float32)
+    prompts = ["A", "The quick brown fox jumps over"]
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    together = theirs.generate(**batch, max_new_tokens=12, do_sample=False)[:, batch["input_ids"].shape[1] :]
+    for prompt, row in zip(prompts, together, strict=True):
+        alone = tokenizer(prompt, return_tensors="pt")
+        expected = theirs.generate(**alone, max_new_tokens=12, do_sample=False)[0, alone["input_ids"].shape[1] :]
+        assert row.tolist() == expected.tolist()
+
+
 def test_an_earlier_export_is_replaced_only_when_asked(exported, tiny_run, tmp_path):
     out = tmp_path / "hf"
     shutil.copytree(exported, out)
@@ -267,6 +279,37 @@ def test_the_export_cleans_up_only_its_own_leftovers_in_a_folder_that_is_not_our
     ours, theirs = tmp_path / f".tmp-hf-{dead}", tmp_path / f".tmp-notes-{dead}"
     ours.mkdir()
     theirs.write_text("another program's temporary file")
+    mine = [tmp_path / ".tmp-hf-mystuff", tmp_path / ".tmp-hf.txt", tmp_path / f".tmp-hfbackup-{dead}"]
+    for path in mine:  # names that start like the export's temporaries but are not: a user's own files
+        path.write_text("precious")
     export(tiny_run, tmp_path / "hf", check=False)
     assert not ours.exists(), "an export killed mid-write is cleaned up by the next one"
     assert theirs.read_text() == "another program's temporary file"
+    assert all(path.read_text() == "precious" for path in mine)
+
+
+def test_an_export_inside_a_run_folder_is_refused(tiny_run, tmp_path):
+    """Training deletes old step folders as it saves, and would take an export inside one with them."""
+    step = load_checkpoint(tiny_run).folder
+    for out in (step / "hf", tiny_run / "hf"):
+        with pytest.raises(UserError, match="is inside the run or checkpoint folder"):
+            export(tiny_run, out, check=False)
+        assert not out.exists()
+
+
+def test_a_model_that_computes_nan_is_refused_by_export_and_evaluate(tiny_run, tmp_path):
+    """A run that diverged saves weights that are not numbers, with a valid checksum: no tool may
+    report them as fine (export's check compared NaN with NaN and passed; evaluate printed NaN)."""
+    checkpoint = load_checkpoint(tiny_run)
+    diverged = checkpoint.load_model("cpu")
+    with torch.no_grad():
+        diverged.lm_head.weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "run", 1, diverged, checkpoint.load_tokenizer(), {})
+    with pytest.raises(UserError, match="computes logits that are not numbers"):
+        export(tmp_path / "run", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    (tmp_path / "text.txt").write_text(make_text(5))
+    result = run_script(
+        "-m", "model.evaluate", "--checkpoint", str(tmp_path / "run"), "--text", str(tmp_path / "text.txt")
+    )
+    assert_clean_error(result, "computes a loss that is not a number")
