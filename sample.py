@@ -167,12 +167,22 @@ def chat(engine, meta: dict, sampling, system: str) -> None:
     template.check_system(messages, prompt_budget(engine.context, sampling.max_new_tokens))  # before any input
     if interactive:
         print(f"chatting with a {'chat' if template.name == 'turns' else 'base'} model; Ctrl-D to quit")
+    number = 0
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()  # UTF-8 whatever the locale says (PYTHONIOENCODING=ascii, LANG=C)
+        number += 1
+        if not raw:
             break
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8").replace("\r\n", "\n")
+        except UnicodeDecodeError:
+            problem = f"line {number} of the input is not UTF-8 text"
+            if not interactive:
+                raise UserError(f"{problem}; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            print(f"error: {problem}; set your terminal to UTF-8 and type it again", file=sys.stderr)
+            continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})

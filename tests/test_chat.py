@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from model.chat_template import TranscriptTemplate, TurnsTemplate, template_for
 from model.errors import UserError
 from model.tokenizer import build_char
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
+from tests.test_cli import assert_clean_error
 
 TOKENIZER = build_char(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:?!.,\n"])
 S = TOKENIZER.special_ids
@@ -130,3 +135,18 @@ def test_scripted_terminal_chat_prints_one_reply_per_line(tiny_run):
         messages.append({"role": "assistant", "content": reply})
         expected += reply + "\n"
     assert result.stdout == expected
+
+
+def test_piped_chat_input_is_utf8_whatever_the_locale_says_and_other_bytes_are_refused(tiny_run):
+    """PYTHONIOENCODING=ascii made a UTF-8 line a UnicodeDecodeError traceback; a Latin-1 line was chatted on."""
+    chat = [sys.executable, "sample.py", "--checkpoint", str(tiny_run), "--chat", "--temperature", "0"]
+    chat += ["--max-new-tokens", "8"]
+    line = "café 日本\n".encode()
+    plain = subprocess.run(chat, input=line, capture_output=True, cwd=ROOT)
+    ascii_locale = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    told_ascii = subprocess.run(chat, input=line, capture_output=True, cwd=ROOT, env=ascii_locale)
+    assert plain.returncode == told_ascii.returncode == 0, told_ascii.stderr.decode()
+    assert told_ascii.stdout == plain.stdout.decode().encode("ascii", "replace")  # the same reply, printed as it can be
+    latin = subprocess.run(chat, input="hi\ncafé\n".encode("latin-1"), capture_output=True, cwd=ROOT, text=False)
+    latin.stderr = latin.stderr.decode()
+    assert_clean_error(latin, "line 2 of the input is not UTF-8 text; convert it to UTF-8")
