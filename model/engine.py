@@ -191,6 +191,11 @@ class Engine:
         one_thread = self.device.type == "cpu" and not self.decoder.native
         with single_thread() if one_thread else contextlib.nullcontext():
             cache, logits = self._prefill(tokens, valid)
+            if not torch.isfinite(logits).all():  # a diverged run's weights: its text would be empty or noise
+                raise UserError(
+                    "the model computes logits that are not numbers: its weights or settings are damaged "
+                    "(or its training diverged); use an earlier checkpoint"
+                )
             drawn = sampler.draw(logits)[:, None]  # (B, n): each row's tokens since the last look
             while True:
                 for row, row_tokens in enumerate(drawn.tolist()):  # one read of the batch's tokens

@@ -297,7 +297,7 @@ def test_an_export_inside_a_run_folder_is_refused(tiny_run, tmp_path):
         assert not out.exists()
 
 
-def test_a_model_that_computes_nan_is_refused_by_export_and_evaluate(tiny_run, tmp_path):
+def test_a_model_that_computes_nan_is_refused_by_export_evaluate_and_generation(tiny_run, tmp_path):
     """A run that diverged saves weights that are not numbers, with a valid checksum: no tool may
     report them as fine (export's check compared NaN with NaN and passed; evaluate printed NaN)."""
     checkpoint = load_checkpoint(tiny_run)
@@ -313,3 +313,5 @@ def test_a_model_that_computes_nan_is_refused_by_export_and_evaluate(tiny_run, t
         "-m", "model.evaluate", "--checkpoint", str(tmp_path / "run"), "--text", str(tmp_path / "text.txt")
     )
     assert_clean_error(result, "computes a loss that is not a number")
+    result = run_script("sample.py", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "5")
+    assert_clean_error(result, "computes logits that are not numbers")  # it printed nothing, successfully
