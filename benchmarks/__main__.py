@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+import benchmarks
 from benchmarks import data_speed, generation, quality, report
 from model.device import matmul_peak_flops, pick_dtype
-from model.errors import run_cli
 from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    benchmarks.run(main)

@@ -22,10 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchmarks
 from benchmarks import report
 from data.builtin import builtin_documents
 from data.sources import open_source
-from model.errors import UserError, run_cli
+from model.errors import UserError
 from model.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,16 +67,30 @@ print(time.perf_counter() - start)
 
 
 def prepare_seconds_and_peak(path: Path, cache: Path) -> tuple[float, int]:
-    """Prepare `path` in a fresh process; its wall time and peak resident memory in bytes."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", PREPARE, str(path), str(cache)], cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
-    _, status, usage = os.wait4(process.pid, 0)
+    """Prepare `path` in a fresh process; its wall time and peak resident memory in bytes.
+
+    Its failure is told in one line (its own last line says why); interrupted, it is stopped too."""
+    errors = cache.with_name(f"{cache.name}-stderr.txt")
+    with open(errors, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", PREPARE, str(path), str(cache)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    except BaseException:  # Ctrl-C or SIGTERM (benchmarks.run): the child must not outlive us
+        process.kill()
+        process.wait()
+        raise
     output = process.stdout.read()
     process.stdout.close()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        raise SystemExit(f"error: preparing {path} failed (exit {process.returncode})")
+        lines = errors.read_text().strip().splitlines() or [f"exit status {process.returncode}"]
+        raise UserError(f"preparing {path.name} failed: {lines[-1].removeprefix('error: ')}")
     return float(output.strip().splitlines()[-1]), usage.ru_maxrss * 1024
 
 
@@ -119,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    benchmarks.run(main)

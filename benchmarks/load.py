@@ -29,8 +29,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import benchmarks
 from benchmarks.report import check_writable
-from model.errors import UserError, run_cli
+from model.errors import UserError
 
 PROMPTS = [
     "What does the assert statement do?",
@@ -175,10 +176,12 @@ def run_level(url, auth, users: int, seconds: float, expected: dict[str, str], m
     if pid:
         threads.append(threading.Thread(target=watch))
     start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+    finally:  # Ctrl-C or SIGTERM too: the users' threads stop after their request, so the process can end
+        stop.set()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
@@ -294,4 +297,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    benchmarks.run(main)

@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchmarks
 from benchmarks import report
 from model.checkpoint import load_checkpoint
-from model.errors import UserError, run_cli
+from model.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,4 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    benchmarks.run(main)

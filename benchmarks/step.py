@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import benchmarks
 import model.gpt
 from benchmarks import report
 from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
-from model.errors import UserError, run_cli
+from model.errors import UserError
 from model.gpt import GPT, ModelConfig
 from training.allocator import keep_freed_memory
 from training.config import PRESETS, TrainConfig
@@ -166,4 +167,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    benchmarks.run(main)

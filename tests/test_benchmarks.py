@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from benchmarks import report
 from benchmarks.__main__ import default_budget
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
 from tests.test_cli import assert_clean_error
 from training.config import TrainConfig
 
@@ -138,3 +144,42 @@ def test_an_out_that_cannot_be_written_is_refused_before_measuring(tool, corpus_
     corpus = ["--corpus", str(corpus_file)] if tool in ("benchmarks", "benchmarks.quality") else []
     result = run_script("-m", tool, *corpus, "--out", str(tmp_path / "a_file" / "out"), timeout=60)
     assert_clean_error(result, "cannot create (--out|the folder of --out) ")
+
+
+def _child_running(pid: int, script: str) -> int | None:
+    """The pid of `pid`'s child process whose command line holds `script`, if one runs."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else []:
+        try:
+            if script.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+        except OSError:  # it ended meanwhile
+            continue
+    return None
+
+
+def test_sigterm_stops_the_suite_as_ctrl_c_does_with_its_training_run_and_temporary_folder(corpus_file, tmp_path):
+    temporary = tmp_path / "tmp"  # where the suite's TemporaryDirectory (corpus split, cache, runs) goes
+    temporary.mkdir()
+    flags = ["--quick", "--runs", "1", "--budgets", "1", "--skip", "generation", "data"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "--corpus", str(corpus_file), *flags, "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(temporary)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline, train = time.monotonic() + 120, None
+    while train is None and time.monotonic() < deadline and process.poll() is None:
+        train = _child_running(process.pid, "train.py")
+        time.sleep(0.02)
+    assert train, "the suite never started train.py"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    left_running = Path(f"/proc/{train}").exists()
+    if left_running:  # the test's own orphan: stopped here, not left to other tests
+        os.kill(train, signal.SIGKILL)
+    assert (process.returncode, stderr.strip()) == (128 + signal.SIGTERM, "terminated")
+    assert not left_running, "train.py was left running"
+    assert not [p.name for p in temporary.iterdir() if p.name.startswith("tmp")]
