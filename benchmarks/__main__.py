@@ -71,6 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     corpus = Path(args.corpus)
     quality.check_arguments(corpus, args.runs, args.budgets, args.out)
+    if "quality" not in args.skip:
+        report.check_plotting()
 
     figures: dict = {"machine": machine(), "corpus": corpus.name}
     # Evaluations every 50 steps draw the curve (they pause the training clock, so cost no budget).
@@ -91,9 +93,9 @@ def main() -> None:
     if "data" not in args.skip:
         sizes, prepare_size = ([0.1, 1], 1) if args.quick else ([1, 100], 100)
         figures["data"] = data_speed.measure(sizes, args.runs, prepare_size)
-    report.write(figures, Path(args.out))
-    print(report.markdown(figures))
-    print(f"wrote {args.out}/benchmarks.json, benchmarks.md and loss_vs_time.png")
+    print(report.markdown(figures), flush=True)
+    for line in report.write(figures, Path(args.out)):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import benchmarks
-from benchmarks.report import check_writable
+from benchmarks.report import check_writable, write_files
 from model.errors import UserError
 
 PROMPTS = [
@@ -285,13 +285,14 @@ def main() -> None:
         report["concurrency"] = args.concurrency
     report["max_growth_mb"] = args.max_growth_mb
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     failed = sum(level["failures"] for level in report["levels"])
     leaked = (report.get("server_mb_growth") or 0) > args.max_growth_mb
     print(
-        f"wrote {out}; {failed} failed request(s); server memory growth {report.get('server_mb_growth', 'not measured')} MB"
+        f"{failed} failed request(s); server memory growth {report.get('server_mb_growth', 'not measured')} MB",
+        flush=True,
     )
+    write_files(out.parent, {out.name: json.dumps(report, indent=2) + "\n"})
+    print(f"wrote {out}")
     if failed or leaked:
         sys.exit(1)
 

@@ -6,7 +6,8 @@ Splits the corpus nanoGPT's way (first 90% of the characters to train, last 10% 
 trains `train.py` once per seed and budget, scores every run with `python -m model.evaluate` over
 the whole validation text, and writes the figures as JSON and a Markdown table to `--out`
 (default `benchmarks/results/`). Each run also keeps its validation curve (bits per byte against
-training seconds, from metrics.jsonl) for the plot. Runs are sequential: on a 2-core machine
+training seconds, from metrics.jsonl: the evaluations during training, on `--eval-tokens` of the
+validation text) for the plot. Runs are sequential: on a 2-core machine
 anything running alongside a run changes its result.
 """
 
@@ -75,6 +76,7 @@ def train_and_score(train: Path, val: Path, out: Path, seed: int, flags: list[st
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val_bpb" in r][-1]
     model_line = next(line for line in log.splitlines() if line.startswith("model:"))
+    checkpoint = load_checkpoint(out)
     return {
         "seed": seed,
         "bpb": figures["bpb"],
@@ -84,8 +86,9 @@ def train_and_score(train: Path, val: Path, out: Path, seed: int, flags: list[st
         "tokens_per_sec": final.get("tokens_per_sec"),
         "mfu": final.get("mfu"),
         "model": model_line.removeprefix("model: "),
-        "parameters": load_checkpoint(out).model_config.num_parameters(),
+        "parameters": checkpoint.model_config.num_parameters(),
         "curve": [[r["time"], r["val_bpb"]] for r in records if "val_bpb" in r],
+        "eval_tokens": checkpoint.meta["train"]["eval_tokens"],  # what each point of the curve scored
     }
 
 
@@ -150,11 +153,14 @@ def main() -> None:
     check_arguments(corpus, args.runs, args.max_minutes, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         results = measure(corpus, args.max_minutes, args.runs, args.train_flags.split(), Path(tmp))
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quality.json").write_text(json.dumps({"corpus": str(corpus), "budgets": results}, indent=2) + "\n")
-    (out_dir / "quality.md").write_text(f"`{corpus.name}`, last 10% held out\n\n{table(results)}")
-    print(table(results))
+    print(table(results), flush=True)
+    report.write_files(
+        Path(args.out),
+        {
+            "quality.json": json.dumps({"corpus": str(corpus), "budgets": results}, indent=2) + "\n",
+            "quality.md": f"`{corpus.name}`, last 10% held out\n\n{table(results)}",
+        },
+    )
 
 
 if __name__ == "__main__":

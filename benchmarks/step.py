@@ -160,10 +160,10 @@ def main() -> None:
             f"(forward + backward alone {result['mfu_forward_backward']:.0%})"
         )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     figures = {"settings": vars(args), "peak_gflops": round(peak / 1e9), "results": results}
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"peak {figures['peak_gflops']} GFLOP/s; wrote {out}")
+    print(f"peak {figures['peak_gflops']} GFLOP/s", flush=True)
+    report.write_files(out.parent, {out.name: json.dumps(figures, indent=2) + "\n"})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -183,3 +183,59 @@ def test_sigterm_stops_the_suite_as_ctrl_c_does_with_its_training_run_and_tempor
     assert (process.returncode, stderr.strip()) == (128 + signal.SIGTERM, "terminated")
     assert not left_running, "train.py was left running"
     assert not [p.name for p in temporary.iterdir() if p.name.startswith("tmp")]
+
+
+def test_a_full_disk_keeps_the_earlier_files_prints_the_figures_and_fails_in_one_line(corpus_file, tmp_path):
+    """A real full disk: a small 'tmpfs', filled up, in a private mount namespace (unshare)."""
+    suite = [sys.executable, "-m", "benchmarks", "--corpus", str(corpus_file), "--skip", "quality", "data"]
+    script = f"""
+set -e
+mount -t tmpfs -o size=256k tmpfs {tmp_path}/small
+mkdir {tmp_path}/small/out
+echo earlier > {tmp_path}/small/out/benchmarks.json
+dd if=/dev/zero of={tmp_path}/small/fill bs=4k 2> /dev/null || true
+set +e
+{" ".join(suite)} --out {tmp_path}/small/out > {tmp_path}/stdout.txt 2> {tmp_path}/stderr.txt
+echo $? > {tmp_path}/code.txt
+cat {tmp_path}/small/out/benchmarks.json > {tmp_path}/after.txt
+ls -a {tmp_path}/small/out > {tmp_path}/listing.txt
+"""
+    (tmp_path / "small").mkdir()
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    error = (tmp_path / "stderr.txt").read_text()
+    assert (tmp_path / "code.txt").read_text().strip() == "2", error
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+    assert "could not write" in error and "No space left on device" in error and "printed above" in error
+    assert "| figure | measured | target | met |" in (tmp_path / "stdout.txt").read_text()  # the figures came first
+    assert (tmp_path / "after.txt").read_text() == "earlier\n"  # not emptied
+    assert ".tmp-" not in (tmp_path / "listing.txt").read_text()
+
+
+def test_without_quality_runs_no_plot_is_claimed_and_an_earlier_one_is_removed(corpus_file, tmp_path):
+    (tmp_path / "loss_vs_time.png").write_bytes(b"an earlier run's plot")
+    result = run_script("-m", "benchmarks", "--corpus", str(corpus_file), "--skip", "quality", "data",
+                        "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "loss_vs_time.png").exists()
+    wrote = [line for line in result.stdout.splitlines() if line.startswith("wrote ")]
+    assert wrote == [f"wrote {tmp_path / 'benchmarks.json'}, {tmp_path / 'benchmarks.md'}"]
+    assert f"removed an earlier run's {tmp_path / 'loss_vs_time.png'}" in result.stdout
+
+
+def test_without_matplotlib_the_suite_says_how_to_install_it_before_measuring(corpus_file, tmp_path):
+    without = "import runpy, sys; sys.modules['matplotlib'] = None; runpy.run_module('benchmarks', run_name='__main__')"
+    result = run_script("-c", without, "--corpus", str(corpus_file), "--quick", "--out", str(tmp_path))
+    assert_clean_error(result, r"matplotlib, which is not installed; pip install -e '\.\[bench\]'")
+    assert result.stdout == ""  # nothing measured
+
+
+def test_the_plot_says_what_its_curves_and_its_time_axis_are():
+    run = {"curve": [[10.0, 2.5], [80.0, 2.1]], "eval_tokens": 65536}
+    fig = report.draw({"corpus": "c.txt", "quality": [{"minutes": 1.5, "runs": [run]}]})
+    (ax,) = fig.axes
+    assert ax.get_title() == "Validation loss against training time: c.txt"  # not "wall time"
+    assert "start-up and evaluation pauses not counted" in ax.get_xlabel()
+    (caption,) = [text.get_text() for text in fig.texts]
+    assert "evaluations during training, on 65,536 validation tokens" in caption
+    assert "the whole validation text" in caption
