@@ -30,6 +30,7 @@ import torch
 import benchmarks
 from benchmarks import data_speed, generation, quality, report
 from model.device import matmul_peak_flops, pick_dtype
+from model.errors import UserError
 from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--corpus", required=True, help="UTF-8 text file (trained on its first 90%%)")
+    parser.add_argument(
+        "--corpus",
+        help="UTF-8 text file (trained on its first 90%%), or tinyshakespeare (downloaded once into data/cache); "
+        "needed unless --skip quality",
+    )
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.5, 5.0], help="--max-minutes budgets")
     parser.add_argument("--runs", type=int, default=3, help="seeds per budget and timed runs per speed figure")
     parser.add_argument(
@@ -69,16 +74,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere: checks the suite works")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the results")
     args = parser.parse_args()
-    corpus = Path(args.corpus)
-    quality.check_arguments(corpus, args.runs, args.budgets, args.out)
-    if "quality" not in args.skip:
-        report.check_plotting()
-
-    figures: dict = {"machine": machine(), "corpus": corpus.name}
     # Evaluations every 50 steps draw the curve (they pause the training clock, so cost no budget).
     flags = (
         ["--preset", "tiny", "--max-steps", "20", "--eval-interval", "5"] if args.quick else ["--eval-interval", "50"]
     )
+    figures: dict = {}
+    if "quality" in args.skip:
+        if args.runs < 1:
+            raise UserError(f"--runs must be at least 1, got {args.runs}")
+        if "generation" not in args.skip:
+            print("generation is timed on the quality runs' model: --skip quality skips it too", flush=True)
+    else:
+        if args.corpus is None:
+            raise UserError("give --corpus FILE (or --corpus tinyshakespeare) for the quality runs, or --skip quality")
+        corpus = quality.check_arguments(args.corpus, args.runs, args.budgets, flags, "--budgets")
+        report.check_plotting()
+        figures["corpus"] = corpus.name
+    report.check_writable(args.out, folder=True)
+    figures["machine"] = machine()
     with tempfile.TemporaryDirectory() as tmp:
         if "quality" not in args.skip:
             figures["quality"] = quality.measure(corpus, args.budgets, args.runs, flags, Path(tmp))

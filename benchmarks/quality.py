@@ -1,6 +1,6 @@
 """Quality per minute: train with a time budget a few times, score each run, report medians.
 
-    python -m benchmarks.quality --corpus ../shared/data/tinyshakespeare.txt --max-minutes 1.5 5 --runs 3
+    python -m benchmarks.quality --corpus tinyshakespeare --max-minutes 1.5 5 --runs 3
 
 Splits the corpus nanoGPT's way (first 90% of the characters to train, last 10% to validate),
 trains `train.py` once per seed and budget, scores every run with `python -m model.evaluate` over
@@ -8,13 +8,17 @@ the whole validation text, and writes the figures as JSON and a Markdown table t
 (default `benchmarks/results/`). Each run also keeps its validation curve (bits per byte against
 training seconds, from metrics.jsonl: the evaluations during training, on `--eval-tokens` of the
 validation text) for the plot. Runs are sequential: on a 2-core machine
-anything running alongside a run changes its result.
+anything running alongside a run changes its result. `--corpus tinyshakespeare` is downloaded once
+into data/cache, as `train.py --data tinyshakespeare` does; a corpus with no text, or too short for
+one training window, is refused before any run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,8 +28,11 @@ from pathlib import Path
 
 import benchmarks
 from benchmarks import report
+from data.prepare import DEFAULT_CACHE
+from data.sources import TINYSHAKESPEARE_URL, download
 from model.checkpoint import load_checkpoint
 from model.errors import UserError
+from training.config import PRESETS, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,28 +47,84 @@ def run(cmd: list[str]) -> str:
     return result.stdout
 
 
-def check_arguments(corpus: Path, runs: int, budgets: list[float], out: str) -> None:
-    """Refuse, before any training, what this benchmark (alone or in the suite) cannot measure or write."""
-    if not corpus.is_file():
-        raise UserError(f"{corpus} is not a file; give a UTF-8 text corpus with --corpus")
-    if runs < 1 or min(budgets) <= 0:
-        raise UserError("--runs must be at least 1 and every budget positive")
-    report.check_writable(out, folder=True)
+def check_arguments(corpus: str, runs: int, budgets: list[float], flags: list[str], budget_flag: str) -> Path:
+    """Refuse, before any training, what this benchmark (alone or in the suite) cannot measure; returns
+    the corpus file (`tinyshakespeare` fetched first). `budget_flag` names the budgets for the user."""
+    if runs < 1:
+        raise UserError(f"--runs must be at least 1, got {runs}")
+    bad = [minutes for minutes in budgets if not (math.isfinite(minutes) and minutes > 0)]
+    if bad:
+        raise UserError(f"{budget_flag} takes positive numbers of minutes, got {bad[0]:g}")
+    named = [f"{minutes:g}" for minutes in budgets]
+    if len(set(named)) < len(named):
+        repeated = next(name for name in named if named.count(name) > 1)
+        raise UserError(f"{budget_flag} names {repeated} more than once; give each budget once")
+    path = resolve_corpus(corpus)
+    read_corpus(path, window(flags))
+    return path
 
 
-def split_corpus(corpus: Path, folder: Path) -> tuple[Path, Path]:
-    """First 90% of the characters to train.txt, the last 10% to val.txt."""
+def resolve_corpus(corpus: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """--corpus as a file; `tinyshakespeare` is downloaded once into the data cache (data/cache in the
+    project), as `train.py --data tinyshakespeare` does, and read from there afterwards."""
+    if corpus == "tinyshakespeare":
+        return download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt")
+    path = Path(corpus)
+    if not path.is_file():
+        raise UserError(f"--corpus {corpus} is not a file; give a UTF-8 text file, or tinyshakespeare to download it")
+    return path
+
+
+def window(flags: list[str]) -> int:
+    """The context, in tokens, of training runs given `flags`: their --context, else their --preset's."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--preset", default=TrainConfig.preset)
+    parser.add_argument("--context", type=int)
+    try:
+        known, _ = parser.parse_known_args(flags)
+    except argparse.ArgumentError:  # train.py will say what is wrong with them
+        return TrainConfig.context
+    return known.context or PRESETS.get(known.preset, {}).get("context", TrainConfig.context)
+
+
+def read_corpus(corpus: Path, context: int) -> str:
+    """The corpus's text, refused in one line naming --corpus if it is not UTF-8, has no text, or its
+    first 90% is too short for one training window of `context` tokens (a token is a byte or more)."""
     try:
         text = corpus.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise UserError(
-            f"{corpus} is not UTF-8 text (byte {error.start}); convert it, e.g. iconv -t UTF-8, and rerun"
+            f"--corpus {corpus} is not UTF-8 text (byte {error.start}); convert it, e.g. iconv -t UTF-8, and rerun"
         ) from None
+    except OSError as error:
+        raise UserError(f"cannot read --corpus {corpus} ({error.strerror}); give a readable text file") from None
+    if not text.strip():
+        raise UserError(f"--corpus {corpus} has no text; give a corpus with some text in it")
+    train_bytes = len(text[: int(len(text) * 0.9)].encode())
+    if train_bytes <= context:
+        raise UserError(
+            f"--corpus {corpus} is too small for these runs: its first 90% ({train_bytes:,} bytes) is shorter "
+            f"than one training window of {context} tokens; give a longer corpus"
+        )
+    return text
+
+
+def split_corpus(corpus: Path, folder: Path) -> tuple[Path, Path]:
+    """First 90% of the characters to train.txt, the last 10% to val.txt."""
+    text = read_corpus(corpus, 0)
     cut = int(len(text) * 0.9)
     train, val = folder / "train.txt", folder / "val.txt"
     train.write_text(text[:cut], encoding="utf-8")
     val.write_text(text[cut:], encoding="utf-8")
     return train, val
+
+
+def named_as_corpus(error: UserError, corpus: Path, train: Path, val: Path) -> UserError:
+    """A training run's error told about --corpus, not the suite's own split files and flags."""
+    message = str(error).replace(str(train), f"--corpus {corpus} (its first 90%)")
+    message = message.replace(str(val), f"--corpus {corpus} (its last 10%)")
+    message = message.replace("use more text or a smaller --context", f"give a longer --corpus than {corpus}")
+    return UserError(message)
 
 
 def train_and_score(train: Path, val: Path, out: Path, seed: int, flags: list[str]) -> dict:
@@ -109,7 +172,10 @@ def measure(corpus: Path, budgets: list[float], runs: int, flags: list[str], wor
         budget_runs = []
         for seed in range(1, runs + 1):
             out = work / f"budget{minutes:g}-seed{seed}"
-            result = train_and_score(train, val, out, seed, ["--max-minutes", f"{minutes:g}", *flags])
+            try:
+                result = train_and_score(train, val, out, seed, ["--max-minutes", f"{minutes:g}", *flags])
+            except UserError as error:
+                raise named_as_corpus(error, corpus, train, val) from None
             result["checkpoint"] = str(out)
             budget_runs.append(result)
             print(
@@ -141,7 +207,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--corpus", required=True, help="UTF-8 text file to train and validate on")
+    parser.add_argument(
+        "--corpus",
+        required=True,
+        help="UTF-8 text file to train and validate on, or tinyshakespeare (downloaded once into data/cache)",
+    )
     parser.add_argument("--max-minutes", type=float, nargs="+", default=[1.5, 5.0], help="training budgets")
     parser.add_argument("--runs", type=int, default=3, help="runs (seeds 1..N) per budget; medians are reported")
     parser.add_argument("--train-flags", default="", help="extra train.py flags, e.g. '--preset tiny --max-steps 10'")
@@ -149,10 +219,14 @@ def main() -> None:
         "--out", default=str(ROOT / "benchmarks" / "results"), help="folder for quality.json and quality.md"
     )
     args = parser.parse_args()
-    corpus = Path(args.corpus)
-    check_arguments(corpus, args.runs, args.max_minutes, args.out)
+    try:
+        flags = shlex.split(args.train_flags)
+    except ValueError as error:
+        raise UserError(f"--train-flags cannot be split as a shell would ({error}); check its quotes") from None
+    corpus = check_arguments(args.corpus, args.runs, args.max_minutes, flags, "--max-minutes")
+    report.check_writable(args.out, folder=True)
     with tempfile.TemporaryDirectory() as tmp:
-        results = measure(corpus, args.max_minutes, args.runs, args.train_flags.split(), Path(tmp))
+        results = measure(corpus, args.max_minutes, args.runs, flags, Path(tmp))
     print(table(results), flush=True)
     report.write_files(
         Path(args.out),

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report
+from benchmarks import quality, report
 from benchmarks.__main__ import default_budget
+from model.errors import UserError
 from tests.conftest import ROOT, run_script
 from tests.test_cli import assert_clean_error
 from training.config import TrainConfig
@@ -212,11 +213,13 @@ ls -a {tmp_path}/small/out > {tmp_path}/listing.txt
     assert ".tmp-" not in (tmp_path / "listing.txt").read_text()
 
 
-def test_without_quality_runs_no_plot_is_claimed_and_an_earlier_one_is_removed(corpus_file, tmp_path):
+def test_without_quality_runs_no_plot_is_claimed_and_an_earlier_one_is_removed(tmp_path):
     (tmp_path / "loss_vs_time.png").write_bytes(b"an earlier run's plot")
-    result = run_script("-m", "benchmarks", "--corpus", str(corpus_file), "--skip", "quality", "data",
-                        "--out", str(tmp_path))  # fmt: skip
+    # No --corpus: only the quality runs use one, and the table names none.
+    result = run_script("-m", "benchmarks", "--skip", "quality", "data", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
+    assert "Corpus" not in (tmp_path / "benchmarks.md").read_text()
+    assert "generation is timed on the quality runs' model: --skip quality skips it too" in result.stdout
     assert not (tmp_path / "loss_vs_time.png").exists()
     wrote = [line for line in result.stdout.splitlines() if line.startswith("wrote ")]
     assert wrote == [f"wrote {tmp_path / 'benchmarks.json'}, {tmp_path / 'benchmarks.md'}"]
@@ -239,3 +242,62 @@ def test_the_plot_says_what_its_curves_and_its_time_axis_are():
     (caption,) = [text.get_text() for text in fig.texts]
     assert "evaluations during training, on 65,536 validation tokens" in caption
     assert "the whole validation text" in caption
+
+
+def test_budgets_are_finite_positive_and_each_given_once_before_anything_runs(corpus_file):
+    for budgets, message in (([0.5, 0.5], "names 0.5 more than once"), ([1.5, 1.50], "names 1.5 more than once"),
+                             ([float("nan")], "takes positive numbers of minutes, got nan"),
+                             ([float("inf")], "takes .* got inf"), ([1, 0], "takes .* got 0")):  # fmt: skip
+        with pytest.raises(UserError, match=f"^--budgets {message}"):
+            quality.check_arguments(str(corpus_file), 1, budgets, [], "--budgets")
+    result = run_script("-m", "benchmarks", "--corpus", str(corpus_file), "--budgets", "nan", "--out", "/nonexistent")
+    assert_clean_error(result, "^error: --budgets takes positive numbers of minutes, got nan$")
+
+
+def test_a_corpus_too_small_or_empty_is_refused_up_front_by_its_flag(tmp_path):
+    empty, blank, short = tmp_path / "empty.txt", tmp_path / "blank.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    blank.write_text("  \n\n \n")
+    short.write_text("Some words, but not many.\n" * 5)  # 130 bytes
+    for corpus in (empty, blank):
+        with pytest.raises(UserError, match=f"^--corpus {corpus} has no text"):
+            quality.check_arguments(str(corpus), 1, [1], [], "--budgets")
+    tiny = ["--preset", "tiny", "--max-steps", "2"]  # a 64-token window: 117 bytes make one
+    assert quality.check_arguments(str(short), 1, [1], tiny, "--budgets") == short
+    with pytest.raises(UserError, match=f"^--corpus {short} is too small for these runs: .* 256 tokens; give a longer"):
+        quality.check_arguments(str(short), 1, [1], [], "--budgets")  # the cpu preset's 256-token window
+    with pytest.raises(UserError, match="one training window of 500 tokens"):
+        quality.check_arguments(str(short), 1, [1], [*tiny, "--context", "500"], "--budgets")
+
+
+def test_a_corpus_that_tokenizes_too_short_is_told_about_corpus_not_the_suites_temporary_files(tmp_path):
+    corpus = tmp_path / "repeats.txt"
+    corpus.write_text("ab" * 400)  # 720 bytes to train on, but BPE makes them a few tokens
+    flags = ["--preset", "tiny", "--max-steps", "2"]
+    with pytest.raises(UserError) as refused:
+        quality.measure(corpus, [1], 1, flags, tmp_path)
+    message = str(refused.value)
+    assert "train.txt" not in message and "--context" not in message, message
+    assert message.startswith("train.py failed: the training text is shorter than one window of 64 tokens; "
+                              f"give a longer --corpus than {corpus}")  # fmt: skip
+
+
+def test_corpus_tinyshakespeare_is_downloaded_into_the_data_cache_or_refused_in_one_line_offline(tmp_path):
+    # The README's benchmark commands name it, so they work in a fresh clone.
+    readme = (ROOT / "README.md").read_text().split("## Benchmarks", 1)[1].split("```", 2)[1]
+    commands = [line.split("#")[0].split() for line in readme.splitlines() if "python -m benchmarks" in line]
+    assert commands and all(words[words.index("--corpus") + 1] == "tinyshakespeare" for words in commands)
+    program = (
+        "import sys; from benchmarks.quality import resolve_corpus; from model.errors import run_cli; "
+        "run_cli(lambda: print(resolve_corpus('tinyshakespeare', sys.argv[1])))"
+    )
+    proxy = "http://127.0.0.1:9"  # nothing listens there: as good as no network
+    result = run_script("-c", program, str(tmp_path), env={"https_proxy": proxy, "HTTPS_PROXY": proxy})
+    assert_clean_error(result, "^error: could not download https://.*tinyshakespeare.*check your connection")
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_flags_are_split_as_a_shell_splits_them(corpus_file, tmp_path):
+    result = run_script("-m", "benchmarks.quality", "--corpus", str(corpus_file), "--train-flags", "--preset 'tiny",
+                        "--out", str(tmp_path))  # fmt: skip
+    assert_clean_error(result, "^error: --train-flags cannot be split as a shell would \\(No closing quotation\\)")
