@@ -78,7 +78,7 @@ def main() -> None:
     flags = (
         ["--preset", "tiny", "--max-steps", "20", "--eval-interval", "5"] if args.quick else ["--eval-interval", "50"]
     )
-    figures: dict = {}
+    figures: dict = {"quick": args.quick}
     if "quality" in args.skip:
         if args.runs < 1:
             raise UserError(f"--runs must be at least 1, got {args.runs}")
@@ -100,8 +100,12 @@ def main() -> None:
             if "generation" not in args.skip:
                 # The largest model (the slowest to generate from): on a machine where the budget's
                 # rule sits near a rounding point, seeds of one budget can be sized differently.
-                checkpoint = max(default["runs"], key=lambda run: run["parameters"])["checkpoint"]
-                figures["generation"] = generation.measure(checkpoint, args.runs)
+                largest = max(default["runs"], key=lambda run: run["parameters"])
+                checkpoint = quality.run_folder(Path(tmp), default["minutes"], largest["seed"])
+                figures["generation"] = generation.measure(str(checkpoint), args.runs)
+                # The run folder is temporary: say which run it was, not where it no longer is.
+                del figures["generation"]["checkpoint"]
+                figures["generation"]["model"] = f"{default['minutes']:g} min budget, seed {largest['seed']}"
                 print(f"generation: {figures['generation']}", flush=True)
     if "data" not in args.skip:
         sizes, prepare_size = ([0.1, 1], 1) if args.quick else ([1, 100], 100)

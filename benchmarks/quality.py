@@ -145,7 +145,8 @@ def train_and_score(train: Path, val: Path, out: Path, seed: int, flags: list[st
         "bpb": figures["bpb"],
         "wall_seconds": round(wall, 1),
         "train_seconds": final["time"],
-        "steps": final["step"],
+        "steps": final["step"],  # trained; the score is the best evaluation's checkpoint, at scored_step
+        "scored_step": checkpoint.step,
         "tokens_per_sec": final.get("tokens_per_sec"),
         "mfu": final.get("mfu"),
         "model": model_line.removeprefix("model: "),
@@ -156,12 +157,27 @@ def train_and_score(train: Path, val: Path, out: Path, seed: int, flags: list[st
 
 
 def summarise(runs: list[dict]) -> dict:
+    """Medians over the runs; a run that logged no MFU or rate (none measured) is left out of those."""
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in runs if r[key] is not None]
+        return statistics.median(values) if values else None
+
     return {
-        "median_bpb": statistics.median(r["bpb"] for r in runs),
-        "median_wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
-        "median_mfu": statistics.median(r["mfu"] or 0 for r in runs),
-        "median_tokens_per_sec": statistics.median(r["tokens_per_sec"] or 0 for r in runs),
+        "median_bpb": median("bpb"),
+        "median_wall_seconds": median("wall_seconds"),
+        "median_mfu": median("mfu"),
+        "median_tokens_per_sec": median("tokens_per_sec"),
     }
+
+
+def run_folder(work: Path, minutes: float, seed: int) -> Path:
+    """Where `measure` trains the run of `minutes` and `seed`; it lasts as long as `work` does."""
+    return work / f"budget{minutes:g}-seed{seed}"
+
+
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
 
 
 def measure(corpus: Path, budgets: list[float], runs: int, flags: list[str], work: Path) -> list[dict]:
@@ -171,16 +187,15 @@ def measure(corpus: Path, budgets: list[float], runs: int, flags: list[str], wor
     for minutes in budgets:
         budget_runs = []
         for seed in range(1, runs + 1):
-            out = work / f"budget{minutes:g}-seed{seed}"
+            out = run_folder(work, minutes, seed)
             try:
                 result = train_and_score(train, val, out, seed, ["--max-minutes", f"{minutes:g}", *flags])
             except UserError as error:
                 raise named_as_corpus(error, corpus, train, val) from None
-            result["checkpoint"] = str(out)
             budget_runs.append(result)
             print(
                 f"{minutes:g} min, seed {seed}: {result['bpb']:.4f} bits/byte, {result['steps']} steps, "
-                f"{result['wall_seconds']:.0f} s wall, MFU {result['mfu'] or 0:.0%}",
+                f"{result['wall_seconds']:.0f} s wall, MFU {percent(result['mfu'])}",
                 flush=True,
             )
         results.append({"minutes": minutes, "runs": budget_runs, **summarise(budget_runs)})
@@ -194,11 +209,14 @@ def table(results: list[dict]) -> str:
     ]
     for budget in results:
         each = ", ".join(f"{r['bpb']:.3f}" for r in budget["runs"])
-        steps = ", ".join(str(r["steps"]) for r in budget["runs"])
+        steps = ", ".join(
+            str(r["steps"]) + (f" (scored at {r['scored_step']})" if r["scored_step"] != r["steps"] else "")
+            for r in budget["runs"]
+        )
         models = "; ".join(dict.fromkeys(r["model"] for r in budget["runs"]))  # each size the seeds got, once
         rows.append(
             f"| {budget['minutes']:g} | {models} | {len(budget['runs'])} | {steps} | "
-            f"{budget['median_mfu']:.0%} | {each} | **{budget['median_bpb']:.3f}** |"
+            f"{percent(budget['median_mfu'])} | {each} | **{budget['median_bpb']:.3f}** |"
         )
     return "\n".join(rows) + "\n"
 

@@ -36,11 +36,19 @@ TARGETS = {
 PLOT = "loss_vs_time.png"
 
 
-def rows(figures: dict) -> list[tuple[str, str, str, str]]:
-    """(figure, measured, target, met?) for every figure present."""
-    out = []
+QUICK = "quick run: tiny preset, 20 steps"  # what `--quick` trains at every budget (benchmarks/__main__.py)
 
-    def add(name: str, value, target, better: str, fmt: str = "{:g}") -> None:
+
+def rows(figures: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, measured, target, met?) for every figure present. A `--quick` suite's model figures
+    are a tiny model's, labelled so and not judged against the targets, which are the real models'."""
+    out = []
+    quick = figures.get("quick", False)
+
+    def add(name: str, value, target, better: str, fmt: str = "{:g}", judged: bool = True) -> None:
+        if not judged:
+            out.append((name, fmt.format(value), "", ""))
+            return
         met = value <= target if better == "low" else value >= target
         out.append(
             (
@@ -53,20 +61,11 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
 
     for budget in figures.get("quality", []):
         key = f"bpb_{budget['minutes']:g}min"
-        if key in TARGETS:
-            add(
-                f"val bits/byte, {budget['minutes']:g} min budget (median)",
-                budget["median_bpb"],
-                TARGETS[key],
-                "low",
-                "{:.3f}",
-            )
-        else:
-            out.append(
-                (f"val bits/byte, {budget['minutes']:g} min budget (median)", f"{budget['median_bpb']:.3f}", "", "")
-            )
+        name = f"{budget['minutes']:g} min budget" if not quick else f"{QUICK}, --max-minutes {budget['minutes']:g}"
+        judged = key in TARGETS and not quick
+        add(f"val bits/byte, {name} (median)", budget["median_bpb"], TARGETS.get(key), "low", "{:.3f}", judged)
     budgets = sorted(figures.get("quality", []), key=lambda budget: budget["minutes"])
-    if len(budgets) > 1:  # issue 5: longer budgets improve or hold steady, never end worse than a shorter one
+    if len(budgets) > 1 and not quick:  # issue 5: longer budgets improve or hold steady, never end worse
         medians = [budget["median_bpb"] for budget in budgets]
         steady = all(longer <= shorter for shorter, longer in itertools.pairwise(medians))
         out.append(
@@ -80,26 +79,25 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
     # Which budget's runs the MFU and generation figures come from (the suite's default_budget)
     minutes = figures.get("default_minutes")
     runs, model = (f", the {minutes:g} min runs", f", the {minutes:g} min model") if minutes else ("", "")
-    if "mfu" in figures:
-        add(
-            f"MFU of the default training step{runs}",
-            figures["mfu"],
-            TARGETS["mfu"],
-            "high",
-            "{:.0%}",
-        )
+    if quick:
+        runs = model = f" ({QUICK})"
+    if figures.get("mfu") is not None:
+        label = "MFU of the training step" if quick else "MFU of the default training step"
+        add(f"{label}{runs}", figures["mfu"], TARGETS["mfu"], "high", "{:.0%}", not quick)
     generation = figures.get("generation", {})
     for key in ("within_context", "past_context"):
         if f"bytes_per_second_{key}" in generation:
             tokens = generation[f"tokens_{key}"]
             label = f"generation bytes/s, batch 1, {tokens} tokens ({key.replace('_', ' ')}){model}"
-            add(label, generation[f"bytes_per_second_{key}"], TARGETS["generation_bytes_per_second"], "high", "{:,}")
+            value = generation[f"bytes_per_second_{key}"]
+            add(label, value, TARGETS["generation_bytes_per_second"], "high", "{:,}", not quick)
     if "first_token_ms" in generation:
         add(
             f"time to first token, {generation['prompt_bytes']}-byte prompt (ms){model}",
             generation["first_token_ms"],
-            50,
+            TARGETS["first_token_ms"],
             "low",
+            judged=not quick,
         )
     labels = {
         "bpe_seconds": "BPE training (s), {}",

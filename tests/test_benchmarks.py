@@ -38,6 +38,7 @@ def test_quality_benchmark_trains_scores_and_writes_medians(corpus_file, tmp_pat
     assert result.returncode == 0, result.stderr
     (budget,) = json.loads((tmp_path / "quality.json").read_text())["budgets"]
     assert [r["seed"] for r in budget["runs"]] == [1, 2] and all(r["steps"] == 10 for r in budget["runs"])
+    assert all(r["scored_step"] == 10 and "checkpoint" not in r for r in budget["runs"])  # no deleted folder
     low, high = sorted(r["bpb"] for r in budget["runs"])
     assert budget["median_bpb"] == (low + high) / 2 and 0 < low <= high < 8
     assert all(0 < r["mfu"] < 1.5 and r["curve"][-1][0] > 0 for r in budget["runs"])
@@ -64,6 +65,9 @@ def test_the_suite_writes_json_markdown_and_a_plot_with_every_figure(corpus_file
     figures = json.loads((tmp_path / "benchmarks.json").read_text())
     assert "GFLOP/s" in figures["machine"] and 0 < figures["mfu"] < 1.5
     generation = figures["generation"]
+    # The temporary run folders are gone: the JSON says which run, not where it was.
+    assert "checkpoint" not in generation and generation["model"] == "1 min budget, seed 1"
+    assert not [run for run in figures["quality"][0]["runs"] if "checkpoint" in run]
     assert generation["bytes_per_second_within_context"] > 0 and generation["bytes_per_second_past_context"] > 0
     assert generation["tokens_past_context"] == 4 * generation["context"] and generation["first_token_ms"] > 0
     assert generation["prompt_bytes"] <= 1000
@@ -73,6 +77,11 @@ def test_the_suite_writes_json_markdown_and_a_plot_with_every_figure(corpus_file
     table = (tmp_path / "benchmarks.md").read_text()
     assert f"{figures['quality'][0]['median_bpb']:.3f}" in table and "time to first token" in table
     assert f"| BPE training (s), 0.1 MB | {data['bpe_seconds_0.1MB']:g} |  |  |" in table  # no target, still shown
+    # A quick run's figures are a tiny model's: labelled so, and not judged against the real targets.
+    assert figures["quick"] and "| val bits/byte, quick run: tiny preset, 20 steps, --max-minutes 1 (median) |" in table
+    model_rows = [line for line in table.splitlines() if "quick run" in line]
+    assert len(model_rows) == 5 and all(line.endswith("|  |  |") for line in model_rows), table
+    assert "min budget" not in table and "min model" not in table
     assert (tmp_path / "loss_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -301,3 +310,25 @@ def test_train_flags_are_split_as_a_shell_splits_them(corpus_file, tmp_path):
     result = run_script("-m", "benchmarks.quality", "--corpus", str(corpus_file), "--train-flags", "--preset 'tiny",
                         "--out", str(tmp_path))  # fmt: skip
     assert_clean_error(result, "^error: --train-flags cannot be split as a shell would \\(No closing quotation\\)")
+
+
+def test_medians_leave_out_runs_without_an_mfu_and_the_table_says_which_step_was_scored():
+    runs = [
+        {"bpb": 2.0, "wall_seconds": 90, "mfu": 0.40, "tokens_per_sec": 9000, "steps": 500, "scored_step": 500},
+        {"bpb": 2.1, "wall_seconds": 95, "mfu": None, "tokens_per_sec": None, "steps": 480, "scored_step": 450},
+        {"bpb": 2.2, "wall_seconds": 99, "mfu": 0.50, "tokens_per_sec": 11000, "steps": 510, "scored_step": 510},
+    ]
+    summary = quality.summarise(runs)
+    assert summary["median_mfu"] == 0.45 and summary["median_tokens_per_sec"] == 10000  # not 0.40 and 9000
+    assert quality.summarise(runs[1:2])["median_mfu"] is None
+    for run in runs:
+        run["model"] = "1.7M parameters"
+    (row,) = quality.table([{"minutes": 1.5, "runs": runs, **summary}]).splitlines()[2:]
+    assert "| 500, 480 (scored at 450), 510 | 45% |" in row
+
+
+def test_the_first_token_target_is_the_one_in_targets(monkeypatch):
+    monkeypatch.setitem(report.TARGETS, "first_token_ms", 20)
+    generation = {"first_token_ms": 30.0, "prompt_bytes": 1000}
+    (row,) = report.rows({"generation": generation})
+    assert row == ("time to first token, 1000-byte prompt (ms)", "30", "<= 20", "no")
