@@ -1,11 +1,12 @@
 """The benchmark suite: quality per minute, hardware use, generation and data speed, in one command.
 
-    python -m benchmarks --corpus ../shared/data/tinyshakespeare.txt
+    python -m benchmarks --corpus tinyshakespeare
 
 1. Quality per minute (benchmarks/quality.py): the default settings at each `--max-minutes`
    budget, `--runs` seeds each, scored on the held-out last 10% with model.evaluate.
 2. Hardware use: the MFU the training log reports for the default budget's runs (5 minutes,
-   what `python train.py` does; model FLOP/s over the bf16 matmul peak measured in the same process).
+   what `python train.py` does; model FLOP/s over the matmul peak of the dtype the run trains in, bf16,
+   or fp32 on a CPU without native bf16, measured in the same process).
 3. Generation (benchmarks/generation.py): batch-1 bytes/s within and past the context, and time to
    first token for a 1,000-byte prompt, on the default budget's largest model.
 4. Tokenizer and data (benchmarks/data_speed.py): BPE on 1 MB and 100 MB, preparing 100 MB.
@@ -14,8 +15,10 @@ The targets for 2 and 3 are about the default model, so a longer budget in `--bu
 move them (its bigger model generates more slowly); without the default budget the longest stands in.
 
 Writes `benchmarks.json`, `benchmarks.md` and `loss_vs_time.png` to `--out`. The full suite takes
-about half an hour on 2 cores (24 minutes on the Xeon at 291600a); `--quick` runs every part small
-(seconds to minutes) to check that it works. Nothing else should run on the machine meanwhile.
+about half an hour on 2 cores (24 minutes on the reference Xeon at d3ed303, README's run); `--quick`
+runs every part small (seconds to minutes) to check that it works, its model rows labelled as quick
+and not judged against the targets. `--skip quality` needs no corpus and skips generation too.
+Nothing else should run on the machine meanwhile. SIGTERM stops it as Ctrl-C does (benchmarks.run).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import quality, report
+from benchmarks import data_speed, load, quality, report, step
 from benchmarks.__main__ import default_budget
 from model.errors import UserError
 from tests.conftest import ROOT, run_script
@@ -332,3 +333,56 @@ def test_the_first_token_target_is_the_one_in_targets(monkeypatch):
     generation = {"first_token_ms": 30.0, "prompt_bytes": 1000}
     (row,) = report.rows({"generation": generation})
     assert row == ("time to first token, 1000-byte prompt (ms)", "30", "<= 20", "no")
+
+
+def test_data_speed_takes_finite_sizes_of_a_useful_minimum_and_tells_a_failed_preparation_in_one_line(tmp_path):
+    for megabytes, prepare, message in (([1], float("nan"), "--prepare-megabytes .* got nan"),
+                                        ([float("inf")], 1, "--megabytes .* got inf"),
+                                        ([1], 1e-7, "--prepare-megabytes takes sizes of 0.01 MB or more .* got 1e-07")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            data_speed.check_sizes(megabytes, prepare)
+    result = run_script("-m", "benchmarks.data_speed", "--prepare-megabytes", "nan", timeout=60)
+    assert_clean_error(result, "^error: --prepare-megabytes takes sizes of 0.01 MB or more")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match=f"^preparing empty.txt failed: {empty} has no text; give a corpus") as failed:
+        data_speed.prepare_seconds_and_peak(empty, tmp_path / "cache")
+    assert "\n" not in str(failed.value)
+
+
+def test_the_load_test_refuses_a_url_nothing_answers_at_in_one_line(tmp_path):
+    result = run_script("-m", "benchmarks.load", "--url", "http://127.0.0.1:1/", "--users", "1", "--seconds", "2",
+                        "--out", str(tmp_path / "load.json"), timeout=120)  # fmt: skip
+    assert_clean_error(result, "^error: cannot reach the chat UI at http://127.0.0.1:1/ .*Connection refused")
+    assert not (tmp_path / "load.json").exists()
+
+
+def test_the_server_memory_peak_counts_the_reading_at_the_end():
+    figures = load.memory_figures([(0.5, 300.0), (4.0, 320.0), (8.0, 315.0)], seconds=10, end=330.0)
+    assert figures == {"server_mb_settled": 320.0, "server_mb_end": 330.0, "server_mb_peak": 330.0,
+                       "server_mb_growth": 10.0}  # fmt: skip
+
+
+def step_arguments(**typed) -> argparse.Namespace:
+    values = dict(n_layer=5, n_embd=None, dropout=None, context=256, batch_size=16, vocab_size=2048, steps=8, rounds=4)
+    return argparse.Namespace(**{**values, **typed})
+
+
+def test_the_step_benchmark_times_the_budget_rules_model_and_refuses_what_train_py_refuses():
+    default = step.model_config(step_arguments())
+    assert (default.n_layer, default.n_embd, default.n_head, default.dropout) == (5, 320, 5, 0.2)  # README's 5 x 320
+    assert step.model_config(step_arguments(n_layer=4)).dropout == 0.1  # the Zen 4's 5-minute 4 x 256
+    with pytest.raises(UserError, match="^--n-embd 65 does not split into 1 heads of an even size"):
+        step.model_config(step_arguments(n_embd=65))
+    with pytest.raises(UserError, match="^--n-embd 200 does not split into 3 heads"):
+        step.model_config(step_arguments(n_embd=200))
+    with pytest.raises(UserError, match=r"^--dropout must be in \[0, 1\), got 1.5"):
+        step.model_config(step_arguments(dropout=1.5))
+
+
+@pytest.mark.parametrize("tool, name", [("benchmarks.step", "step.json"), ("benchmarks.load", "load.json")])
+def test_the_default_out_is_in_the_repository_wherever_the_command_runs(tool, name, tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "COLUMNS": "500"}
+    result = run_script("-m", tool, "--help", cwd=tmp_path, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"(default: {ROOT / 'benchmarks' / 'results' / name})" in result.stdout
