@@ -7,12 +7,14 @@ data/builtin.py) with its paragraphs shuffled by a seeded RNG, repeated until it
 - BPE: `train_bpe` (vocabulary 2,048) fed the corpus in the ~1 MB pieces that preparation uses.
 - Prepare: `data.prepare.prepare` on the file in a fresh process (counting pass, BPE, encoding,
   writing train.bin/val.bin), timed with its peak resident memory (ru_maxrss of that process).
-Times are medians of `--runs` runs.
+Times are medians of `--runs` runs. Sizes are from MIN_MEGABYTES (0.01 MB) up: below it there is
+nothing to time.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import statistics
@@ -22,14 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchmarks
 from benchmarks import report
 from data.builtin import builtin_documents
 from data.sources import open_source
-from model.errors import UserError, run_cli
+from model.errors import UserError
 from model.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1 << 20
+MIN_MEGABYTES = 0.01  # 10 KB: a few paragraphs; BPE and preparing take milliseconds below it
 
 
 def make_corpus(path: Path, size: int, seed: int = 0) -> None:
@@ -59,24 +63,51 @@ PREPARE = """
 import sys, time
 from pathlib import Path
 from data.prepare import prepare
-start = time.perf_counter()
-prepare(sys.argv[1], cache_dir=Path(sys.argv[2]), progress=False)
-print(time.perf_counter() - start)
+from model.errors import run_cli
+def main():
+    start = time.perf_counter()
+    prepare(sys.argv[1], cache_dir=Path(sys.argv[2]), progress=False)
+    print(time.perf_counter() - start)
+run_cli(main)
 """
 
 
 def prepare_seconds_and_peak(path: Path, cache: Path) -> tuple[float, int]:
-    """Prepare `path` in a fresh process; its wall time and peak resident memory in bytes."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", PREPARE, str(path), str(cache)], cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
-    _, status, usage = os.wait4(process.pid, 0)
+    """Prepare `path` in a fresh process; its wall time and peak resident memory in bytes.
+
+    Its failure is told in one line (its own last line says why); interrupted, it is stopped too."""
+    errors = cache.with_name(f"{cache.name}-stderr.txt")
+    with open(errors, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", PREPARE, str(path), str(cache)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    except BaseException:  # Ctrl-C or SIGTERM (benchmarks.run): the child must not outlive us
+        process.kill()
+        process.wait()
+        raise
     output = process.stdout.read()
     process.stdout.close()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        raise SystemExit(f"error: preparing {path} failed (exit {process.returncode})")
+        lines = errors.read_text().strip().splitlines() or [f"exit status {process.returncode}"]
+        raise UserError(f"preparing {path.name} failed: {lines[-1].removeprefix('error: ')}")
     return float(output.strip().splitlines()[-1]), usage.ru_maxrss * 1024
+
+
+def check_sizes(megabytes: list[float], prepare_megabytes: float) -> None:
+    """Refuse sizes that are no number, or too small for a timing to mean anything (or to hold text)."""
+    for flag, sizes in (("--megabytes", megabytes), ("--prepare-megabytes", [prepare_megabytes])):
+        for size in sizes:
+            if not (math.isfinite(size) and size >= MIN_MEGABYTES):
+                raise UserError(
+                    f"{flag} takes sizes of {MIN_MEGABYTES:g} MB or more (smaller ones time nothing), got {size:g}"
+                )
 
 
 def measure(megabytes: list[float], runs: int, prepare_megabytes: float) -> dict:
@@ -111,12 +142,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per figure (medians are reported)")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    if args.runs < 1 or min(args.megabytes) <= 0 or args.prepare_megabytes <= 0:
-        raise UserError("--runs must be at least 1 and the sizes positive")
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {args.runs}")
+    check_sizes(args.megabytes, args.prepare_megabytes)
     report.check_writable(args.out)
     figures = measure(args.megabytes, args.runs, args.prepare_megabytes)
     report.print_json(figures, args.out)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    benchmarks.run(main)

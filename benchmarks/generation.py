@@ -19,11 +19,12 @@ import time
 
 import torch
 
+import benchmarks
 from benchmarks import report
 from model.checkpoint import load_checkpoint
 from model.device import pick_dtype
 from model.engine import Engine
-from model.errors import UserError, run_cli
+from model.errors import UserError
 from model.flags import add_int8_weights_flag
 from model.sampling import SamplingConfig
 
@@ -87,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    benchmarks.run(main)

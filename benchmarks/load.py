@@ -29,8 +29,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks.report import check_writable
-from model.errors import UserError, run_cli
+import benchmarks
+from benchmarks.report import check_writable, write_files
+from model.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPTS = [
     "What does the assert statement do?",
@@ -75,10 +78,9 @@ def serve(*ui_args: str, timeout: float = 120):
 
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    root = Path(__file__).resolve().parent.parent
     process = subprocess.Popen(
         [sys.executable, "-m", "ui", "--port", str(port), *ui_args],
-        cwd=root,
+        cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -175,10 +177,12 @@ def run_level(url, auth, users: int, seconds: float, expected: dict[str, str], m
     if pid:
         threads.append(threading.Thread(target=watch))
     start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+    finally:  # Ctrl-C or SIGTERM too: the users' threads stop after their request, so the process can end
+        stop.set()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
@@ -195,16 +199,22 @@ def run_level(url, auth, users: int, seconds: float, expected: dict[str, str], m
         **{f"latency_p{q}_s": _round(percentile(totals, q / 100)) for q in (50, 90, 99)},
         **{f"first_token_p{q}_s": _round(percentile(firsts, q / 100)) for q in (50, 90, 99)},
     }
-    if pid:  # settled: a third of the way in, once this many users' threads and caches exist
-        settled = next((mb for t, mb in memory if t >= seconds / 3), memory[-1][1])
-        end = resident_mb(pid)
-        figures.update(
-            server_mb_settled=round(settled, 1),
-            server_mb_end=round(end, 1),
-            server_mb_peak=round(max(mb for _, mb in memory), 1),
-            server_mb_growth=round(end - settled, 1),
-        )
+    if pid:
+        figures.update(memory_figures(memory, seconds, resident_mb(pid)))
     return figures
+
+
+def memory_figures(memory: list[tuple[float, float]], seconds: float, end: float) -> dict:
+    """The server's memory over a level from its samples (seconds in, MB) and its reading at the end.
+    Settled is a third of the way in, once this many users' threads and caches exist; the peak counts
+    the end reading too (it was below the end when that was the highest)."""
+    settled = next((mb for t, mb in memory if t >= seconds / 3), memory[-1][1] if memory else end)
+    return {
+        "server_mb_settled": round(settled, 1),
+        "server_mb_end": round(end, 1),
+        "server_mb_peak": round(max([mb for _, mb in memory] + [end]), 1),
+        "server_mb_growth": round(end - settled, 1),
+    }
 
 
 def _round(value: float | None) -> float | None:
@@ -214,7 +224,14 @@ def _round(value: float | None) -> float | None:
 def measure(url: str, auth, levels: list[int], seconds: float, max_new_tokens: int, pid: int | None) -> dict:
     from gradio_client import Client
 
-    client = Client(url, auth=auth, verbose=False, analytics_enabled=False)
+    try:
+        client = Client(url, auth=auth, verbose=False, analytics_enabled=False)
+    except Exception as error:  # noqa: BLE001 - nothing answers, or what answers is not the chat UI
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise UserError(
+            f"cannot reach the chat UI at {url} ({reason}); start it (python -m ui --checkpoint RUN) and give its "
+            "address with --url, or give --checkpoint to have this test start it"
+        ) from None
     expected = {p: ask(client, p, max_new_tokens)[0] for p in PROMPTS}  # each prompt alone, also a warm-up
     report = {
         "url": url,
@@ -265,7 +282,9 @@ def main() -> None:
     parser.add_argument(
         "--max-growth-mb", type=float, default=50, help="server memory growth within a level that counts as a leak"
     )
-    parser.add_argument("--out", default="benchmarks/results/load.json", help="where to write the figures")
+    parser.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "load.json"), help="where to write the figures"
+    )
     args = parser.parse_args()
     if min(args.users) < 1 or args.seconds <= 0 or args.max_new_tokens < 1:
         raise UserError("--users must be at least 1, --seconds and --max-new-tokens positive")
@@ -282,16 +301,17 @@ def main() -> None:
         report["concurrency"] = args.concurrency
     report["max_growth_mb"] = args.max_growth_mb
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     failed = sum(level["failures"] for level in report["levels"])
     leaked = (report.get("server_mb_growth") or 0) > args.max_growth_mb
     print(
-        f"wrote {out}; {failed} failed request(s); server memory growth {report.get('server_mb_growth', 'not measured')} MB"
+        f"{failed} failed request(s); server memory growth {report.get('server_mb_growth', 'not measured')} MB",
+        flush=True,
     )
+    write_files(out.parent, {out.name: json.dumps(report, indent=2) + "\n"})
+    print(f"wrote {out}")
     if failed or leaked:
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    benchmarks.run(main)

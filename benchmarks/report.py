@@ -1,4 +1,7 @@
-"""Write the suite's figures: one JSON file, one Markdown table, one loss-versus-time plot (PNG).
+"""Write the suite's figures: one JSON file, one Markdown table, one loss-versus-training-time plot (PNG).
+
+Each file is written atomically (model/files.py), after the table has been printed, so a full disk
+costs the files but no figure, and never leaves a half-written one.
 
 The targets and nanoGPT's reference figures (from issue 5, measured on the 2-core reference
 machine class) live here, next to the table that compares against them, and nowhere else.
@@ -6,12 +9,13 @@ machine class) live here, next to the table that compares against them, and nowh
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from pathlib import Path
 
 from model.errors import UserError
-from model.files import writable_folder
+from model.files import writable_folder, write_atomically
 
 NANOGPT = {
     "cpu": {"seconds": 89, "bpb": 2.74, "label": "nanoGPT CPU recipe (0.8M, char)"},
@@ -29,13 +33,22 @@ TARGETS = {
     "prepare_seconds_100MB": 120,
     "prepare_peak_mb_100MB": 2048,
 }
+PLOT = "loss_vs_time.png"
+
+
+QUICK = "quick run: tiny preset, 20 steps"  # what `--quick` trains at every budget (benchmarks/__main__.py)
 
 
 def rows(figures: dict) -> list[tuple[str, str, str, str]]:
-    """(figure, measured, target, met?) for every figure present."""
+    """(figure, measured, target, met?) for every figure present. A `--quick` suite's model figures
+    are a tiny model's, labelled so and not judged against the targets, which are the real models'."""
     out = []
+    quick = figures.get("quick", False)
 
-    def add(name: str, value, target, better: str, fmt: str = "{:g}") -> None:
+    def add(name: str, value, target, better: str, fmt: str = "{:g}", judged: bool = True) -> None:
+        if not judged:
+            out.append((name, fmt.format(value), "", ""))
+            return
         met = value <= target if better == "low" else value >= target
         out.append(
             (
@@ -48,20 +61,11 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
 
     for budget in figures.get("quality", []):
         key = f"bpb_{budget['minutes']:g}min"
-        if key in TARGETS:
-            add(
-                f"val bits/byte, {budget['minutes']:g} min budget (median)",
-                budget["median_bpb"],
-                TARGETS[key],
-                "low",
-                "{:.3f}",
-            )
-        else:
-            out.append(
-                (f"val bits/byte, {budget['minutes']:g} min budget (median)", f"{budget['median_bpb']:.3f}", "", "")
-            )
+        name = f"{budget['minutes']:g} min budget" if not quick else f"{QUICK}, --max-minutes {budget['minutes']:g}"
+        judged = key in TARGETS and not quick
+        add(f"val bits/byte, {name} (median)", budget["median_bpb"], TARGETS.get(key), "low", "{:.3f}", judged)
     budgets = sorted(figures.get("quality", []), key=lambda budget: budget["minutes"])
-    if len(budgets) > 1:  # issue 5: longer budgets improve or hold steady, never end worse than a shorter one
+    if len(budgets) > 1 and not quick:  # issue 5: longer budgets improve or hold steady, never end worse
         medians = [budget["median_bpb"] for budget in budgets]
         steady = all(longer <= shorter for shorter, longer in itertools.pairwise(medians))
         out.append(
@@ -75,26 +79,25 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
     # Which budget's runs the MFU and generation figures come from (the suite's default_budget)
     minutes = figures.get("default_minutes")
     runs, model = (f", the {minutes:g} min runs", f", the {minutes:g} min model") if minutes else ("", "")
-    if "mfu" in figures:
-        add(
-            f"MFU of the default training step{runs}",
-            figures["mfu"],
-            TARGETS["mfu"],
-            "high",
-            "{:.0%}",
-        )
+    if quick:
+        runs = model = f" ({QUICK})"
+    if figures.get("mfu") is not None:
+        label = "MFU of the training step" if quick else "MFU of the default training step"
+        add(f"{label}{runs}", figures["mfu"], TARGETS["mfu"], "high", "{:.0%}", not quick)
     generation = figures.get("generation", {})
     for key in ("within_context", "past_context"):
         if f"bytes_per_second_{key}" in generation:
             tokens = generation[f"tokens_{key}"]
             label = f"generation bytes/s, batch 1, {tokens} tokens ({key.replace('_', ' ')}){model}"
-            add(label, generation[f"bytes_per_second_{key}"], TARGETS["generation_bytes_per_second"], "high", "{:,}")
+            value = generation[f"bytes_per_second_{key}"]
+            add(label, value, TARGETS["generation_bytes_per_second"], "high", "{:,}", not quick)
     if "first_token_ms" in generation:
         add(
             f"time to first token, {generation['prompt_bytes']}-byte prompt (ms){model}",
             generation["first_token_ms"],
-            50,
+            TARGETS["first_token_ms"],
             "low",
+            judged=not quick,
         )
     labels = {
         "bpe_seconds": "BPE training (s), {}",
@@ -114,8 +117,9 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
 
 
 def markdown(figures: dict) -> str:
+    corpus = f" Corpus: `{figures['corpus']}` (last 10% held out)." if "corpus" in figures else ""
     lines = [
-        f"Machine: {figures.get('machine', '?')}. Corpus: `{figures.get('corpus', '?')}` (last 10% held out).",
+        f"Machine: {figures.get('machine', '?')}.{corpus}",  # no corpus without the quality runs
         "",
         "| figure | measured | target | met |",
         "|---|---|---|---|",
@@ -130,13 +134,25 @@ def markdown(figures: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(figures: dict, path: Path) -> None:
+def check_plotting() -> None:
+    """Refuse, before minutes of measuring, a suite that could not draw its plot at the end."""
+    try:
+        import matplotlib  # noqa: F401 - only whether it is there
+    except ImportError:
+        raise UserError(
+            "the suite plots its loss curves with matplotlib, which is not installed; pip install -e '.[bench]' "
+            "(or --skip quality)"
+        ) from None
+
+
+def draw(figures: dict):
+    """The quality runs' validation curves, with nanoGPT's figures, as a matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 5.4), dpi=110)
     for budget in figures.get("quality", []):
         for i, run in enumerate(budget["runs"]):
             seconds, bpb = zip(*run["curve"], strict=True) if run["curve"] else ((), ())
@@ -151,14 +167,35 @@ def plot(figures: dict, path: Path) -> None:
     cpu = NANOGPT["cpu"]
     ax.scatter([cpu["seconds"]], [cpu["bpb"]], marker="x", s=80, color="black", label=cpu["label"], zorder=5)
     ax.axhline(NANOGPT["a100"]["bpb"], linestyle="--", color="grey", label=NANOGPT["a100"]["label"])
-    ax.set_xlabel("training time on this machine (seconds)")
+    ax.set_xlabel("training time (seconds on this machine; start-up and evaluation pauses not counted)")
     ax.set_ylabel("validation bits per byte (lower is better)")
-    ax.set_title(f"Loss against wall time: {figures.get('corpus', '')}")
+    ax.set_title(f"Validation loss against training time: {figures.get('corpus', '')}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    slices = sorted(
+        {run.get("eval_tokens") for budget in figures.get("quality", []) for run in budget["runs"]} - {None}
+    )
+    tokens = " or ".join(f"{n:,}" for n in slices) or "a slice of"
+    fig.text(
+        0.01,
+        0.01,
+        f"Curves: the evaluations during training, on {tokens} validation tokens. The table's scores are "
+        "the whole validation text,\nscored once after training (model.evaluate), so a curve's end is not its run's score.",
+        fontsize=7.5,
+        color="dimgrey",
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def png(figures: dict) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = draw(figures)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def check_writable(out: str | Path | None, folder: bool = False) -> None:
@@ -172,16 +209,42 @@ def check_writable(out: str | Path | None, folder: bool = False) -> None:
 
 
 def print_json(figures: dict, out: str | None) -> None:
-    """Print one part's figures as JSON, and write them to `out` when given."""
-    print(json.dumps(figures, indent=2))
+    """Print one part's figures as JSON, then write them to `out` when given."""
+    text = json.dumps(figures, indent=2) + "\n"
+    print(text, end="", flush=True)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(figures, indent=2) + "\n")
+        write_files(Path(out).parent, {Path(out).name: text})
 
 
-def write(figures: dict, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "benchmarks.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (folder / "benchmarks.md").write_text(markdown(figures))
+def write_files(folder: Path, outputs: dict[str, str | bytes]) -> None:
+    """Write each of `outputs` (name: contents) into `folder` atomically (model/files.py): a full disk
+    leaves the earlier file or none, never a half-written one. Call it after printing the figures,
+    so that a failed write loses none of them."""
+    for name, data in outputs.items():
+        path = folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, data)
+        except OSError as error:
+            reason = error.strerror or error
+            raise UserError(
+                f"could not write {path} ({reason}); the figures are printed above: free some space "
+                "or give another --out, and measure again to have the files"
+            ) from None
+
+
+def write(figures: dict, folder: Path) -> list[str]:
+    """Write benchmarks.json, benchmarks.md and, with quality runs, their plot to `folder`; a plot an
+    earlier run left there is removed, since it would not be this run's. Returns what was done."""
+    outputs: dict[str, str | bytes] = {
+        "benchmarks.json": json.dumps(figures, indent=2) + "\n",
+        "benchmarks.md": markdown(figures),
+    }
     if figures.get("quality"):
-        plot(figures, folder / "loss_vs_time.png")
+        outputs[PLOT] = png(figures)
+    write_files(folder, outputs)
+    done = [f"wrote {', '.join(str(folder / name) for name in outputs)}"]
+    if PLOT not in outputs and (folder / PLOT).exists():
+        (folder / PLOT).unlink()
+        done.append(f"removed an earlier run's {folder / PLOT} (no quality runs to plot)")
+    return done

@@ -1,19 +1,24 @@
 """Where one training step spends its time: forward, backward, clipping and each optimizer.
 
-    python -m benchmarks.step                           # the default 5-minute model, 4 x 256
+    python -m benchmarks.step                           # the 5-minute model of the reference Xeon: 5 x 320, dropout 0.2
     python -m benchmarks.step --compare attention       # our CPU attention against PyTorch's kernel
     python -m benchmarks.step --compare dropout         # our dropout masks (model/dropout.py) against F.dropout
     python -m benchmarks.step --dropout 0 --compile
     python -m benchmarks.step --compile --system-malloc  # without training/allocator.py's setting
 
 The step is the trainer's (model/gpt.py, training/optim.py with the cpu preset's settings, bf16
-autocast where the CPU has it) on random tokens, so the data pipeline is left out. Each part is
+autocast where the CPU has it) on random tokens, so the data pipeline is left out. The model is
+shaped as training/budget.py shapes one of `--n-layer` layers (64 wide and one head per layer), with
+the dropout the rule gives that depth on a corpus it memorises, such as Tiny Shakespeare: by default
+the README's default 5-minute model on the reference Xeon (5 x 320, dropout 0.2; 4 x 256 with 0.1 is
+what a Zen 4 trains in 5 minutes). Sizes are refused as train.py would refuse them. Each part is
 the median over `--steps` steps after three warm-up steps, and each figure the median of `--rounds`
 such rounds. `--compare` swaps one of the model's own implementations for PyTorch's stock one and
 alternates the two round by round in one process: on this shared machine the speed drifts by a
 third from minute to minute (Muon's time, which neither swap can change, shows it), so separate
 runs cannot compare them. MFU is model FLOPs (6N + attention, as the training log counts them)
-over the bf16 matmul peak measured in the same process; Muon's own matrix arithmetic is not model
+over the matmul peak of the dtype the step runs in (bf16, or fp32 on a CPU without native bf16),
+measured in the same process; Muon's own matrix arithmetic is not model
 FLOPs, so it lowers MFU. Prints the figures and writes them as JSON.
 """
 
@@ -28,14 +33,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import benchmarks
 import model.gpt
 from benchmarks import report
 from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
-from model.errors import UserError, run_cli
+from model.errors import UserError
 from model.gpt import GPT, ModelConfig
 from training.allocator import keep_freed_memory
+from training.budget import HEAD_DIM, memorising_dropout
 from training.config import PRESETS, TrainConfig
 from training.optim import build_optimizers
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PARTS = ("forward", "backward", "clip", "adamw", "muon")
 OURS = {"dropout": model.gpt.cheap_dropout, "attention": model.gpt.causal_attention}
@@ -97,17 +106,42 @@ def measure(config: ModelConfig, args: argparse.Namespace, version: str, rounds:
     }
 
 
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model to time, with the defaults filled in from the budget rule (into `args` too, so the
+    JSON's settings say what ran), refused in one line where train.py would refuse it."""
+    if args.n_embd is None:
+        args.n_embd = HEAD_DIM * args.n_layer
+    if args.dropout is None:
+        args.dropout = memorising_dropout(args.n_layer)
+    if min(args.n_layer, args.n_embd, args.context, args.batch_size, args.vocab_size, args.steps, args.rounds) < 1:
+        raise UserError("sizes, --steps and --rounds must be at least 1")
+    heads = max(1, args.n_embd // HEAD_DIM)
+    if args.n_embd % heads or args.n_embd // heads % 2:
+        raise UserError(
+            f"--n-embd {args.n_embd} does not split into {heads} heads of an even size (one head per 64); "
+            "give a multiple of 64, or an even width under 64"
+        )
+    shape = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=heads, n_kv_head=heads, dropout=args.dropout)
+    sizes = dict(context=args.context, batch_size=args.batch_size, vocab_size=args.vocab_size)
+    TrainConfig(**{**PRESETS["cpu"], **shape, **sizes}).validate()  # train.py's own checks (--dropout in [0, 1))
+    return ModelConfig(vocab_size=args.vocab_size, context=args.context, **shape)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--n-layer", type=int, default=4, help="layers")
-    parser.add_argument("--n-embd", type=int, default=256, help="width (one head per 64)")
+    parser.add_argument("--n-layer", type=int, default=5, help="layers")
+    parser.add_argument("--n-embd", type=int, help="width, one head per 64 (default: 64 x --n-layer)")
     preset = TrainConfig(**PRESETS["cpu"])  # the default run's context, batch and vocabulary
     parser.add_argument("--context", type=int, default=preset.context, help="tokens per sequence")
     parser.add_argument("--batch-size", type=int, default=preset.batch_size, help="sequences per step")
     parser.add_argument("--vocab-size", type=int, default=preset.vocab_size, help="vocabulary size")
-    parser.add_argument("--dropout", type=float, default=0.2, help="residual dropout")
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        help="residual dropout (default: the budget rule's for --n-layer on a memorised corpus)",
+    )
     parser.add_argument(
         "--compare",
         choices=list(OURS),
@@ -123,20 +157,12 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=4, help="rounds per version (each --compare version runs this many)"
     )
-    parser.add_argument("--out", default="benchmarks/results/step.json", help="where to write the figures")
-    args = parser.parse_args()
-    if min(args.n_layer, args.n_embd, args.context, args.batch_size, args.vocab_size, args.steps, args.rounds) < 1:
-        raise UserError("sizes, --steps and --rounds must be at least 1")
-    report.check_writable(args.out)
-    config = ModelConfig(
-        vocab_size=args.vocab_size,
-        context=args.context,
-        n_layer=args.n_layer,
-        n_embd=args.n_embd,
-        n_head=max(1, args.n_embd // 64),
-        n_kv_head=max(1, args.n_embd // 64),
-        dropout=args.dropout,
+    parser.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "step.json"), help="where to write the figures"
     )
+    args = parser.parse_args()
+    config = model_config(args)
+    report.check_writable(args.out)
     if not args.system_malloc:
         keep_freed_memory()
     versions = ["ours", "stock"] if args.compare else ["ours"]
@@ -159,11 +185,11 @@ def main() -> None:
             f"(forward + backward alone {result['mfu_forward_backward']:.0%})"
         )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     figures = {"settings": vars(args), "peak_gflops": round(peak / 1e9), "results": results}
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"peak {figures['peak_gflops']} GFLOP/s; wrote {out}")
+    print(f"peak {figures['peak_gflops']} GFLOP/s", flush=True)
+    report.write_files(out.parent, {out.name: json.dumps(figures, indent=2) + "\n"})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    benchmarks.run(main)

@@ -63,11 +63,11 @@ def fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, data: str | bytes) -> None:
     tmp = temporary_name(path)
     try:
-        with open(tmp, "w") as file:
-            file.write(text)
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as file:
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)

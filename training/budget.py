@@ -159,6 +159,11 @@ def shape_for(depth: int) -> dict:
     return dict(n_layer=depth, n_embd=HEAD_DIM * depth, n_head=depth, n_kv_head=depth)
 
 
+def memorising_dropout(depth: int) -> float:
+    """The residual dropout of a run of `depth` layers that will memorise its data (`sized_for_budget`)."""
+    return min(MAX_DROPOUT, max(0.0, DROPOUT_PER_LAYER * (depth - ANCHOR_DEPTH)))
+
+
 def sized_for_budget(
     minutes: float,
     step_flops: float,
@@ -210,7 +215,7 @@ def sized_for_budget(
         depth -= 1
     memorises = depth > ANCHOR_DEPTH and passes(depth) >= MEMORISING_PASSES
     if memorises:
-        dropout = min(MAX_DROPOUT, DROPOUT_PER_LAYER * (depth - ANCHOR_DEPTH))
+        dropout = memorising_dropout(depth)
         noise, lr = TOKEN_NOISE, MEMORISING_HEAD_LR
     else:
         dropout, noise, lr = 0.0, 0.0, HEAD_LR
