@@ -363,4 +363,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, sigterm=True)  # a half-built folder is removed, as on Ctrl-C

@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import fields
 
 import pytest
@@ -315,3 +319,17 @@ def test_a_model_that_computes_nan_is_refused_by_export_evaluate_and_generation(
     assert_clean_error(result, "computes a loss that is not a number")
     result = run_script("sample.py", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "5")
     assert_clean_error(result, "computes logits that are not numbers")  # it printed nothing, successfully
+
+
+def test_sigterm_during_an_export_removes_its_half_built_folder(tiny_run, tmp_path):
+    """SIGTERM (kill's default) left a full-size hidden .tmp-hf-PID folder where Ctrl-C cleaned up."""
+    command = [sys.executable, "-m", "model.export", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "hf")]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".tmp-hf-*")) and time.monotonic() < deadline:  # the check runs on it for seconds
+        time.sleep(0.02)
+    assert list(tmp_path.glob(".tmp-hf-*")), "the export never started writing"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and stderr.strip().splitlines()[-1] == "terminated", stderr
+    assert list(tmp_path.iterdir()) == []
