@@ -22,6 +22,7 @@ from model.chat_template import stream_reply  # noqa: E402
 from model.errors import UserError  # noqa: E402
 from model.sampling import SamplingConfig  # noqa: E402
 from tests.conftest import TINY, run_script  # noqa: E402
+from tests.test_cli import assert_clean_error  # noqa: E402
 from ui.app import build_app, example_prompts  # noqa: E402
 from ui.models import ModelStore  # noqa: E402
 
@@ -285,13 +286,46 @@ def test_clear_removes_the_dropped_messages_notice(served):
         expect(notice).to_have_count(0)
 
 
-def test_a_run_that_fails_to_load_is_not_shown_as_picked(served, tiny_run):
+def damage(run: Path, how: str) -> None:
+    """Damage every checkpoint of `run`: its weights, or the metric of checkpoint.json the Model tab shows."""
+    for folder in run.glob("step-*"):
+        if how == "weights":
+            (folder / "model.safetensors").write_bytes(b"not a model")
+            continue
+        meta = json.loads((folder / "checkpoint.json").read_text())
+        meta["metrics"]["val_bpb"] = "x"
+        (folder / "checkpoint.json").write_text(json.dumps(meta))
+
+
+def test_a_run_with_a_damaged_record_is_refused_in_one_line(tiny_run, tmp_path):
+    """What checkpoint.json records is checked when the checkpoint opens (tests/test_faults.py has each
+    field), so `python -m ui` refuses it before serving anything."""
+    shutil.copytree(tiny_run, tmp_path / "run")
+    damage(tmp_path / "run", "metrics.val_bpb")
+    result = run_script("-m", "ui", "--checkpoint", str(tmp_path / "run"), "--port", str(free_port()), timeout=60)
+    assert_clean_error(
+        result, r"checkpoint.json records a field of the wrong type \(metrics.val_bpb = \"x\"\); it is damaged"
+    )
+
+
+def test_lines_of_the_log_no_run_writes_are_left_out_of_the_curve(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "out" / "run")
+    log = tmp_path / "out" / "run" / "metrics.jsonl"
+    good = log.read_text()
+    log.write_text(good + '5\n{"step": "x", "train_loss": 1}\n{"step": 99, "train_loss": "y", "val_bpb": null}\n')
+    curve = ModelStore(tmp_path / "out").load("run").curve()
+    assert len(curve) > 0 and 99 not in set(curve["step"]) and curve["value"].map(type).isin([int, float]).all()
+
+
+@pytest.mark.parametrize("how", ["weights", "metrics.val_bpb"])
+def test_a_run_that_fails_to_load_is_not_shown_as_picked(served, tiny_run, how):
+    """It is refused in one line, the picker goes back, the model served before stays served and named,
+    and a page opened afterwards shows no error."""
     from playwright.sync_api import expect
 
     store, url = served
     shutil.copytree(tiny_run, store.root / "broken")
-    for weights in (store.root / "broken").glob("step-*/model.safetensors"):
-        weights.write_bytes(b"not a model")
+    damage(store.root / "broken", how)
     try:
         with opened_page(url) as page:
             page.get_by_role("tab", name="Model").click()
@@ -299,9 +333,18 @@ def test_a_run_that_fails_to_load_is_not_shown_as_picked(served, tiny_run):
             expect(picker).to_have_value("first")
             picker.click()
             page.get_by_role("option", name="broken").click()
-            expect(page.locator(".toast-body").first).to_contain_text("broken", timeout=20_000)
+            toast = page.locator(".toast-body")
+            expect(toast.first).to_contain_text("broken", timeout=20_000)
+            expect(toast.first).to_contain_text("is damaged")
+            expect(toast.first).not_to_contain_text("Error(")  # Python's own text of an exception
             expect(picker).to_have_value("first")
             expect(page.get_by_text("Model: first")).to_be_visible()
+            assert store.current.name == "first"
+            page.reload()
+            expect(page.get_by_text("Model: first")).to_be_visible(timeout=20_000)
+            page.get_by_role("tab", name="Model").click()
+            expect(page.get_by_text("Validation bits per byte")).to_be_visible()
+            expect(page.locator(".toast-body")).to_have_count(0)
         assert store.current.name == "first"
     finally:
         shutil.rmtree(store.root / "broken")

@@ -170,7 +170,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
             model = store.load(name)
         except UserError as error:
             raise gr.Error(str(error)) from None
-        return model.describe(), model.curve(), status(model)
+        return model.description, model.curve(), status(model)
 
     def refresh():
         runs = store.runs()
@@ -189,7 +189,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
         return f"**Model:** `{model.name}`" if model else TRAIN_HINT.format(root=store.root)
 
     def description(model: LoadedModel | None) -> str:
-        return model.describe() if model else TRAIN_HINT.format(root=store.root)
+        return model.description if model else TRAIN_HINT.format(root=store.root)
 
     model = store.current
     with gr.Blocks(title="pocketgpt", analytics_enabled=False, fill_height=True) as app:

@@ -3,19 +3,19 @@
 Only runs found under the configured folder can be loaded (a name from the browser is looked up in
 that list, never used as a path, and a run or checkpoint that a symbolic link or pointer file
 leads outside the folder is refused), so the page cannot be made to read files elsewhere. Switching
-models swaps one reference under a lock; replies already streaming finish on the model they
-started with.
+models swaps one reference under a lock, once everything the page shows of the new model has been
+read; replies already streaming finish on the model they started with.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.chat_template import ChatTemplate, template_for
-from model.checkpoint import POINTER, Checkpoint, load_checkpoint, resolve
+from model.checkpoint import POINTER, Checkpoint, is_number, load_checkpoint, resolve
 from model.device import pick_device, pick_dtype
 from model.engine import Engine
 from model.errors import UserError
@@ -28,12 +28,17 @@ class LoadedModel:
     checkpoint: Checkpoint
     engine: Engine
     template: ChatTemplate
+    description: str = field(init=False)  # what the Model tab says of it: built once, before it is served
+
+    def __post_init__(self):
+        self.description = self.describe()
 
     @property
     def is_chat_model(self) -> bool:
         return self.template.name == "turns"
 
     def describe(self) -> str:
+        """A Markdown table of what it is."""
         meta, config = self.checkpoint.meta, self.checkpoint.model_config
         metrics = meta.get("metrics") or {}
         tokenizer = self.engine.tokenizer
@@ -63,12 +68,11 @@ class LoadedModel:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if "train_loss" in record:
-                points.append(
-                    {"step": record["step"], "value": record["train_loss"], "series": "train loss (nats/token)"}
-                )
-            if "val_bpb" in record:
-                points.append({"step": record["step"], "value": record["val_bpb"], "series": "validation bits/byte"})
+            if not isinstance(record, dict) or not is_number(record.get("step")):
+                continue  # a line no run writes (no checksum covers the log): left out of the plot
+            for key, series in (("train_loss", "train loss (nats/token)"), ("val_bpb", "validation bits/byte")):
+                if is_number(record.get(key)):
+                    points.append({"step": record["step"], "value": record[key], "series": series})
         return pd.DataFrame(points, columns=["step", "value", "series"])
 
 
@@ -90,6 +94,7 @@ class ModelStore:
         return [run.relative_to(self.root).as_posix() for run in found]
 
     def load(self, name: str) -> LoadedModel:
+        """Serve the run `name`; the model served before stays served if it fails to load."""
         if name not in self.runs():
             raise UserError(f"'{name}' is not a run under {self.root}")
         run_dir = self.root / name
