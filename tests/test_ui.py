@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -17,8 +18,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
-from benchmarks.load import chat_arguments, free_port, reply_text  # noqa: E402
+from benchmarks.load import chat_arguments, free_port, reply_text, serve  # noqa: E402
 from model.chat_template import stream_reply  # noqa: E402
+from model.checkpoint import load_checkpoint  # noqa: E402
 from model.errors import UserError  # noqa: E402
 from model.sampling import SamplingConfig  # noqa: E402
 from tests.conftest import TINY, run_script  # noqa: E402
@@ -348,6 +350,39 @@ def test_a_run_that_fails_to_load_is_not_shown_as_picked(served, tiny_run, how):
         assert store.current.name == "first"
     finally:
         shutil.rmtree(store.root / "broken")
+
+
+@pytest.mark.parametrize("named", ["a run outside --out-root", "a checkpoint folder that is not the run's best"])
+def test_the_checkpoint_named_is_served_and_offered_with_the_runs_under_out_root(tiny_run, tmp_path, named):
+    """`--checkpoint` outside --out-root adds that run to the picker and nothing else from its folder;
+    `--checkpoint RUN/step-N` serves that checkpoint, not the run's best."""
+    from playwright.sync_api import expect
+
+    root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    shutil.copytree(tiny_run, root / "inside")
+    for run in (elsewhere / "run", elsewhere / "sibling", root / "multi"):
+        shutil.copytree(tiny_run, run)
+    best = load_checkpoint(root / "multi").folder
+    earlier = best.with_name("step-0000010")  # a checkpoint of the run that BEST does not name
+    shutil.copytree(best, earlier)
+    meta = json.loads((earlier / "checkpoint.json").read_text())
+    (earlier / "checkpoint.json").write_text(json.dumps({**meta, "step": 10}))
+    os.utime(root / "multi" / "LATEST")  # the newest run under out/
+    if named == "a run outside --out-root":
+        checkpoint, name, step, offered = (
+            elsewhere / "run",
+            str(elsewhere / "run"),
+            30,
+            [str(elsewhere / "run"), "multi", "inside"],
+        )
+    else:
+        checkpoint, name, step, offered = earlier, "multi/step-0000010", 10, ["multi/step-0000010", "multi", "inside"]
+    with serve("--out-root", str(root), "--checkpoint", str(checkpoint)) as (_, url), opened_page(url) as page:
+        expect(page.get_by_text(f"Model: {name}")).to_be_visible(timeout=20_000)
+        page.get_by_role("tab", name="Model").click()
+        expect(page.get_by_text(f"(step {step})")).to_be_visible()
+        page.get_by_label("Checkpoint").click()
+        expect(page.get_by_role("option")).to_have_text([re.compile(f"(^|\\s){re.escape(o)}$") for o in offered])
 
 
 def test_the_page_in_a_real_browser(served):
