@@ -229,7 +229,8 @@ def chat(client: Client, message, max_new_tokens=8, **settings) -> str:
 
 # (what, chat arguments, expected: ("ok", None) for a reply, or ("error", pattern) for a message)
 UI_INPUTS = [
-    ("empty message", dict(message=""), ok("")),
+    ("empty message", dict(message=""), error("The message is empty: type something to send")),
+    ("a message of spaces and newlines", dict(message=" \n\t "), error("The message is empty")),
     ("only special-token text", dict(message=SPECIALS), ok("")),
     ("control characters and NUL", dict(message="a\x00b\x07c\x1b[31m"), ok("")),
     ("a message far longer than the context", dict(message="word " * 50_000), error("longer than the model's context")),

@@ -226,6 +226,29 @@ def test_a_refused_message_leaves_the_chat_usable(served):
         assert page.locator("[data-testid=user]").count() == 1, "the refused message was never sent"
 
 
+def test_an_empty_message_is_not_sent(served):
+    """A blank box, or one of spaces, sends nothing (as `sample.py --chat` skips a blank line): the page
+    says so and the next message is answered."""
+    from playwright.sync_api import expect
+
+    _, url = served
+    with opened_page(url) as page:
+        box = page.locator("textarea[data-testid=textbox]").first
+        box.fill("Old stone river")  # first a message, answered: the page is live (a click before may be lost)
+        box.press("Enter")
+        expect(page.locator("[data-testid=user]")).to_have_count(1, timeout=20_000)
+        expect(box).to_be_enabled(timeout=20_000)  # the reply is done (it may be empty)
+        for blank in ("", "   "):
+            box.fill(blank)
+            page.locator("[data-testid=submit-button]").first.click()
+            expect(page.get_by_text("The message is empty").first).to_be_visible(timeout=20_000)
+            expect(box).to_be_enabled()
+        box.fill("The lantern")
+        box.press("Enter")  # after the blanks: had they been sent, their bubbles would be before this one
+        expect(page.locator("[data-testid=user]")).to_have_count(2, timeout=20_000)
+        expect(page.locator("[data-testid=user]")).to_have_text(["Old stone river", "The lantern"])
+
+
 def test_a_refusal_from_the_chat_itself_gives_the_message_back(served):
     """A seed out of range is refused by the chat function, not the validator: the message goes back
     into the box, enabled, the chat shows no trace of it, and once the seed is fixed it is answered."""

@@ -29,6 +29,7 @@ from model.errors import UserError
 from model.sampling import SamplingConfig
 from ui.models import LoadedModel, ModelStore
 
+EMPTY_MESSAGE = "The message is empty: type something to send."
 TRAIN_HINT = "No trained model found under `{root}/`. Train one with `python train.py`, then reload this page."
 EXAMPLES = {
     "builtin": ["What does the assert statement do?", "Explain the for statement.", "What is a lambda?"],
@@ -90,6 +91,8 @@ def build_app(store: ModelStore) -> gr.Blocks:
         """The model, the fitted prompt and the reply's pieces (not started), or gr.Error for a
         conversation or setting the chat refuses."""
         model, sampling = current(), sampling_from(*settings)
+        if not message_text(message).strip():  # what the page's check refuses, from the API
+            raise gr.Error(EMPTY_MESSAGE)
         messages = system_messages(system)
         messages += [
             {"role": m["role"], "content": message_text(m["content"])}
@@ -135,6 +138,8 @@ def build_app(store: ModelStore) -> gr.Blocks:
         model = store.current
         if model is None:
             return gr.validate(False, TRAIN_HINT.format(root=store.root))
+        if not message_text(message).strip():  # as `sample.py --chat` skips a blank line
+            return gr.validate(False, EMPTY_MESSAGE)
         try:
             model.template.fit([{"role": "user", "content": message_text(message)}], default_budget(model))
         except UserError as error:
