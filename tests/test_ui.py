@@ -408,6 +408,28 @@ def test_the_checkpoint_named_is_served_and_offered_with_the_runs_under_out_root
         expect(page.get_by_role("option")).to_have_text([re.compile(f"(^|\\s){re.escape(o)}$") for o in offered])
 
 
+def test_refusals_print_no_traceback_in_the_server_terminal(tiny_run):
+    """A refused input is the user's to fix: the page says why, and the server's terminal stays quiet."""
+    with serve("--checkpoint", str(tiny_run), "--out-root", str(tiny_run.parent)) as (process, url):
+        client = Client(url, verbose=False, analytics_enabled=False)
+        refusals = {
+            "the seed must be": lambda: client.predict(*chat_arguments("hi", seed=2**70), api_name="/chat"),
+            "system prompt alone is longer": lambda: client.predict(
+                "hi", "word " * 300, 0, 0, 1.0, 8, 1, api_name="/chat"
+            ),
+            "Shorten it": lambda: client.predict("word " * 3000, 0, 0, 1.0, 8, 1, api_name="/complete"),
+        }
+        for message, call in refusals.items():
+            with pytest.raises(Exception, match=message):
+                call()
+        assert (
+            reply_text(client.predict(*chat_arguments("still answering", max_new_tokens=4), api_name="/chat"))
+            is not None
+        )
+    terminal = process.stderr.read()
+    assert "Traceback" not in terminal and "gradio.exceptions.Error" not in terminal, terminal
+
+
 def test_the_page_in_a_real_browser(served):
     from playwright.sync_api import expect
 

@@ -6,7 +6,8 @@ Design decisions:
   RNG), so concurrent chats never mix. The queue's concurrency limit is a flag.
 - Settings live in a sidebar shared by the Chat and Complete tabs; values arriving through the
   API are validated by the same `SamplingConfig.validate` as the CLI and reported with `gr.Error`
-  (a message on the page, never a stack trace). A chat message the model cannot take is refused by
+  (a message on the page, never a stack trace, and no traceback in the server's terminal: a
+  refusal is not a fault). A chat message the model cannot take is refused by
   ChatInterface's validator before it is shown in the chat. What the validator cannot see (the
   settings, the system prompt) is refused by the chat function; after such a refusal the message
   goes back into the input box (Gradio 6.31's page would leave the box disabled, see
@@ -46,6 +47,12 @@ def example_prompts(model: LoadedModel | None) -> list[str]:
     return EXAMPLES["other"]
 
 
+def refusal(message: str) -> gr.Error:
+    """The error for input the app refuses: its message on the page, and nothing in the server's
+    terminal (Gradio prints a traceback for every gr.Error unless `print_exception` is off)."""
+    return gr.Error(message, print_exception=False)
+
+
 def sampling_from(temperature, top_k, top_p, max_new_tokens, seed) -> SamplingConfig:
     try:
         sampling = SamplingConfig(
@@ -57,7 +64,7 @@ def sampling_from(temperature, top_k, top_p, max_new_tokens, seed) -> SamplingCo
         )
         sampling.validate()
     except (TypeError, ValueError, UserError) as error:
-        raise gr.Error(f"Bad generation setting: {error}") from None
+        raise refusal(f"Bad generation setting: {error}") from None
     return sampling
 
 
@@ -84,7 +91,7 @@ def chat_steps(app: gr.Blocks, interface: gr.ChatInterface) -> list[int]:
 def build_app(store: ModelStore) -> gr.Blocks:
     def current() -> LoadedModel:
         if store.current is None:
-            raise gr.Error(TRAIN_HINT.format(root=store.root))
+            raise refusal(TRAIN_HINT.format(root=store.root))
         return store.current
 
     def start_reply(message: str, history: list[dict], system: str, *settings):
@@ -92,7 +99,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
         conversation or setting the chat refuses."""
         model, sampling = current(), sampling_from(*settings)
         if not message_text(message).strip():  # what the page's check refuses, from the API
-            raise gr.Error(EMPTY_MESSAGE)
+            raise refusal(EMPTY_MESSAGE)
         messages = system_messages(system)
         messages += [
             {"role": m["role"], "content": message_text(m["content"])}
@@ -103,7 +110,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
         try:
             return model, *stream_reply(model.engine, model.template, messages, sampling)
         except UserError as error:
-            raise gr.Error(str(error)) from None
+            raise refusal(str(error)) from None
 
     def chat(message: str, history: list[dict], system: str, *settings) -> Iterator[tuple[str, str]]:
         model, prompt, pieces = start_reply(message, history, system, *settings)
@@ -161,7 +168,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
         model, sampling = current(), sampling_from(*settings)
         tokens = model.engine.encode_prompt(prompt or "")
         if len(tokens) > model.engine.context:
-            raise gr.Error(
+            raise refusal(
                 f"The prompt is {len(tokens)} tokens; the model's context is {model.engine.context}. Shorten it."
             )
         text = prompt or ""
@@ -174,7 +181,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
         try:
             model = store.load(name)
         except UserError as error:
-            raise gr.Error(str(error)) from None
+            raise refusal(str(error)) from None
         return model.description, model.curve(), status(model)
 
     def refresh():
