@@ -238,6 +238,13 @@ UI_INPUTS = [
     ("top-k over the maximum", dict(message="hi", top_k=10_000), error("greater than maximum")),
     ("zero new tokens", dict(message="hi", max_new_tokens=0), error("less than minimum value 1")),
     (
+        "a seed a browser cannot send exactly",
+        dict(message="hi", seed=2**53),
+        error(r"the seed must be a whole number from 0 to 9,007,199,254,740,991 \(2\*\*53 - 1"),
+    ),
+    ("a seed that is not whole", dict(message="hi", seed=1.5), error("the seed must be a whole number")),
+    ("the largest seed", dict(message="hi", seed=2**53 - 1), ok("")),
+    (
         "a word for a number",
         dict(message="hi", max_new_tokens="lots"),
         error("Expected a `float`, but the value passed .* 'lots'"),

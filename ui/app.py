@@ -53,6 +53,9 @@ def refusal(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+MAX_SEED = 2**53  # the page's seeds are below this: every whole number there is exact in a browser's number
+
+
 def sampling_from(temperature, top_k, top_p, max_new_tokens, seed) -> SamplingConfig:
     try:
         sampling = SamplingConfig(
@@ -60,12 +63,26 @@ def sampling_from(temperature, top_k, top_p, max_new_tokens, seed) -> SamplingCo
             temperature=float(temperature),
             top_k=int(top_k),
             top_p=float(top_p),
-            seed=None if seed is None or int(seed) < 0 else int(seed),
+            seed=seed_from(seed),
         )
         sampling.validate()
     except (TypeError, ValueError, UserError) as error:
         raise refusal(f"Bad generation setting: {error}") from None
     return sampling
+
+
+def seed_from(value) -> int | None:
+    """The seed typed (-1 or none: a random one). The browser sends a number input's value as a double,
+    which past 2**53 is rounded to a neighbour (2**64 - 1 arrives as 2**64), so the page takes seeds
+    below 2**53 only, where the seed typed is the seed used; sample.py takes up to 2**64."""
+    if value is None or value == -1:
+        return None
+    if not (isinstance(value, (int, float)) and 0 <= value < MAX_SEED and value == int(value)):
+        raise ValueError(
+            f"the seed must be a whole number from 0 to {MAX_SEED - 1:,} (2**53 - 1, the largest a browser "
+            "keeps exact), or -1 for a random one"
+        )
+    return int(value)
 
 
 def system_messages(system: str | None) -> list[dict]:
@@ -211,7 +228,9 @@ def build_app(store: ModelStore) -> gr.Blocks:
             top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
             top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p (1 = off)")
             max_new_tokens = gr.Slider(1, 4096, value=200, step=1, label="Max new tokens")
-            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+            seed = gr.Number(  # no precision: Gradio would round 1.5 to 2; seed_from refuses it
+                value=-1, label="Seed (-1 = random)", info=f"a whole number from 0 to {MAX_SEED - 1:,}"
+            )
         settings = [temperature, top_k, top_p, max_new_tokens, seed]
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
