@@ -19,13 +19,13 @@ import pytest  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
 from benchmarks.load import chat_arguments, free_port, reply_text, serve  # noqa: E402
-from model.chat_template import stream_reply  # noqa: E402
+from model.chat_template import prompt_budget, stream_reply  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.errors import UserError  # noqa: E402
 from model.sampling import SamplingConfig  # noqa: E402
 from tests.conftest import TINY, run_script  # noqa: E402
 from tests.test_cli import assert_clean_error  # noqa: E402
-from ui.app import build_app, example_prompts  # noqa: E402
+from ui.app import EXAMPLES, build_app, example_prompts  # noqa: E402
 from ui.models import ModelStore  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -191,8 +191,17 @@ def test_app_starts_without_any_checkpoint_and_a_reload_finds_the_first(tiny_run
     )
     try:
         client = Client(url, verbose=False, analytics_enabled=False)
-        with pytest.raises(Exception, match="python train.py"):
+        hint = f"No trained model found under {tmp_path / 'empty'}/. Train one with python train.py, then reload this page."
+        with pytest.raises(Exception, match=re.escape(hint)):
             client.predict(*chat_arguments("hello"), api_name="/chat")
+        with opened_page(url) as page:  # the hint in plain text where the page shows plain text
+            box = page.locator("textarea[data-testid=textbox]").first
+            box.fill("hello")
+            box.press("Enter")
+            expect(page.locator("div.validation-error")).to_have_text(hint, timeout=20_000)
+            page.get_by_role("tab", name="Complete").click()
+            page.get_by_role("button", name="Generate").click()
+            expect(page.locator(".toast-body").first).to_contain_text(hint, timeout=20_000)
         shutil.copytree(tiny_run, tmp_path / "empty" / "first")  # "train one, then reload this page"
         with opened_page(url) as page:
             expect(page.get_by_text("Model: first")).to_be_visible(timeout=20_000)
@@ -259,6 +268,85 @@ def test_an_empty_message_is_not_sent(served):
         box.press("Enter")  # after the blanks: had they been sent, their bubbles would be before this one
         expect(page.locator("[data-testid=user]")).to_have_count(2, timeout=20_000)
         expect(page.locator("[data-testid=user]")).to_have_text(["Old stone river", "The lantern"])
+
+
+def words_whose_prompt_is(render, low: int, high: int) -> str:
+    """A text of repeated words whose rendered prompt is more than `low` and at most `high` tokens."""
+    for n in range(1, 200):
+        text = "river " * n
+        if low < len(render(text).ids) <= high:
+            return text.strip()
+    raise AssertionError(f"no text renders to {low + 1}-{high} tokens")
+
+
+def test_the_checks_before_sending_use_the_reply_length_set(served):
+    """With Max new tokens at 1, a message or system prompt that leaves room for one token is taken,
+    where the default reply (a quarter of the context) would not leave it room."""
+    from playwright.sync_api import expect
+
+    store, url = served
+    model = store.current
+    context, template = model.engine.context, model.template
+    default, smallest = prompt_budget(context, 200), prompt_budget(context, 1)
+    message = words_whose_prompt_is(
+        lambda t: template.render([{"role": "user", "content": t}], True), default, smallest - 1
+    )
+    hi = len(template.render([{"role": "user", "content": "hi"}], True).ids) - len(template.render([], True).ids)
+    system = words_whose_prompt_is(
+        lambda t: template.render([{"role": "system", "content": t}], True), default, smallest - hi
+    )
+    with opened_page(url) as page:
+        max_tokens = page.get_by_label("number input for Max new tokens")
+        max_tokens.fill("1")
+        max_tokens.press("Enter")
+        box = page.locator("textarea[data-testid=textbox]").first
+        box.fill(message)
+        box.press("Enter")
+        expect(page.locator("[data-testid=user]")).to_have_count(1, timeout=20_000)
+        expect(box).to_be_enabled(timeout=20_000)
+        page.get_by_role("button", name="Clear").first.click()
+        page.get_by_placeholder("Optional instructions for the model").fill(system)
+        box.fill("hi")  # leaves the system prompt's box: its check runs
+        box.press("Enter")
+        expect(page.locator("[data-testid=user]")).to_have_count(1, timeout=20_000)
+        expect(page.locator("[data-testid=user]")).to_have_text("hi")
+        expect(box).to_be_enabled(timeout=20_000)
+        expect(page.locator(".toast-body")).to_have_count(0)  # no warning of the system prompt
+
+
+def test_the_example_prompts_follow_a_model_switch(served, tiny_run):
+    from playwright.sync_api import expect
+
+    store, url = served
+    shutil.copytree(tiny_run, store.root / "bard")
+    for meta_file in (store.root / "bard").glob("step-*/checkpoint.json"):
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({**meta, "data": {**meta["data"], "source": "tinyshakespeare"}}))
+    try:
+        with opened_page(url) as page:
+            expect(page.get_by_text(EXAMPLES["other"][0])).to_be_visible(timeout=20_000)
+            page.get_by_role("tab", name="Model").click()
+            page.get_by_label("Checkpoint").click()
+            page.get_by_role("option", name="bard").click()
+            expect(page.get_by_text("Model: bard")).to_be_visible(timeout=20_000)
+            page.get_by_role("tab", name="Chat").click()
+            expect(page.get_by_text(EXAMPLES["shakespeare"][0])).to_be_visible(timeout=20_000)
+            expect(page.get_by_text(EXAMPLES["other"][0])).to_have_count(0)
+        with opened_page(url) as page:  # a page opened after the switch
+            expect(page.get_by_text(EXAMPLES["shakespeare"][0])).to_be_visible(timeout=20_000)
+    finally:
+        store.load("first")
+        shutil.rmtree(store.root / "bard")
+
+
+def test_help_names_the_command_and_says_each_default_once():
+    result = run_script("-m", "ui", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m ui "), result.stdout
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines anywhere
+    assert (
+        "(default: None)" not in help_text and "(default: the newest run under --out-root) (default:" not in help_text
+    )
+    assert "(default: 7860)" in help_text
 
 
 def test_a_refusal_from_the_chat_itself_gives_the_message_back(served):

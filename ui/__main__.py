@@ -12,13 +12,12 @@ import socket
 from pathlib import Path
 
 from model.errors import UserError, run_cli
-from model.flags import add_device_flags
+from model.flags import HelpFormatter, add_device_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Chat with trained checkpoints in the browser.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m ui", description="Chat with trained checkpoints in the browser.", formatter_class=HelpFormatter
     )
     parser.add_argument(
         "--checkpoint",

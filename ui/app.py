@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import gradio as gr
 from gradio.events import Dependency
@@ -31,12 +32,18 @@ from model.sampling import SamplingConfig
 from ui.models import LoadedModel, ModelStore
 
 EMPTY_MESSAGE = "The message is empty: type something to send."
-TRAIN_HINT = "No trained model found under `{root}/`. Train one with `python train.py`, then reload this page."
 EXAMPLES = {
     "builtin": ["What does the assert statement do?", "Explain the for statement.", "What is a lambda?"],
     "shakespeare": ["Good morrow, my lord.", "What news from Verona?", "Speak, what hast thou seen?"],
     "other": ["Hello! Who are you?", "Tell me a story.", "What do you know about the sea?"],
 }
+
+
+def train_hint(root: Path, markdown: bool = False) -> str:
+    """What to do before any model exists: in Markdown for the page's text, plain for a toast or the
+    message under the chat box (which show backticks as they are)."""
+    tick = "`" if markdown else ""
+    return f"No trained model found under {tick}{root}/{tick}. Train one with {tick}python train.py{tick}, then reload this page."
 
 
 def example_prompts(model: LoadedModel | None) -> list[str]:
@@ -90,12 +97,6 @@ def system_messages(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system and system.strip() else []
 
 
-def default_budget(model: LoadedModel) -> int:
-    """The conversation tokens a prompt may hold with the default settings (a reply of a quarter of
-    the context): what the checks made before a chat starts can hold a message or system prompt to."""
-    return prompt_budget(model.engine.context, model.engine.context)
-
-
 def chat_steps(app: gr.Blocks, interface: gr.ChatInterface) -> list[int]:
     """The indices of ChatInterface's chat steps (after sending, retrying, clicking an example): its
     events are not returned to us, so they are found by their first two inputs, the message being sent
@@ -108,7 +109,7 @@ def chat_steps(app: gr.Blocks, interface: gr.ChatInterface) -> list[int]:
 def build_app(store: ModelStore) -> gr.Blocks:
     def current() -> LoadedModel:
         if store.current is None:
-            raise refusal(TRAIN_HINT.format(root=store.root))
+            raise refusal(train_hint(store.root))
         return store.current
 
     def start_reply(message: str, history: list[dict], system: str, *settings):
@@ -156,28 +157,35 @@ def build_app(store: ModelStore) -> gr.Blocks:
         return gr.Textbox(**usable), gr.skip(), gr.skip()
 
     def check_message(message, *_) -> object:
-        """Refuse, before the message is shown in the chat, a message the chat function would refuse.
-        Gradio passes a validator the message alone, so this checks it with no history or system
-        prompt, with the default settings."""
+        """Refuse, before the message is shown in the chat, a message the chat function would refuse
+        whatever the settings. Gradio passes ChatInterface's validator the message alone, so this
+        checks it with no history or system prompt and the smallest reply a setting asks for (one
+        token); the chat function checks the conversation with the settings, and a refusal there
+        puts the message back in the box (`after_failed_chat`)."""
         model = store.current
         if model is None:
-            return gr.validate(False, TRAIN_HINT.format(root=store.root))
+            return gr.validate(False, train_hint(store.root))
         if not message_text(message).strip():  # as `sample.py --chat` skips a blank line
             return gr.validate(False, EMPTY_MESSAGE)
         try:
-            model.template.fit([{"role": "user", "content": message_text(message)}], default_budget(model))
+            model.template.fit(
+                [{"role": "user", "content": message_text(message)}], prompt_budget(model.engine.context, 1)
+            )
         except UserError as error:
             return gr.validate(False, str(error))
         return gr.validate(True, "")
 
-    def check_system_prompt(system: str) -> None:
-        """Warn, as soon as the box is left, of a system prompt the chat would refuse, before a message
-        is written for nothing."""
+    def check_system_prompt(system: str, max_new_tokens) -> None:
+        """Warn, as soon as the box is left, of a system prompt the chat would refuse with the reply's
+        length set now, before a message is written for nothing."""
         model = store.current
         if model is None:
             return
         try:
-            model.template.check_system(system_messages(system), default_budget(model))
+            budget = prompt_budget(model.engine.context, int(max_new_tokens))
+            model.template.check_system(system_messages(system), budget)
+        except (TypeError, ValueError):
+            return  # not a number of tokens: the chat says so when a message is sent
         except UserError as error:
             gr.Warning(f"{error} (until then the chat refuses every message)")
 
@@ -201,6 +209,10 @@ def build_app(store: ModelStore) -> gr.Blocks:
             raise refusal(str(error)) from None
         return model.description, model.curve(), status(model)
 
+    def examples_now():
+        """The chat's example prompts for the model served now (they are shown until the first message)."""
+        return gr.update(examples=[{"text": text} for text in example_prompts(store.current)])
+
     def refresh():
         runs = store.runs()
         return gr.Dropdown(choices=runs, value=store.current.name if store.current else None)
@@ -215,10 +227,10 @@ def build_app(store: ModelStore) -> gr.Blocks:
         return status(model), refresh(), description(model)
 
     def status(model: LoadedModel | None) -> str:
-        return f"**Model:** `{model.name}`" if model else TRAIN_HINT.format(root=store.root)
+        return f"**Model:** `{model.name}`" if model else train_hint(store.root, markdown=True)
 
     def description(model: LoadedModel | None) -> str:
-        return model.description if model else TRAIN_HINT.format(root=store.root)
+        return model.description if model else train_hint(store.root, markdown=True)
 
     model = store.current
     with gr.Blocks(title="pocketgpt", analytics_enabled=False, fill_height=True) as app:
@@ -260,7 +272,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
                         queue=False,
                         api_visibility="private",
                     )
-                system.blur(check_system_prompt, system, None, api_visibility="private")
+                system.blur(check_system_prompt, [system, max_new_tokens], None, api_visibility="private")
             with gr.Tab("Complete", id="complete"):
                 prompt = gr.Textbox(label="Text to continue", lines=4, placeholder="Once upon a time")
                 with gr.Row():
@@ -284,16 +296,20 @@ def build_app(store: ModelStore) -> gr.Blocks:
                     model.curve() if model else None, x="step", y="value", color="series", label="Training curve"
                 )
                 # .input: a person's pick (or an API call), not the page refreshing the list.
-                picker.input(switch, picker, [info, curve, status_box], api_name="load_model").failure(
+                switched = picker.input(switch, picker, [info, curve, status_box], api_name="load_model")
+                switched.failure(
                     refresh,
                     None,
                     picker,
                     api_visibility="private",  # a run that failed to load is not shown as picked
                 )
+                switched.success(examples_now, None, interface.chatbot, api_visibility="private")
                 rescan.click(refresh, None, picker, api_visibility="private")
                 # A plot drawn while its tab is hidden has no size: draw it when the tab opens.
                 model_tab.select(
                     lambda: store.current.curve() if store.current else None, None, curve, api_visibility="private"
                 )
-        app.load(on_page_load, None, [status_box, picker, info], api_visibility="private")
+        app.load(on_page_load, None, [status_box, picker, info], api_visibility="private").then(
+            examples_now, None, interface.chatbot, api_visibility="private"
+        )
     return app
