@@ -17,7 +17,8 @@ Writes are atomic: a checkpoint is written into a hidden temporary folder, flush
 into place, and only then does `LATEST` (replaced atomically) point at it; older checkpoints are
 deleted last (model/files.py). A crash at any moment leaves `LATEST` naming a complete checkpoint;
 a full disk leaves the previous one in place and says so. Loading checks the format version, that
-the pointers name folders of this run, and every checksum, and says which file is wrong and why.
+the pointers name folders of this run, every checksum, and that what checkpoint.json records (the one
+file no checksum covers) has the shape its readers expect, and says which file is wrong and why.
 """
 
 from __future__ import annotations
@@ -251,6 +252,7 @@ def load_checkpoint(path: Path | str, latest: bool = False) -> Checkpoint:
         if _sha256(folder / name) != digest:
             raise UserError(f"{folder / name} does not match its checksum; the file is damaged")
     _check_shape(folder, meta)
+    _check_records(folder, meta)
     return Checkpoint(folder, meta)
 
 
@@ -280,6 +282,40 @@ def _check_shape(folder: Path, meta: dict) -> None:
             f"{folder / 'checkpoint.json'} describes a model of {config.num_parameters():,} parameters but "
             f"model.safetensors holds {stored:,}; the checkpoint is damaged"
         )
+
+
+def _check_records(folder: Path, meta: dict) -> None:
+    """What else checkpoint.json records and sampling, the UI or training read (latest and best
+    metrics, tokens trained on, the data and chat descriptions) has the types they read it as."""
+    wrong = []  # (field, value)
+    for table in ("metrics", "best"):
+        values = meta.get(table, {})
+        if not isinstance(values, dict):
+            wrong.append((table, values))
+            continue
+        wrong += [(f"{table}.{name}", value) for name, value in values.items() if not is_number(value)]
+    tokens = meta.get("tokens_seen", 0)
+    if type(tokens) is not int or tokens < 0:
+        wrong.append(("tokens_seen", tokens))
+    for table, fields in (("data", {"source": str, "tokenizer": dict, "splits": dict}), ("chat", {"template": str})):
+        values = meta.get(table)
+        values = {} if values is None else values  # null: a run without one
+        if not isinstance(values, dict):
+            wrong.append((table, values))
+            continue
+        wrong += [
+            (f"{table}.{name}", values[name])
+            for name, kind in fields.items()
+            if not isinstance(values.get(name, kind()), kind)
+        ]
+    if wrong:
+        shown = ", ".join(f"{name} = {json.dumps(value)[:40]}" for name, value in wrong)
+        raise UserError(f"{folder / 'checkpoint.json'} records a field of the wrong type ({shown}); it is damaged")
+
+
+def is_number(value) -> bool:
+    """A number as JSON reads one: an int or a float, not a bool (nor a string)."""
+    return type(value) in (int, float)
 
 
 def _parameters_in(path: Path) -> int:

@@ -235,13 +235,21 @@ def chat(client: Client, message, max_new_tokens=8, **settings) -> str:
 
 # (what, chat arguments, expected: ("ok", None) for a reply, or ("error", pattern) for a message)
 UI_INPUTS = [
-    ("empty message", dict(message=""), ok("")),
+    ("empty message", dict(message=""), error("The message is empty: type something to send")),
+    ("a message of spaces and newlines", dict(message=" \n\t "), error("The message is empty")),
     ("only special-token text", dict(message=SPECIALS), ok("")),
     ("control characters and NUL", dict(message="a\x00b\x07c\x1b[31m"), ok("")),
     ("a message far longer than the context", dict(message="word " * 50_000), error("longer than the model's context")),
     ("negative temperature", dict(message="hi", temperature=-5), error("less than minimum value 0")),
     ("top-k over the maximum", dict(message="hi", top_k=10_000), error("greater than maximum")),
     ("zero new tokens", dict(message="hi", max_new_tokens=0), error("less than minimum value 1")),
+    (
+        "a seed a browser cannot send exactly",
+        dict(message="hi", seed=2**53),
+        error(r"the seed must be a whole number from 0 to 9,007,199,254,740,991 \(2\*\*53 - 1"),
+    ),
+    ("a seed that is not whole", dict(message="hi", seed=1.5), error("the seed must be a whole number")),
+    ("the largest seed", dict(message="hi", seed=2**53 - 1), ok("")),
     (
         "a word for a number",
         dict(message="hi", max_new_tokens="lots"),

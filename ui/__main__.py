@@ -1,4 +1,4 @@
-"""`python -m ui`: serve the chat app for the checkpoints under an output folder.
+"""`python -m ui`: serve the chat app for the checkpoints under an output folder (and the one --checkpoint names).
 
 Binds to 127.0.0.1 unless --host says otherwise; a public share link and a password only when
 asked for; with --auth every route, the API included, needs a login (ui/auth.py). With no
@@ -12,16 +12,21 @@ import socket
 from pathlib import Path
 
 from model.errors import UserError, run_cli
-from model.flags import add_device_flags
+from model.flags import HelpFormatter, add_device_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Chat with trained checkpoints in the browser.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m ui", description="Chat with trained checkpoints in the browser.", formatter_class=HelpFormatter
     )
-    parser.add_argument("--checkpoint", help="run folder to open first (default: the newest run under --out-root)")
-    parser.add_argument("--out-root", default="out", help="folder whose runs the Model tab offers")
+    parser.add_argument(
+        "--checkpoint",
+        help="run folder, or one of its checkpoint folders (run/step-N), to serve first; the Model tab offers it "
+        "too, wherever it is (default: the newest run under --out-root)",
+    )
+    parser.add_argument(
+        "--out-root", default="out", help="folder whose runs the Model tab offers (searched recursively)"
+    )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the app to your network)"
     )
@@ -50,7 +55,6 @@ def main() -> None:
     if not 0 < args.port < 65536 or args.concurrency < 1:
         raise UserError("--port must be 1-65535 and --concurrency at least 1")
     check_can_listen(args.host, args.port)  # before loading any model: a busy port is found in a moment
-    from model.checkpoint import POINTER, resolve
     from ui.app import build_app
     from ui.auth import app_kwargs
     from ui.models import ModelStore
@@ -58,18 +62,10 @@ def main() -> None:
     root = Path(args.out_root)
     if root.exists() and not root.is_dir():
         raise UserError(f"--out-root {root} is a file; give the folder your runs are in")
-    run = None
-    if args.checkpoint:
-        run = Path(args.checkpoint).resolve()
-        if not (run / POINTER).is_file():  # a checkpoint folder: serve the run it belongs to
-            run = resolve(run).parent
-        root = root if run.is_relative_to(root.resolve()) else run.parent
     store = ModelStore(root, args.device, args.dtype, args.int8_weights)
-    runs = store.runs()
-    if run is not None:
-        store.load(run.relative_to(root.resolve()).as_posix())
-    elif runs:
-        store.load(runs[0])
+    first = store.add(args.checkpoint) if args.checkpoint else next(iter(store.runs()), None)
+    if first is not None:
+        store.load(first)
     app = build_app(store)
     app.queue(default_concurrency_limit=args.concurrency)
     print(f"serving {store.current.name if store.current else 'no model yet'} on http://{args.host}:{args.port}")

@@ -6,7 +6,8 @@ Design decisions:
   RNG), so concurrent chats never mix. The queue's concurrency limit is a flag.
 - Settings live in a sidebar shared by the Chat and Complete tabs; values arriving through the
   API are validated by the same `SamplingConfig.validate` as the CLI and reported with `gr.Error`
-  (a message on the page, never a stack trace). A chat message the model cannot take is refused by
+  (a message on the page, never a stack trace, and no traceback in the server's terminal: a
+  refusal is not a fault). A chat message the model cannot take is refused by
   ChatInterface's validator before it is shown in the chat. What the validator cannot see (the
   settings, the system prompt) is refused by the chat function; after such a refusal the message
   goes back into the input box (Gradio 6.31's page would leave the box disabled, see
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import gradio as gr
 from gradio.events import Dependency
@@ -29,12 +31,19 @@ from model.errors import UserError
 from model.sampling import SamplingConfig
 from ui.models import LoadedModel, ModelStore
 
-TRAIN_HINT = "No trained model found under `{root}/`. Train one with `python train.py`, then reload this page."
+EMPTY_MESSAGE = "The message is empty: type something to send."
 EXAMPLES = {
     "builtin": ["What does the assert statement do?", "Explain the for statement.", "What is a lambda?"],
     "shakespeare": ["Good morrow, my lord.", "What news from Verona?", "Speak, what hast thou seen?"],
     "other": ["Hello! Who are you?", "Tell me a story.", "What do you know about the sea?"],
 }
+
+
+def train_hint(root: Path, markdown: bool = False) -> str:
+    """What to do before any model exists: in Markdown for the page's text, plain for a toast or the
+    message under the chat box (which show backticks as they are)."""
+    tick = "`" if markdown else ""
+    return f"No trained model found under {tick}{root}/{tick}. Train one with {tick}python train.py{tick}, then reload this page."
 
 
 def example_prompts(model: LoadedModel | None) -> list[str]:
@@ -45,6 +54,15 @@ def example_prompts(model: LoadedModel | None) -> list[str]:
     return EXAMPLES["other"]
 
 
+def refusal(message: str) -> gr.Error:
+    """The error for input the app refuses: its message on the page, and nothing in the server's
+    terminal (Gradio prints a traceback for every gr.Error unless `print_exception` is off)."""
+    return gr.Error(message, print_exception=False)
+
+
+MAX_SEED = 2**53  # the page's seeds are below this: every whole number there is exact in a browser's number
+
+
 def sampling_from(temperature, top_k, top_p, max_new_tokens, seed) -> SamplingConfig:
     try:
         sampling = SamplingConfig(
@@ -52,23 +70,31 @@ def sampling_from(temperature, top_k, top_p, max_new_tokens, seed) -> SamplingCo
             temperature=float(temperature),
             top_k=int(top_k),
             top_p=float(top_p),
-            seed=None if seed is None or int(seed) < 0 else int(seed),
+            seed=seed_from(seed),
         )
         sampling.validate()
     except (TypeError, ValueError, UserError) as error:
-        raise gr.Error(f"Bad generation setting: {error}") from None
+        raise refusal(f"Bad generation setting: {error}") from None
     return sampling
+
+
+def seed_from(value) -> int | None:
+    """The seed typed (-1 or none: a random one). The browser sends a number input's value as a double,
+    which past 2**53 is rounded to a neighbour (2**64 - 1 arrives as 2**64), so the page takes seeds
+    below 2**53 only, where the seed typed is the seed used; sample.py takes up to 2**64."""
+    if value is None or value == -1:
+        return None
+    if not (isinstance(value, (int, float)) and 0 <= value < MAX_SEED and value == int(value)):
+        raise ValueError(
+            f"the seed must be a whole number from 0 to {MAX_SEED - 1:,} (2**53 - 1, the largest a browser "
+            "keeps exact), or -1 for a random one"
+        )
+    return int(value)
 
 
 def system_messages(system: str | None) -> list[dict]:
     """The system prompt as the conversation's first message, or none when the box is blank."""
     return [{"role": "system", "content": system}] if system and system.strip() else []
-
-
-def default_budget(model: LoadedModel) -> int:
-    """The conversation tokens a prompt may hold with the default settings (a reply of a quarter of
-    the context): what the checks made before a chat starts can hold a message or system prompt to."""
-    return prompt_budget(model.engine.context, model.engine.context)
 
 
 def chat_steps(app: gr.Blocks, interface: gr.ChatInterface) -> list[int]:
@@ -83,13 +109,15 @@ def chat_steps(app: gr.Blocks, interface: gr.ChatInterface) -> list[int]:
 def build_app(store: ModelStore) -> gr.Blocks:
     def current() -> LoadedModel:
         if store.current is None:
-            raise gr.Error(TRAIN_HINT.format(root=store.root))
+            raise refusal(train_hint(store.root))
         return store.current
 
     def start_reply(message: str, history: list[dict], system: str, *settings):
         """The model, the fitted prompt and the reply's pieces (not started), or gr.Error for a
         conversation or setting the chat refuses."""
         model, sampling = current(), sampling_from(*settings)
+        if not message_text(message).strip():  # what the page's check refuses, from the API
+            raise refusal(EMPTY_MESSAGE)
         messages = system_messages(system)
         messages += [
             {"role": m["role"], "content": message_text(m["content"])}
@@ -100,7 +128,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
         try:
             return model, *stream_reply(model.engine, model.template, messages, sampling)
         except UserError as error:
-            raise gr.Error(str(error)) from None
+            raise refusal(str(error)) from None
 
     def chat(message: str, history: list[dict], system: str, *settings) -> Iterator[tuple[str, str]]:
         model, prompt, pieces = start_reply(message, history, system, *settings)
@@ -129,26 +157,35 @@ def build_app(store: ModelStore) -> gr.Blocks:
         return gr.Textbox(**usable), gr.skip(), gr.skip()
 
     def check_message(message, *_) -> object:
-        """Refuse, before the message is shown in the chat, a message the chat function would refuse.
-        Gradio passes a validator the message alone, so this checks it with no history or system
-        prompt, with the default settings."""
+        """Refuse, before the message is shown in the chat, a message the chat function would refuse
+        whatever the settings. Gradio passes ChatInterface's validator the message alone, so this
+        checks it with no history or system prompt and the smallest reply a setting asks for (one
+        token); the chat function checks the conversation with the settings, and a refusal there
+        puts the message back in the box (`after_failed_chat`)."""
         model = store.current
         if model is None:
-            return gr.validate(False, TRAIN_HINT.format(root=store.root))
+            return gr.validate(False, train_hint(store.root))
+        if not message_text(message).strip():  # as `sample.py --chat` skips a blank line
+            return gr.validate(False, EMPTY_MESSAGE)
         try:
-            model.template.fit([{"role": "user", "content": message_text(message)}], default_budget(model))
+            model.template.fit(
+                [{"role": "user", "content": message_text(message)}], prompt_budget(model.engine.context, 1)
+            )
         except UserError as error:
             return gr.validate(False, str(error))
         return gr.validate(True, "")
 
-    def check_system_prompt(system: str) -> None:
-        """Warn, as soon as the box is left, of a system prompt the chat would refuse, before a message
-        is written for nothing."""
+    def check_system_prompt(system: str, max_new_tokens) -> None:
+        """Warn, as soon as the box is left, of a system prompt the chat would refuse with the reply's
+        length set now, before a message is written for nothing."""
         model = store.current
         if model is None:
             return
         try:
-            model.template.check_system(system_messages(system), default_budget(model))
+            budget = prompt_budget(model.engine.context, int(max_new_tokens))
+            model.template.check_system(system_messages(system), budget)
+        except (TypeError, ValueError):
+            return  # not a number of tokens: the chat says so when a message is sent
         except UserError as error:
             gr.Warning(f"{error} (until then the chat refuses every message)")
 
@@ -156,7 +193,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
         model, sampling = current(), sampling_from(*settings)
         tokens = model.engine.encode_prompt(prompt or "")
         if len(tokens) > model.engine.context:
-            raise gr.Error(
+            raise refusal(
                 f"The prompt is {len(tokens)} tokens; the model's context is {model.engine.context}. Shorten it."
             )
         text = prompt or ""
@@ -169,8 +206,12 @@ def build_app(store: ModelStore) -> gr.Blocks:
         try:
             model = store.load(name)
         except UserError as error:
-            raise gr.Error(str(error)) from None
-        return model.describe(), model.curve(), status(model)
+            raise refusal(str(error)) from None
+        return model.description, model.curve(), status(model)
+
+    def examples_now():
+        """The chat's example prompts for the model served now (they are shown until the first message)."""
+        return gr.update(examples=[{"text": text} for text in example_prompts(store.current)])
 
     def refresh():
         runs = store.runs()
@@ -186,10 +227,10 @@ def build_app(store: ModelStore) -> gr.Blocks:
         return status(model), refresh(), description(model)
 
     def status(model: LoadedModel | None) -> str:
-        return f"**Model:** `{model.name}`" if model else TRAIN_HINT.format(root=store.root)
+        return f"**Model:** `{model.name}`" if model else train_hint(store.root, markdown=True)
 
     def description(model: LoadedModel | None) -> str:
-        return model.describe() if model else TRAIN_HINT.format(root=store.root)
+        return model.description if model else train_hint(store.root, markdown=True)
 
     model = store.current
     with gr.Blocks(title="pocketgpt", analytics_enabled=False, fill_height=True) as app:
@@ -199,7 +240,9 @@ def build_app(store: ModelStore) -> gr.Blocks:
             top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
             top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p (1 = off)")
             max_new_tokens = gr.Slider(1, 4096, value=200, step=1, label="Max new tokens")
-            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+            seed = gr.Number(  # no precision: Gradio would round 1.5 to 2; seed_from refuses it
+                value=-1, label="Seed (-1 = random)", info=f"a whole number from 0 to {MAX_SEED - 1:,}"
+            )
         settings = [temperature, top_k, top_p, max_new_tokens, seed]
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
@@ -229,7 +272,7 @@ def build_app(store: ModelStore) -> gr.Blocks:
                         queue=False,
                         api_visibility="private",
                     )
-                system.blur(check_system_prompt, system, None, api_visibility="private")
+                system.blur(check_system_prompt, [system, max_new_tokens], None, api_visibility="private")
             with gr.Tab("Complete", id="complete"):
                 prompt = gr.Textbox(label="Text to continue", lines=4, placeholder="Once upon a time")
                 with gr.Row():
@@ -253,16 +296,20 @@ def build_app(store: ModelStore) -> gr.Blocks:
                     model.curve() if model else None, x="step", y="value", color="series", label="Training curve"
                 )
                 # .input: a person's pick (or an API call), not the page refreshing the list.
-                picker.input(switch, picker, [info, curve, status_box], api_name="load_model").failure(
+                switched = picker.input(switch, picker, [info, curve, status_box], api_name="load_model")
+                switched.failure(
                     refresh,
                     None,
                     picker,
                     api_visibility="private",  # a run that failed to load is not shown as picked
                 )
+                switched.success(examples_now, None, interface.chatbot, api_visibility="private")
                 rescan.click(refresh, None, picker, api_visibility="private")
                 # A plot drawn while its tab is hidden has no size: draw it when the tab opens.
                 model_tab.select(
                     lambda: store.current.curve() if store.current else None, None, curve, api_visibility="private"
                 )
-        app.load(on_page_load, None, [status_box, picker, info], api_visibility="private")
+        app.load(on_page_load, None, [status_box, picker, info], api_visibility="private").then(
+            examples_now, None, interface.chatbot, api_visibility="private"
+        )
     return app
