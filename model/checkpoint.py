@@ -268,6 +268,15 @@ def _check_shape(folder: Path, meta: dict) -> None:
         raise UserError(
             f"{folder / 'checkpoint.json'} records sizes that are not positive whole numbers; it is damaged"
         )
+    settings = {  # a rotary base of 0 or a negative norm epsilon computes NaN; a string fails deep in a layer
+        "rope_theta": is_number(config.rope_theta) and 0 < config.rope_theta < math.inf,
+        "norm_eps": is_number(config.norm_eps) and 0 <= config.norm_eps < math.inf,
+        "dropout": is_number(config.dropout) and 0 <= config.dropout < 1,
+        "tie_embeddings": type(config.tie_embeddings) is bool,
+    }
+    if bad := [name for name, usable in settings.items() if not usable]:
+        shown = ", ".join(f"{name} = {json.dumps(getattr(config, name))[:40]}" for name in bad)
+        raise UserError(f"{folder / 'checkpoint.json'} records a model setting no model has ({shown}); it is damaged")
     # Checked before the model is built, which allocates what the config says (the rotary tables
     # alone are 16 bytes per position and dimension): a config larger than its weights would end in
     # an allocator's traceback, or in the kernel's out-of-memory killer.
