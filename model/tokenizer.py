@@ -184,14 +184,19 @@ class Tokenizer:
         return tokenizer
 
 
+def check_bpe_size(vocab_size: int) -> None:
+    """A byte-level BPE holds the 256 bytes and the special tokens before any merge."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} for a byte-level BPE")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Learn a byte-level BPE of `vocab_size` ids (special tokens included) from `texts`."""
     from tokenizers import Regex, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
+    check_bpe_size(vocab_size)
     n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
-    if n_merges < 0:
-        raise UserError(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS)} for a byte-level BPE")
     learner = HFTokenizer(models.BPE())
     learner.pre_tokenizer = pre_tokenizers.Sequence(
         [

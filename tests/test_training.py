@@ -405,6 +405,13 @@ def test_a_run_stops_after_max_passes_over_its_data_with_the_schedule_ended_ther
             assemble({"max_steps": 9, **bad})
 
 
+def test_a_bpe_vocabulary_too_small_for_the_bytes_is_refused_before_any_data_is_prepared():
+    """It was refused by the BPE trainer, after the corpus was read and counted (seconds here, minutes for 100 MB)."""
+    with pytest.raises(UserError, match="--vocab-size must be at least 264"):
+        assemble({"vocab_size": 10})
+    assert assemble({"vocab_size": 10, "tokenizer": "char"}).vocab_size == 10  # the flag does not size char
+
+
 def test_a_refused_run_leaves_no_folder_it_created_and_keeps_one_the_user_made(tmp_path):
     missing = tmp_path / "missing.txt"
     with pytest.raises(UserError, match="does not exist"):

@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 from model.errors import UserError
 from model.gpt import ModelConfig
+from model.tokenizer import check_bpe_size
 from training.budget import CHOSEN, HEAD_LR, sized_for_budget
 from training.calibration import PASS_SLOPE
 
@@ -95,6 +96,8 @@ class TrainConfig:
         for name in positive + ("log_interval", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.tokenizer == "bpe":
+            check_bpe_size(self.vocab_size)  # before the corpus is prepared, not after
         for name in ("warmup_steps", "eval_interval", "sample_tokens", "grad_clip"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 (off) or more, got {getattr(self, name)}")
