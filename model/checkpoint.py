@@ -274,9 +274,8 @@ def _check_shape(folder: Path, meta: dict) -> None:
         "dropout": is_number(config.dropout) and 0 <= config.dropout < 1,
         "tie_embeddings": type(config.tie_embeddings) is bool,
     }
-    if bad := [name for name, usable in settings.items() if not usable]:
-        shown = ", ".join(f"{name} = {json.dumps(getattr(config, name))[:40]}" for name in bad)
-        raise UserError(f"{folder / 'checkpoint.json'} records a model setting no model has ({shown}); it is damaged")
+    if bad := [(name, getattr(config, name)) for name, usable in settings.items() if not usable]:
+        raise damaged_record(folder, "a model setting no model has", bad)
     # Checked before the model is built, which allocates what the config says (the rotary tables
     # alone are 16 bytes per position and dimension): a config larger than its weights would end in
     # an allocator's traceback, or in the kernel's out-of-memory killer.
@@ -318,8 +317,13 @@ def _check_records(folder: Path, meta: dict) -> None:
             if not isinstance(values.get(name, kind()), kind)
         ]
     if wrong:
-        shown = ", ".join(f"{name} = {json.dumps(value)[:40]}" for name, value in wrong)
-        raise UserError(f"{folder / 'checkpoint.json'} records a field of the wrong type ({shown}); it is damaged")
+        raise damaged_record(folder, "a field of the wrong type", wrong)
+
+
+def damaged_record(folder: Path, what: str, wrong: list[tuple[str, object]]) -> UserError:
+    """The refusal of a checkpoint.json that records `what`: each (field, value) of `wrong`, shown short."""
+    shown = ", ".join(f"{name} = {json.dumps(value)[:40]}" for name, value in wrong)
+    return UserError(f"{folder / 'checkpoint.json'} records {what} ({shown}); it is damaged")
 
 
 def is_number(value) -> bool:

@@ -124,13 +124,12 @@ def encode_file(path: Path, tokenizer) -> np.ndarray:
 
 
 def check_batch_fits(model: GPT, batch_size: int) -> None:
-    """Refuse a --batch-size whose windows cannot fit in memory, before they are allocated: per
-    position, the logits with their log-softmax (12 bytes per vocabulary entry) and one layer's
-    activations (about 40 bytes per width), as training's estimate (training/memory.py) counts them."""
-    from training.memory import available_bytes
+    """Refuse a --batch-size whose windows cannot fit in memory, before they are allocated: the
+    logits and one layer's activations at a time (no backward pass keeps the others), counted as
+    training's estimate counts them (training/memory.py)."""
+    from training.memory import activation_bytes, available_bytes
 
-    c = model.config
-    need = batch_size * c.context * (12 * c.vocab_size + 40 * c.n_embd)
+    need = activation_bytes(model.config, batch_size, layers=1)
     have = available_bytes()
     if need > have:
         raise UserError(

@@ -21,10 +21,13 @@ from model.gpt import ModelConfig
 BYTES_PER_PARAMETER = 16
 
 
+def activation_bytes(model: ModelConfig, rows: int, layers: int) -> int:
+    """Activations of `rows` full-context rows through `layers` layers, and their logits."""
+    return rows * model.context * (40 * layers * model.n_embd + 12 * model.vocab_size)
+
+
 def training_bytes(model: ModelConfig, micro_batch_rows: int) -> int:
-    tokens = micro_batch_rows * model.context
-    activations = tokens * (40 * model.n_layer * model.n_embd + 12 * model.vocab_size)
-    return BYTES_PER_PARAMETER * model.num_parameters() + activations
+    return BYTES_PER_PARAMETER * model.num_parameters() + activation_bytes(model, micro_batch_rows, model.n_layer)
 
 
 def available_bytes() -> int:

@@ -411,10 +411,8 @@ class Trainer:
             if is_best:
                 self.best = {"step": self.step, "val_bpb": result["bpb"]}
             message = f"step {self.step}: val loss {result['loss']:.4f}, val {result['bpb']:.4f} bits/byte"
-            if "val_end_loss" in self.metrics:
-                message += (
-                    f", end of reply {result['special_loss']:.3f} nats (p = {math.exp(-result['special_loss']):.2f})"
-                )
+            if (end := self.metrics.get("val_end_loss")) is not None:
+                message += f", end of reply {end:.3f} nats (p = {math.exp(-end):.2f})"
             if trained_norm is not None:
                 message += f" (output temperature {temperature:.3f})"
             if c.sample_tokens:
