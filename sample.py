@@ -14,6 +14,7 @@ standard input is not a terminal, each line is one user message and each reply i
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -127,12 +128,14 @@ def main() -> None:
         print(f"note: the prompt is {len(tokens)} tokens; the model sees its last {engine.context}", file=sys.stderr)
 
     texts = [""] * args.num_samples
+    pieces = engine.stream([tokens] * args.num_samples, sampling)
+    first = next(pieces, None)  # the prompt's forward pass: its refusal (a model computing NaN) comes before any output
     out = sys.stdout
     if args.num_samples > 1:
         out.write("--- sample 1 ---\n")
     out.write(prompt)
     out.flush()
-    for row, piece in engine.stream([tokens] * args.num_samples, sampling):
+    for row, piece in itertools.chain([first] if first else [], pieces):
         texts[row] += piece
         if row == 0:
             out.write(piece)

@@ -12,11 +12,14 @@ from model.errors import run_cli
 
 
 def main() -> None:
-    from training.config import build_parser, typed_flags
+    from training.config import build_parser, checked_config, typed_flags
+
+    typed = typed_flags(build_parser().parse_args())
+    if not typed.get("resume"):  # a resumed run's flags are checked against its saved ones, once read
+        checked_config(typed)  # a mistyped flag is refused before torch loads (two seconds on two cores)
     from training.trainer import train
 
-    args = build_parser().parse_args()
-    trainer, metrics = train(typed_flags(args))
+    trainer, metrics = train(typed)
     if trainer.dist.is_main and metrics:
         ended = "saved" if trainer.stopped_early() else "done"  # a stopped run has said how to resume
         print(

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 import benchmarks
 import model.gpt
 from benchmarks import report
+from model.config import ModelConfig
 from model.device import autocast, matmul_peak_flops, pick_device, pick_dtype
 from model.errors import UserError
-from model.gpt import GPT, ModelConfig
+from model.gpt import GPT
 from training.allocator import keep_freed_memory
 from training.budget import HEAD_DIM, memorising_dropout
 from training.config import PRESETS, TrainConfig

@@ -37,9 +37,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from model.config import ModelConfig
 from model.errors import UserError
 from model.files import TEMPORARY, WRITE_ERRORS, remove_abandoned, settle_files, temporary_name, write_atomically
-from model.gpt import GPT, ModelConfig
+from model.gpt import GPT
 from model.tokenizer import Tokenizer
 
 FORMAT = "pocketgpt-checkpoint"

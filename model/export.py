@@ -43,10 +43,11 @@ from safetensors.torch import save_file
 
 from model.chat_template import TurnsTemplate, template_for
 from model.checkpoint import POINTER
+from model.config import ModelConfig
 from model.errors import UserError, run_cli
 from model.files import WRITE_ERRORS, fsync_folder, remove_abandoned, settle_files, temporary_name, writable_folder
 from model.flags import HelpFormatter
-from model.gpt import GPT, ModelConfig
+from model.gpt import GPT
 from model.sampling import SamplingConfig
 from model.tokenizer import DOC_SEPARATOR, END_OF_TURN, SPECIAL_TOKENS, Tokenizer, _bytes_to_unicode
 

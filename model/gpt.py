@@ -26,6 +26,7 @@ weight onto Hugging Face's Qwen3 architecture, so an export needs no retraining)
 - Module names follow Qwen3's (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), so the weights
   file reads like theirs.
 
+The model's shape (`ModelConfig`) lives in `model/config.py`, which the command line reads without torch.
 The KV cache for generation lives in `model/engine.py`; this file only knows the cache interface:
 `cache.update(layer, k, v) -> (k, v)` plus `cache.positions` and `cache.attn_mask` for the call.
 """
@@ -33,53 +34,13 @@ The KV cache for generation lives in `model/engine.py`; this file only knows the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.config import ModelConfig
 from model.dropout import cheap_dropout, dropout_seeds
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 2048
-    context: int = 256  # the longest sequence the model is trained on
-    n_layer: int = 4
-    n_embd: int = 256
-    n_head: int = 4
-    n_kv_head: int = 4
-    head_dim: int = 0  # 0 means n_embd // n_head
-    mlp_hidden: int = 0  # 0 means 8/3 * n_embd rounded up to a multiple of 64 (SwiGLU's usual ratio)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    dropout: float = 0.0  # residual dropout while training (a data-limited run's regulariser); never at inference
-
-    def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            self.head_dim = self.n_embd // self.n_head
-        if self.mlp_hidden == 0:
-            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        if self.n_head % self.n_kv_head:
-            raise ValueError("n_head must be a multiple of n_kv_head")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def num_parameters(self) -> int:
-        """What `GPT(self).num_parameters()` will be, without allocating anything."""
-        d, hd = self.n_embd, self.head_dim
-        attention = d * hd * (2 * self.n_head + 2 * self.n_kv_head) + 2 * hd
-        layer = attention + 3 * d * self.mlp_hidden + 2 * d
-        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.n_layer * layer + embeddings + d
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 class RMSNorm(nn.Module):
@@ -257,10 +218,8 @@ class GPT(nn.Module):
         return total if include_embedding else total - self.embed_tokens.weight.numel()
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token (forward + backward), the PaLM estimate: 6N + 12 L T d."""
-        c = self.config
-        n = self.num_parameters(include_embedding=False)
-        return 6 * n + 12 * c.n_layer * c.context * c.n_head * c.head_dim
+        """Training FLOPs per token (forward + backward): `ModelConfig.flops_per_token`."""
+        return self.config.flops_per_token()
 
     def forward(
         self,

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, run_script
 
 
@@ -120,6 +122,28 @@ def test_help_explains_every_flag():
     assert preset_set and all(f"{PRESETS['cpu'][a.dest]} in the cpu preset" in a.help for a in preset_set)
     result = run_script("train.py", "--help")
     assert result.returncode == 0 and "--max-minutes" in result.stdout and "--preset" in result.stdout
+
+
+NO_TORCH = "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['train.py', *sys.argv[1:]]; runpy.run_path('train.py', run_name='__main__')"
+
+
+@pytest.mark.parametrize(
+    "flags, refusal",
+    [
+        (["--lr", "-1"], "error: learning rates must be positive"),
+        (["--tokenizer", "char", "--vocab-size", "1000"], "error: --vocab-size sets the size of the bpe tokenizer"),
+        (["--n-layer", "many"], "invalid int value: 'many'"),
+        (["--help"], None),
+    ],
+)
+def test_train_checks_its_flags_before_loading_torch(flags, refusal):
+    """A mistyped flag is refused, and --help shown, in a fraction of a second: importing torch takes
+    two seconds on two cores, so train.py checks the flags first (torch is made unimportable here)."""
+    result = run_script("-c", NO_TORCH, *flags)
+    if refusal is None:
+        assert result.returncode == 0 and "--max-minutes" in result.stdout, result.stderr
+    else:
+        assert result.returncode == 2 and refusal in result.stderr and "Traceback" not in result.stderr
 
 
 def test_sample_help_shows_each_default_once_and_no_empty_ones():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.config import ModelConfig
 from model.device import can_compile
 from model.dropout import cheap_dropout, dropout_seeds, hashed_keep
-from model.gpt import GPT, ModelConfig
+from model.gpt import GPT
 
 
 def check_a_dropout(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:

@@ -22,10 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import model.export
 from model.chat_template import TurnsTemplate
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import ModelConfig
 from model.engine import Engine
 from model.errors import UserError
 from model.export import export
-from model.gpt import GPT, ModelConfig
+from model.gpt import GPT
 from model.sampling import SamplingConfig
 from model.tokenizer import SPECIAL_TOKENS, build_char, train_bpe
 from tests.conftest import ROOT, make_text, run_script
@@ -317,8 +318,9 @@ def test_a_model_that_computes_nan_is_refused_by_export_evaluate_and_generation(
         "-m", "model.evaluate", "--checkpoint", str(tmp_path / "run"), "--text", str(tmp_path / "text.txt")
     )
     assert_clean_error(result, "computes a loss that is not a number")
-    result = run_script("sample.py", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "5")
+    result = run_script("sample.py", "--checkpoint", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "5")
     assert_clean_error(result, "computes logits that are not numbers")  # it printed nothing, successfully
+    assert result.stdout == ""  # not the prompt echoed, with the error after it on the same terminal line
 
 
 def test_sigterm_during_an_export_removes_its_half_built_folder(tiny_run, tmp_path):

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from model import native
+from model.config import ModelConfig
 from model.engine import SHORT_PROMPT, Engine, with_matrices_in
-from model.gpt import GPT, ModelConfig, causal_attention
+from model.gpt import GPT, causal_attention
 from model.sampling import Sampler, SamplingConfig
 from model.tokenizer import END_OF_TURN, build_char
 
@@ -450,14 +451,17 @@ def test_training_under_bf16_autocast_carries_a_bf16_residual_stream_and_scoring
 
 
 def test_the_config_counts_the_parameters_the_model_will_have():
-    """The memory check (training/memory.py) sizes a run from the config before building it."""
+    """The memory check (training/memory.py) sizes a run from the config before building it, and the
+    budget rule (training/budget.py) weighs shapes by their FLOPs, which count the weights but the embedding."""
     shapes = [
         ModelConfig(),
         ModelConfig(vocab_size=512, n_layer=2, n_embd=64, n_head=2, n_kv_head=1, tie_embeddings=True),
         ModelConfig(vocab_size=300, n_layer=3, n_embd=96, n_head=6, n_kv_head=3, mlp_hidden=200),
     ]
     for config in shapes:
-        assert config.num_parameters() == GPT(config).num_parameters()
+        model = GPT(config)
+        assert config.num_parameters() == model.num_parameters()
+        assert config.num_parameters(include_embedding=False) == model.num_parameters(include_embedding=False)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (3, 1)])

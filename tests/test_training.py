@@ -14,10 +14,11 @@ import torch
 
 from benchmarks.load import free_port
 from model.checkpoint import load_checkpoint, write_failed
+from model.config import ModelConfig
 from model.device import can_compile, matmul_peak_flops, pick_dtype
 from model.errors import UserError
 from model.evaluate import bits_per_byte
-from model.gpt import GPT, ModelConfig
+from model.gpt import GPT
 from tests.conftest import ROOT, TINY
 from training.budget import (
     ANCHOR_SHAPE,
@@ -25,19 +26,15 @@ from training.budget import (
     COMPILED_MFU,
     MAX_PASSES,
     MEMORISING_PASSES,
-    REMEMBERED,
-    anchor_step_flops,
     depth_for,
     describe,
-    machine_name,
-    peak_name,
     predicted_passes,
-    remembered_best,
     training_rate,
 )
 from training.calibration import fit_temperature, temperature_for_passes
 from training.config import TrainConfig, assemble, budget_minutes
 from training.distributed import Distributed
+from training.machine_speed import REMEMBERED, anchor_step_flops, machine_name, peak_name, remembered_best
 from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon, orthogonalise
 from training.optim import NS_STEPS, REFINEMENTS
 from training.trainer import Trainer, assemble_for, train

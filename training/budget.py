@@ -26,7 +26,7 @@ The schedule ends exactly when the budget does (training/optim.py), or earlier, 
 the training data: a 1 MB corpus runs out before a 15-minute budget on two cores does, and the run
 that went on memorising it ended worse than the 5-minute one (benchmarks/NOTES.md, "Longer budgets").
 
-The FLOP/s come from timing real training steps of the anchor model (`anchor_step_flops`), not from
+The FLOP/s come from timing real training steps of the anchor model (`anchor_step_flops`, training/machine_speed.py), not from
 the matmul peak. Small models spend much of a step outside big matmuls (norms, softmax, Muon), and
 CPUs differ more in matmul peak than in that: an Intel Xeon with AMX multiplies bf16 matrices 3.7x as
 fast as the reference AMD Zen 4 (1,600 against 435 GFLOP/s) but runs the anchor's step only 1.6x as
@@ -38,30 +38,13 @@ were predicted under half the passes they made.
 
 The sweep behind the anchor and the exponent is in benchmarks/NOTES.md. Flags typed on the
 command line (or saved in a run being resumed) always win over these choices.
-
-The rate that sizes a run is the best this machine has shown, not only this process's measurement
-(`remembered_best`): on a shared machine a measurement now and then reads half the speed (3 of
-about 45 sweep runs read half the peak), and a 5-minute run sized for a machine half as fast
-memorises Tiny Shakespeare (2.47 bits/byte instead of 2.02). Remembering the best also makes the
-same command give the same model on the same machine, run after run. The matmul peak is
-remembered the same way (the run's MFU is still reported against this process's own measurement).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import statistics
-import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from model.device import cpu_info
-from model.files import write_atomically
-from model.gpt import GPT, ModelConfig
+from model.config import ModelConfig
 
 if TYPE_CHECKING:  # training/config.py imports this module
     from training.config import TrainConfig
@@ -95,38 +78,8 @@ COMPILED_MFU = 0.45
 STEP_DOWN_FROM = 6
 MAX_PASSES = 12.0  # a sized run stops after this many passes over its data (benchmarks/NOTES.md, "Longer budgets")
 COMPILE_MINUTES = 3.0  # compiling costs 30-60 s cold, 5-15 s cached; steps 25-42% faster: pays from ~2.5 min (NOTES.md)
-REMEMBERED = "step_flops.json"  # anchor step rates and matmul peaks (earlier versions kept peaks in peak_flops.json)
 # What this rule fills in:
 CHOSEN = ("n_layer", "n_embd", "n_head", "n_kv_head", "dropout", "token_noise", "lr", "compile", "max_passes")
-
-
-def anchor_step_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.5) -> float:
-    """Model FLOP/s of the anchor model's training step (forward, backward, Muon and AdamW, random
-    tokens, eager), the median step over about `seconds` after two warm-up steps."""
-    from model.device import autocast
-    from training.config import PRESETS, TrainConfig
-    from training.optim import build_optimizers  # imports training/config.py, which imports this module
-
-    generator = torch.Generator().manual_seed(0)
-    shape = ModelConfig(**ANCHOR_SHAPE)
-    model = GPT(shape).to(device).train()
-    optimizers = build_optimizers(model, TrainConfig(**PRESETS["cpu"]), dtype)
-    x, y = torch.randint(0, shape.vocab_size, (2, ANCHOR_BATCH, shape.context), generator=generator).to(device)
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < 5 or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        with autocast(device, dtype):
-            loss = model(x, y)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    step = statistics.median(times[2:])  # the first two steps warm up
-    return ANCHOR_BATCH * shape.context * model.flops_per_token() / step
 
 
 def depth_for(minutes: float, step_flops: float) -> int:
@@ -149,9 +102,7 @@ def predicted_passes(minutes: float, rate: float, shape: ModelConfig, corpus_tok
     """How many times a run of `minutes` whose steps reach `rate` model FLOP/s (`training_rate`) will
     go over `corpus_tokens` training tokens with a model of `shape`. A slight under-estimate where the
     anchor's rate stands: the Zen 4's compiled steps run 1.1-1.2x faster than its anchor's."""
-    with torch.device("meta"):  # the shape's FLOPs without allocating its weights
-        flops_per_token = GPT(shape).flops_per_token()
-    return minutes * 60 * rate / flops_per_token / corpus_tokens
+    return minutes * 60 * rate / shape.flops_per_token() / corpus_tokens
 
 
 def shape_for(depth: int) -> dict:
@@ -245,38 +196,3 @@ def describe(
         f"{'compiled' if config.compile else 'eager'}, {passes} "
         f"({'/'.join('--' + name.replace('_', '-') for name in CHOSEN)} choose yourself)"
     )
-
-
-def machine_name(device: torch.device, dtype: torch.dtype) -> str:
-    """What a remembered rate is valid for: the processor, the thread count and the dtype."""
-    if device.type == "cuda":
-        chip = torch.cuda.get_device_name(device)
-    else:
-        chip = cpu_info("model name") or platform.processor() or platform.machine()
-        chip += f", {torch.get_num_threads()} threads"
-    return f"{chip}, {str(dtype).removeprefix('torch.')}"
-
-
-def peak_name(machine: str) -> str:
-    """What `remembered_best` keeps a machine's matmul peak under, beside its training-step rate."""
-    return f"{machine}, matmul peak"
-
-
-def remembered_best(measured: float, machine: str, folder: Path) -> float:
-    """The best of `measured` and the rates measured earlier on `machine` (kept in folder/REMEMBERED)."""
-    path = folder / REMEMBERED
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: start afresh
-        known = {}
-    known = known if isinstance(known, dict) else {}
-    previous = float(known.get(machine, 0.0))
-    if measured <= previous:
-        return previous
-    known[machine] = measured
-    try:
-        os.makedirs(folder, exist_ok=True)
-        write_atomically(path, json.dumps(known, indent=1))
-    except OSError:  # a read-only cache only loses the memory, not the run
-        pass
-    return measured

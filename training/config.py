@@ -12,11 +12,10 @@ import argparse
 import math
 from dataclasses import MISSING, asdict, dataclass, fields
 
+from model.config import ModelConfig
 from model.errors import UserError
-from model.gpt import ModelConfig
 from model.tokenizer import check_bpe_size
 from training.budget import CHOSEN, HEAD_LR, sized_for_budget
-from training.calibration import PASS_SLOPE
 
 
 @dataclass
@@ -235,8 +234,8 @@ HELP = {
     "grad_clip": "clip the gradient norm to this (0 = off)",
     "calibration_tokens": "training tokens (the end of the split, at most 5%%) kept out of training to fit the "
     "output temperature, which the saved model carries in its final norm (0 = off)",
-    "pass_temperature": f"when --calibration-tokens is 0, fold an output temperature of 1 + {PASS_SLOPE} x sqrt(passes over "
-    "the training data - 1) into the saved model: a run that sees a small corpus many times ends "
+    "pass_temperature": "when --calibration-tokens is 0, fold an output temperature that grows with the square root of "
+    "the passes over the training data into the saved model: a run that sees a small corpus many times ends "
     "overconfident (training/calibration.py); --no-pass-temperature saves the model as trained",
     "max_steps": "stop after this many optimizer steps",
     "max_minutes": "stop after this many minutes of training; the schedule ends exactly then (or at --max-passes)",
@@ -374,6 +373,14 @@ def check_vocab_flag(typed: dict, config: TrainConfig) -> None:
             f"--vocab-size sets the size of the bpe tokenizer; --tokenizer {config.tokenizer} has its own "
             "vocabulary: drop --vocab-size"
         )
+
+
+def checked_config(typed: dict, saved: dict | None = None) -> TrainConfig:
+    """The run's config before the budget sizes it (`assemble`), with every check the flags alone allow.
+    It needs no torch, so train.py refuses a mistyped flag before loading it (two seconds on two cores)."""
+    config = assemble(typed, saved)
+    check_vocab_flag(typed, config)
+    return config
 
 
 def check_unchanged(typed: dict, recorded: dict, names: tuple[str, ...], what: str) -> None:

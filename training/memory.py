@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 
+from model.config import ModelConfig
 from model.errors import UserError
-from model.gpt import ModelConfig
 
 BYTES_PER_PARAMETER = 16
 

@@ -40,16 +40,17 @@ from data.loader import Batches, ConversationBatches
 from data.prepare import DEFAULT_CACHE, Prepared, prepare
 from model.chat_template import TurnsTemplate, prompt_budget, stream_reply
 from model.checkpoint import METRICS, POINTER, Checkpoint, load_checkpoint, save_checkpoint, strangers, write_failed
+from model.config import ModelConfig
 from model.device import autocast, can_compile, matmul_peak_flops, pick_device, pick_dtype
 from model.engine import Engine
 from model.errors import UserError
 from model.evaluate import bits_per_byte, score
 from model.files import writable_folder, write_atomically
-from model.gpt import GPT, ModelConfig
+from model.gpt import GPT
 from model.sampling import SamplingConfig
 from training import distributed
 from training.allocator import keep_freed_memory
-from training.budget import MEMORISING_PASSES, anchor_step_flops, describe, machine_name, peak_name, remembered_best
+from training.budget import MEMORISING_PASSES, describe
 from training.calibration import fit_temperature, held_out_count, temperature_for_passes
 from training.config import (
     MODEL_SHAPE,
@@ -58,11 +59,12 @@ from training.config import (
     assemble,
     budget_minutes,
     check_unchanged,
-    check_vocab_flag,
+    checked_config,
     inherited,
     saved_arguments,
     to_dict,
 )
+from training.machine_speed import anchor_step_flops, machine_name, peak_name, remembered_best
 from training.memory import check_fits
 from training.optim import build_optimizers, cooling, lr_factor, set_lr
 from training.run_lock import remove_if_unused, run_folder_lock
@@ -609,8 +611,7 @@ def train(typed: dict) -> tuple[Trainer, dict]:
         base = load_checkpoint(out_dir, latest=True)
         saved = saved_arguments(base.meta.get("train"), str(base.folder / "checkpoint.json"))
         check_unchanged(typed, saved, RUN_IDENTITY + MODEL_SHAPE, "resumed run")
-    unsized = assemble(typed, saved)  # device and dtype, by the same layering as everything else
-    check_vocab_flag(typed, unsized)
+    unsized = checked_config(typed, saved)  # device and dtype, by the same layering as everything else
     out_dir, main_process = Path(unsized.out_dir), os.environ.get("RANK", "0") == "0"
     made_here = not resuming and not out_dir.exists() and main_process
     if not resuming:
