@@ -520,6 +520,8 @@ def test_refusals_print_no_traceback_in_the_server_terminal(tiny_run):
                 "hi", "word " * 300, 0, 0, 1.0, 8, 1, api_name="/chat"
             ),
             "Shorten it": lambda: client.predict("word " * 3000, 0, 0, 1.0, 8, 1, api_name="/complete"),
+            "less than minimum value 0": lambda: client.predict("hi", "", -5, 0, 1.0, 8, 1, api_name="/chat"),
+            "greater than maximum value 4096": lambda: client.predict("hi", 0, 0, 1.0, 10**6, 1, api_name="/complete"),
         }
         for message, call in refusals.items():
             with pytest.raises(Exception, match=message):

@@ -60,6 +60,23 @@ def refusal(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def quiet_range(slider: gr.Slider) -> gr.Slider:
+    """`slider`, its range check made one of our refusals. The page's sliders stop at their ends, so
+    only a value sent through the API is out of range, and Gradio's own refusal of it printed a
+    traceback in the server's terminal. (A subclass would do the same, but Gradio writes a .pyi
+    file beside the module of every component class.)"""
+    check = slider.preprocess
+
+    def preprocess(payload: float) -> float:
+        try:
+            return check(payload)
+        except gr.Error as error:
+            raise refusal(error.message) from None
+
+    slider.preprocess = preprocess
+    return slider
+
+
 MAX_SEED = 2**53  # the page's seeds are below this: every whole number there is exact in a browser's number
 
 
@@ -236,10 +253,10 @@ def build_app(store: ModelStore) -> gr.Blocks:
     with gr.Blocks(title="pocketgpt", analytics_enabled=False, fill_height=True) as app:
         with gr.Sidebar(label="Settings", open=True):
             status_box = gr.Markdown(status(model))
-            temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature (0 = greedy)")
-            top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
-            top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p (1 = off)")
-            max_new_tokens = gr.Slider(1, 4096, value=200, step=1, label="Max new tokens")
+            temperature = quiet_range(gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature (0 = greedy)"))
+            top_k = quiet_range(gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)"))
+            top_p = quiet_range(gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p (1 = off)"))
+            max_new_tokens = quiet_range(gr.Slider(1, 4096, value=200, step=1, label="Max new tokens"))
             seed = gr.Number(  # no precision: Gradio would round 1.5 to 2; seed_from refuses it
                 value=-1, label="Seed (-1 = random)", info=f"a whole number from 0 to {MAX_SEED - 1:,}"
             )
