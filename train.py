@@ -39,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, sigterm=True)  # before the loop (which saves on SIGTERM) too: preparing data cleans up and says so

@@ -134,8 +134,8 @@ class FusedDecoder:
         x = self.embed[token]  # (B, C)
         slot, filled = length % c.context, min(length + 1, c.context)
         if mask is not None:  # per slot: a masked position stays masked until a later one overwrites it
-            seen = torch.ones(B, filled, dtype=torch.bool)
-            seen[:, : mask.size(1)] = mask | (torch.arange(mask.size(1)) <= length - c.context)
+            seen = torch.ones(B, filled, dtype=torch.bool, device=mask.device)
+            seen[:, : mask.size(1)] = mask | (torch.arange(mask.size(1), device=mask.device) <= length - c.context)
             mask = seen[:, None, None, :]
         for i, w in enumerate(self.layers):
             qkv = self._unit(x, self.floor) @ w["qkv"]

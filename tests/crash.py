@@ -3,7 +3,8 @@
 SPEC is `module:attribute:N[:TEXT]`: the process sends itself SIGKILL at the start of the Nth call
 of that function (counting only calls whose arguments mention TEXT, if given). The kill is real, so
 nothing gets to clean up; only the moment is chosen, which is what lets a test hit the inside of a
-checkpoint write every time rather than by luck.
+checkpoint write every time rather than by luck. With CRASH_SIGNAL=SIGTERM (or another signal's
+name) in the environment the process sends itself that signal instead, which it may handle.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def arm(spec: str) -> None:
             calls += 1
             if calls == int(count):
                 sys.stdout.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.Signals[os.environ.get("CRASH_SIGNAL", "SIGKILL")])
         return original(*args, **kwargs)
 
     setattr(owner, name, tripwire)

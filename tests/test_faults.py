@@ -141,6 +141,24 @@ def test_kill_9_while_preparing_data_leaves_no_cache_entry_to_trust(corpus_file,
     assert_same_run(run, reference)
 
 
+def test_sigterm_while_preparing_data_cleans_up_and_says_so(corpus_file, tmp_path):
+    """Before the training loop SIGTERM (kill's default) ended the run silently, leaving the
+    preparation's temporary folder and the new run folder with its lock behind."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    env = {"CRASH_SIGNAL": "SIGTERM"}
+    stopped = run_script(
+        str(ROOT / "tests" / "crash.py"),
+        "data.prepare:_write_tokens:2",
+        "train.py",
+        *run_flags(corpus_file, run, cache),
+        env=env,
+    )
+    assert stopped.returncode == 128 + signal.SIGTERM and stopped.stderr.strip().splitlines()[-1] == "terminated", (
+        stopped.stderr
+    )
+    assert not list(cache.iterdir()) and not run.exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(signum, corpus_file, tmp_path):
     run = tmp_path / "run"

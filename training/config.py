@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import MISSING, asdict, dataclass, fields
 
 from model.config import ModelConfig
@@ -380,6 +381,12 @@ def checked_config(typed: dict, saved: dict | None = None) -> TrainConfig:
     It needs no torch, so train.py refuses a mistyped flag before loading it (two seconds on two cores)."""
     config = assemble(typed, saved)
     check_vocab_flag(typed, config)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    if config.batch_size % (config.grad_accum * processes):
+        raise UserError(
+            f"--batch-size ({config.batch_size}) must be divisible by --grad-accum ({config.grad_accum}) times "
+            f"the number of processes ({processes})"
+        )
     return config
 
 

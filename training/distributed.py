@@ -47,11 +47,27 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.item() > 0
 
+    def maximum(self, value: float) -> float:
+        """The largest `value` of all processes: the time a step took on the slowest one, so that every
+        rank sees the same progress through a time budget (its learning rate, its evaluations, its end)."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.item()
+
+    def from_main(self, values: list) -> list:
+        """Rank 0's `values` on every process (what rank 0 alone measured, so all size the same model)."""
+        if self.world > 1:
+            dist.broadcast_object_list(values, src=0)
+        return values
+
     def seed_own_stream(self, seed: int, step: int) -> None:
         """Give each process but rank 0 its own torch random stream from here on (after the model's
         initialisation, which must match): with one seed everywhere every rank would draw the same
         dropout masks for its rows. Rank 0 keeps the single-process stream, so one process trains as
-        it always did; `step` keeps a resumed session from replaying the first session's masks."""
+        it always did, and saves it in each checkpoint; the others reseed from `step` at every step, so
+        a run resumed from any checkpoint draws the masks the whole run drew."""
         if self.rank:
             torch.manual_seed(hash((seed, self.rank, step)) & (2**63 - 1))
 

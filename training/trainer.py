@@ -41,7 +41,7 @@ from data.prepare import DEFAULT_CACHE, Prepared, prepare
 from model.chat_template import TurnsTemplate, prompt_budget, stream_reply
 from model.checkpoint import METRICS, POINTER, Checkpoint, load_checkpoint, save_checkpoint, strangers, write_failed
 from model.config import ModelConfig
-from model.device import autocast, can_compile, matmul_peak_flops, pick_device, pick_dtype
+from model.device import autocast, can_compile, matmul_peak_flops, pick_dtype
 from model.engine import Engine
 from model.errors import UserError
 from model.evaluate import bits_per_byte, score
@@ -107,7 +107,6 @@ class Trainer:
             self._restore(base)
         if self.dist.is_main:  # the log keeps only steps a checkpoint holds: a fresh run's starts empty
             self._forget_metrics_after(self.step)
-        self.dist.seed_own_stream(config.seed, self.step)  # each rank its own dropout masks
         self.train_model = self.model
         if config.compile:
             self.train_model = torch.compile(self.train_model)
@@ -132,9 +131,7 @@ class Trainer:
                 ) from None
             self.val_tokens = self.data.tokens("val")
         self.token_bytes = torch.tensor(self.tokenizer.token_byte_lengths())
-        self.rows_per_micro = config.batch_size // config.grad_accum // self.dist.world
-        if self.rows_per_micro * config.grad_accum * self.dist.world != config.batch_size:
-            raise UserError("--batch-size must be divisible by --grad-accum times the number of processes")
+        self.rows_per_micro = config.batch_size // config.grad_accum // self.dist.world  # whole: checked_config
         self.metrics: dict = {}
         self.best: dict = base.meta.get("best", {}) if resuming else {}  # step and val_bpb of the best evaluation
         self.stop_requested = False
@@ -211,6 +208,8 @@ class Trainer:
                     self.model.norm.weight.copy_(state["trained_norm"])
             self.step, self.elapsed, self.tokens_seen = state["step"], state["elapsed"], state["tokens_seen"]
             torch.set_rng_state(state["rng"])
+            if "cuda_rng" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise UserError(
                 f"{checkpoint.folder} has a damaged trainer state ({type(error).__name__}: {error}); "
@@ -255,7 +254,7 @@ class Trainer:
             loss, positions = self._train_step()
             self.step += 1
             self.tokens_seen += positions
-            self.elapsed = time.perf_counter() - start
+            self.elapsed = self.dist.maximum(time.perf_counter() - start)  # one clock for all ranks
             tokens_per_sec = positions / (time.perf_counter() - step_start)
             self.step_rates.append(tokens_per_sec)
             bar.n = int(1000 * min(1.0, self._progress()))
@@ -333,15 +332,15 @@ class Trainer:
         batch is padded to its longest conversation, which is usually shorter than the context)."""
         c = self.config
         total, positions = 0.0, 0
+        self.dist.seed_own_stream(c.seed, self.step)  # each rank its own dropout masks, the same when resumed
         for micro in range(c.grad_accum):
             first = (micro * self.dist.world + self.dist.rank) * self.rows_per_micro
             x, y = self.batches.get(self.step, range(first, first + self.rows_per_micro), c.batch_size, self.device)
             positions += x.numel() * self.dist.world
             sync = micro == c.grad_accum - 1 or self.dist.world == 1
-            context = contextlib.nullcontext() if sync else self.train_model.no_sync()
-            with context, autocast(self.device, self.dtype):
-                loss = self.train_model(x, y) / c.grad_accum
-            with context:
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():  # one-shot: both passes inside
+                with autocast(self.device, self.dtype):
+                    loss = self.train_model(x, y) / c.grad_accum
                 loss.backward()
             total += loss.item()
         if c.grad_clip:
@@ -454,6 +453,8 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "rng": torch.get_rng_state(),
         }
+        if self.device.type == "cuda":  # a GPU's dropout masks come from its own generator
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if trained_norm is not None:  # the model's norm holds the temperature; training resumes from this
             state["trained_norm"] = trained_norm
         save_checkpoint(self.out_dir, self.step, self.model, self.tokenizer, meta, state, best)
@@ -554,9 +555,17 @@ def prepare_corpus(config: TrainConfig, base: Checkpoint | None, dist: distribut
             progress=c.progress and dist.is_main,
         )
 
+    failure = None
     if dist.is_main:
-        prepared = run()
-    dist.barrier()
+        try:
+            prepared = run()
+        except BaseException as error:  # told to the others below, rather than leaving them at a barrier
+            failure = error
+    if dist.any(failure is not None):  # where the others wait for rank 0's files
+        if failure is not None:
+            raise failure
+        time.sleep(10)  # rank 0 says why and exits first (torchrun then stops this process), not a gloo traceback
+        raise SystemExit(2)
     return prepared if dist.is_main else run()
 
 
@@ -639,25 +648,44 @@ def train_in_folder(
                 "--eval-tokens applies to pre-training; chat fine-tuning scores every validation conversation"
             )
         typed = {**taken, **typed}
-    device = pick_device(unsized.device)
+    dist = distributed.setup(unsized.device)  # first: under torchrun each rank measures its own GPU
+    try:
+        trainer = sized_trainer(typed, unsized, base, resuming, saved, dist)
+        return trainer, trainer.run()
+    except BaseException:
+        dist.close()  # a process that leaves with its group open aborts ("terminate called ...")
+        raise
+
+
+def sized_trainer(
+    typed: dict,
+    unsized: TrainConfig,
+    base: Checkpoint | None,
+    resuming: bool,
+    saved: dict | None,
+    dist: distributed.Distributed,
+) -> Trainer:
+    """The run's trainer, its model sized for the budget where the rule applies (rank 0 measures the
+    machine for all processes: ranks that measured apart could size different models)."""
+    device = dist.device
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for memory a step frees and the next takes again
     sizing = budget_minutes(typed, saved) is not None  # the machine's speed and the corpus choose the model
     dtype = pick_dtype(device, unsized.dtype)
     # The MFU's denominator; budget runs are the benchmark's, so theirs is measured for longer.
     peak_flops = matmul_peak_flops(device, dtype, seconds=1.0 if sizing else 0.3)
-    measured = step_flops = best_peak = corpus_tokens = dist = None
+    measured = step_flops = best_peak = corpus_tokens = None
     if sizing:
-        measured, machine = anchor_step_flops(device, dtype), machine_name(device, dtype)
-        step_flops = remembered_best(measured, machine, cache_folder(unsized))
-        best_peak = remembered_best(peak_flops, peak_name(machine), cache_folder(unsized))
-        dist = distributed.setup(unsized.device)  # preparing is rank 0's, before the others read it
+        if dist.is_main:
+            measured, machine = anchor_step_flops(device, dtype), machine_name(device, dtype)
+            step_flops = remembered_best(measured, machine, cache_folder(unsized))
+            best_peak = remembered_best(peak_flops, peak_name(machine), cache_folder(unsized))
+        measured, step_flops, best_peak = dist.from_main([measured, step_flops, best_peak])
         corpus_tokens = prepare_corpus(unsized, base, dist).manifest["splits"]["train"]["tokens"]
     config = assemble_for(device, typed, saved, step_flops, corpus_tokens, best_peak)
-    if sizing and os.environ.get("RANK", "0") == "0":  # rank 0 under torchrun
+    if sizing and dist.is_main:
         print(describe(config.max_minutes, step_flops, measured, best_peak, corpus_tokens, config))
     if device.type == "cpu":
         shape = base.model_config if base else config.model_config()
         check_fits(shape, config.batch_size // config.grad_accum)
-    trainer = Trainer(config, base, resuming, peak_flops, dist)
-    return trainer, trainer.run()
+    return Trainer(config, base, resuming, peak_flops, dist)
