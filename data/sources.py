@@ -8,6 +8,9 @@ megabyte, so a corpus of any size is read without holding it in memory. Kinds of
     path/to/file.txt   any UTF-8 text file (one document)
     path/to/folder     every .txt/.md/.rst file below it, in sorted order (one document each;
                        hidden files and folders are skipped, a file linked twice is read once)
+    dataset folder     a folder laid out as a Hugging Face dataset (.parquet/.jsonl/.arrow files
+                       below it, perhaps a README.md card), or one `Dataset.save_to_disk` wrote:
+                       read like a hub dataset, splits and all
     file.jsonl         one JSON object per line; the text is in --text-column
     file.parquet       a Parquet table; the text is in --text-column
     owner/name[:conf]  a Hugging Face dataset, streamed with `datasets` (online users)
@@ -27,7 +30,7 @@ import json
 import os
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from model.tokenizer import has_lone_surrogate
 Piece = tuple[bool, str]
 CHUNK_BYTES = 1 << 20
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+DATASET_SUFFIXES = (".parquet", ".jsonl", ".arrow")  # data files that make a folder a dataset
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HF_DEFAULT_MAX_BYTES = 200_000_000  # a streamed hub dataset can be terabytes; cap unless told
 
@@ -70,6 +74,8 @@ def open_source(
         return text_file_source(download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt"))
     path = Path(spec)
     if path.is_dir():
+        if is_dataset_folder(path):
+            return hub_source(spec, text_column, max_bytes or HF_DEFAULT_MAX_BYTES)
         return folder_source(path)
     if path.is_file():
         if path.suffix == ".jsonl":
@@ -99,23 +105,46 @@ def text_file_source(path: Path) -> Source:
 
 
 def folder_source(folder: Path) -> Source:
-    files = _text_files(folder)
+    files = _files_below(folder, TEXT_SUFFIXES)
     if not files:
         raise UserError(f"folder {folder} has no {'/'.join(TEXT_SUFFIXES)} files (hidden ones are skipped)")
-    listing = "\n".join(_file_fingerprint(p) for p in files)
-    fingerprint = hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()  # any file name
 
     def read() -> Iterator[Piece]:
         for path in files:
             yield from _text_file_pieces(path)
 
-    return Source(f"{folder} ({len(files)} files)", fingerprint, read)
+    return Source(f"{folder} ({len(files)} files)", _files_fingerprint(files), read)
 
 
-def _text_files(folder: Path) -> list[Path]:
-    """The text files below `folder`, sorted: hidden files and folders (`.git`, `.venv`) are not corpus,
-    and a file reached twice through symbolic links is read once (links to folders are not followed).
-    A folder that cannot be read, or a text file's broken link, is refused: it would be left out unseen."""
+def is_dataset_folder(folder: Path) -> bool:
+    """True for a folder laid out as a Hugging Face dataset: one `save_to_disk` wrote, or one holding
+    data files (.parquet/.jsonl/.arrow) and no text files but a dataset card (a top-level README.md).
+    A folder of both is refused: either reading would leave the other kind out unseen."""
+    if saved_to_disk(folder):
+        return True
+    data_files = _files_below(folder, DATASET_SUFFIXES)
+    if not data_files:
+        return False
+    text_files = [path for path in _files_below(folder, TEXT_SUFFIXES) if path != folder / "README.md"]
+    if text_files:
+        raise UserError(
+            f"folder {folder} holds both text files ({text_files[0].name}) and dataset files ({data_files[0].name}); "
+            "give a folder of one kind, or one file"
+        )
+    return True
+
+
+def saved_to_disk(folder: Path) -> bool:
+    """True for a folder `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`) wrote."""
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
+    )
+
+
+def _files_below(folder: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """The files below `folder` with one of `suffixes` (None: any), sorted: hidden files and folders (`.git`, `.venv`)
+    are not corpus, and a file reached twice through symbolic links is read once (links to folders are
+    not followed). A folder that cannot be read, or a broken link, is refused: it would be left out unseen."""
 
     def refuse(error: OSError) -> None:
         raise UserError(f"cannot read the folder {error.filename}: {error.strerror}")
@@ -125,7 +154,7 @@ def _text_files(folder: Path) -> list[Path]:
         folders[:] = [name for name in folders if not name.startswith(".")]
         for name in names:
             path = Path(parent) / name
-            if path.suffix not in TEXT_SUFFIXES or name.startswith("."):
+            if (suffixes is not None and path.suffix not in suffixes) or name.startswith("."):
                 continue
             if path.is_file():
                 target = path.resolve()
@@ -217,33 +246,26 @@ def parquet_source(path: Path, text_column: str) -> Source:
 
 
 def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
-    """A Hugging Face dataset, streamed. `name` is `owner/dataset` or `owner/dataset:config`.
+    """A Hugging Face dataset, streamed. `name` is `owner/dataset`, `owner/dataset:config`, or a local
+    folder laid out as a dataset (see `load_dataset_splits`).
 
     The dataset's own validation (or test) split is used when it has one; otherwise every tenth
     document is held out. At most `max_bytes` of training text is read.
     """
-    import datasets
-
-    dataset_name, _, config = name.partition(":")
-    check_hub_dataset(dataset_name)
-    try:
-        splits = datasets.load_dataset(dataset_name, config or None, streaming=True)
-    except Exception as error:  # offline, unknown name, gated, bad config: datasets raises many types
-        raise UserError(
-            f"cannot load the Hugging Face dataset '{dataset_name}' ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
-            "check the name and your connection, or pass a local file or folder"
-        ) from None
+    splits = load_dataset_splits(name)
     if "train" not in splits:
-        raise UserError(f"dataset '{dataset_name}' has no train split (it has {list(splits)})")
+        raise UserError(f"dataset '{name}' has no train split (it has {list(splits)})")
     held_out = next((s for s in ("validation", "test") if s in splits), None)
-    base = f"hf:{name}:{text_column}:{max_bytes}"
+    # A local folder's files can change under its name: its key is a hash of their bytes, as a file's is.
+    where = _files_fingerprint(_files_below(Path(name))) if Path(name).is_dir() else name
+    base = f"hf:{where}:{text_column}:{max_bytes}"
 
     def reader(split: str, keep: Callable[[int], bool], limit: int) -> Callable[[], Iterator[Piece]]:
         def read() -> Iterator[Piece]:
             seen = 0
-            for index, row in enumerate(splits[split]):
+            for index, row in dataset_rows(splits, split, name):
                 if keep(index):
-                    text = _text_field(row, text_column, f"{dataset_name} row {index}")
+                    text = _text_field(row, text_column, f"{name} [{split}] row {index}")
                     yield True, text
                     seen += len(text.encode())
                     if seen >= limit:
@@ -260,6 +282,52 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
         f"{name} [every 10th document]", base + ":holdout", reader("train", lambda i: i % 10 == 9, max_bytes // 10)
     )
     return Source(f"{name} [train]", base, reader("train", lambda i: i % 10 != 9, max_bytes), validation)
+
+
+def load_dataset_splits(name: str) -> Mapping[str, Iterable[dict]]:
+    """The splits of a dataset: a hub name `owner/dataset[:config]` (streamed), a local folder laid out
+    as a dataset repository (streamed the same way), or a folder `save_to_disk` wrote (memory-mapped)."""
+    import datasets
+
+    path = Path(name)
+    if saved_to_disk(path):
+        try:
+            saved = datasets.load_from_disk(name)
+        except Exception as error:  # a damaged folder: datasets and pyarrow raise many types
+            raise UserError(f"cannot read the saved dataset {name} ({_first_line(error)}); save it again") from None
+        return saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+    if path.is_dir():
+        dataset_name, config = name, ""
+        what, advice = f"the dataset folder {name}", "check its data files, or pass one .jsonl or .parquet file"
+    else:
+        dataset_name, _, config = name.partition(":")
+        check_hub_dataset(dataset_name)
+        what = f"the Hugging Face dataset '{dataset_name}'"
+        advice = "check the name and your connection, or pass a local file or folder"
+    try:
+        return datasets.load_dataset(dataset_name, config or None, streaming=True)
+    except Exception as error:  # offline, unknown name, gated, bad config: datasets raises many types
+        raise UserError(f"cannot load {what} ({_first_line(error)}); {advice}") from None
+
+
+def dataset_rows(splits: Mapping[str, Iterable[dict]], split: str, name: str) -> Iterator[tuple[int, dict]]:
+    """(index, row) of one split, a file that cannot be read (a damaged Parquet page, bytes that are not
+    UTF-8) refused with where it stopped rather than a traceback."""
+    index = 0
+    try:
+        for index, row in enumerate(splits[split]):
+            yield index, row
+    except UserError:
+        raise
+    except Exception as error:  # pyarrow and datasets raise many types for a broken file
+        raise UserError(
+            f"cannot read '{name}' [{split}] near row {index:,} ({_first_line(error)}); fix or remove that file"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).splitlines()[0][:160] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def check_hub_dataset(name: str) -> None:
@@ -355,6 +423,12 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
                     return
     except OSError as error:  # permissions, an I/O error: the file cannot be read at all
         raise UserError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _files_fingerprint(files: list[Path]) -> str:
+    """One hash over the fingerprints of `files` (their paths and bytes)."""
+    listing = "\n".join(_file_fingerprint(path) for path in files)
+    return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()  # any file name
 
 
 def _file_fingerprint(path: Path) -> str:

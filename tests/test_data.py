@@ -16,7 +16,7 @@ import torch
 from data.prepare import prepare
 from data.sources import CHUNK_BYTES, download, hub_source, open_source
 from model.errors import UserError
-from tests.conftest import make_text
+from tests.conftest import PAIRS, conversation, make_text
 
 
 def documents(source) -> list[str]:
@@ -352,3 +352,40 @@ def test_token_noise_replaces_a_share_of_the_inputs_never_the_targets_and_is_fix
     assert not torch.equal(replaced[0], replaced[1])  # each row draws its own positions
     noisy.noisy = False  # as the trainer sets it for the cooldown
     assert torch.equal(noisy.get(4, range(rows), rows, cpu)[0], x)
+
+
+def test_a_folder_laid_out_as_a_dataset_is_read_as_one_not_as_its_readme(tmp_path):
+    """A dataset repository's clone (data/train-*.parquet and a README.md card), or a folder
+    `save_to_disk` wrote: its rows are the corpus, never the card alone."""
+    import datasets
+
+    docs = [make_text(10, seed=i) for i in range(20)]
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": docs}), repo / "data" / "train-00000-of-00001.parquet")
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n# A dataset card, not corpus\n")
+    source = open_source(str(repo), cache_dir=tmp_path)
+    assert [text for _, text in source.pieces()] == [d for i, d in enumerate(docs) if i % 10 != 9]
+    assert [text for _, text in source.validation.pieces()] == docs[9::10]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(saved))
+    source = open_source(str(saved), cache_dir=tmp_path)
+    assert [text for _, text in source.pieces()] + [text for _, text in source.validation.pieces()] == (
+        [d for i, d in enumerate(docs) if i % 10 != 9] + docs[9::10]
+    )
+    prepared = prepare(str(repo), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert "dataset card" not in prepared_text(prepared, "train") and docs[0] in prepared_text(prepared, "train")
+    (repo / "notes.txt").write_text("a text file beside the data files")
+    with pytest.raises(UserError, match="holds both text files \\(notes.txt\\) and dataset files"):
+        open_source(str(repo), cache_dir=tmp_path)
+
+
+def test_a_chat_dataset_saved_to_disk_is_read_not_blamed_on_the_connection(tmp_path):
+    import datasets
+
+    from data.conversations import load_conversations
+
+    chats = [conversation(q, a) for _ in range(5) for q, a in PAIRS]
+    datasets.Dataset.from_list(chats).save_to_disk(str(tmp_path / "saved"))
+    loaded = load_conversations(str(tmp_path / "saved"))
+    assert len(loaded.train) + len(loaded.val) == 20
