@@ -18,7 +18,8 @@ megabyte, so a corpus of any size is read without holding it in memory. Kinds of
 Text files must be UTF-8 (a byte-order mark is dropped, CRLF line ends become LF); a file that
 looks binary or is in another encoding is refused with a message saying so, never half-read.
 `fingerprint` changes whenever the text could have changed (a file's is a hash of its bytes); it keys
-the prepared-data cache.
+the prepared-data cache. It is taken when the source is opened, and `changed()` takes it again: a
+file edited while it was being read must not leave tokens of its new text under its old key.
 """
 
 from __future__ import annotations
@@ -49,9 +50,16 @@ HF_DEFAULT_MAX_BYTES = 200_000_000  # a streamed hub dataset can be terabytes; c
 @dataclass
 class Source:
     description: str
-    fingerprint: str
+    fingerprint_now: Callable[[], str]  # what the text is now: a hash of a file's bytes, a dataset's name
     read: Callable[[], Iterator[Piece]]
     validation: Source | None = None  # a held-out part the source itself defines (hub datasets)
+
+    def __post_init__(self):
+        self.fingerprint = self.fingerprint_now()
+
+    def changed(self) -> bool:
+        """True if the text is no longer the one `fingerprint` was taken of."""
+        return self.fingerprint_now() != self.fingerprint
 
     def pieces(self) -> Iterator[Piece]:
         return self.read()
@@ -68,7 +76,7 @@ def open_source(
 
         version = f"python-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
         return Source(
-            f"builtin ({version} documentation)", f"builtin:{version}", lambda: _documents(builtin_documents())
+            f"builtin ({version} documentation)", lambda: f"builtin:{version}", lambda: _documents(builtin_documents())
         )
     if spec == "tinyshakespeare":
         return text_file_source(download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt"))
@@ -101,11 +109,11 @@ def missing_local_path(spec: str) -> bool:
 
 
 def text_file_source(path: Path) -> Source:
-    return Source(str(path), _file_fingerprint(path), lambda: _text_file_pieces(path))
+    return Source(str(path), lambda: _file_fingerprint(path), lambda: _text_file_pieces(path))
 
 
 def folder_source(folder: Path) -> Source:
-    files = _files_below(folder, TEXT_SUFFIXES)
+    files = _files_below(folder, TEXT_SUFFIXES)  # listed once: a file added while it is read is left to the next run
     if not files:
         raise UserError(f"folder {folder} has no {'/'.join(TEXT_SUFFIXES)} files (hidden ones are skipped)")
 
@@ -113,7 +121,7 @@ def folder_source(folder: Path) -> Source:
         for path in files:
             yield from _text_file_pieces(path)
 
-    return Source(f"{folder} ({len(files)} files)", _files_fingerprint(files), read)
+    return Source(f"{folder} ({len(files)} files)", lambda: _files_fingerprint(files), read)
 
 
 def is_dataset_folder(folder: Path) -> bool:
@@ -211,7 +219,7 @@ def jsonl_source(path: Path, text_column: str) -> Source:
                 raise UserError(f"{path} line {number} is not valid JSON ({problem})")
             yield True, _text_field(row, text_column, f"{path} line {number}")
 
-    return Source(f"{path} [{text_column}]", f"{_file_fingerprint(path)}:{text_column}", read)
+    return Source(f"{path} [{text_column}]", lambda: f"{_file_fingerprint(path)}:{text_column}", read)
 
 
 def open_parquet(path: Path, column: str, flag: str):
@@ -242,7 +250,7 @@ def parquet_source(path: Path, text_column: str) -> Source:
                 if text:
                     yield True, text.replace("\r\n", "\n")
 
-    return Source(f"{path} [{text_column}]", f"{_file_fingerprint(path)}:{text_column}", read)
+    return Source(f"{path} [{text_column}]", lambda: f"{_file_fingerprint(path)}:{text_column}", read)
 
 
 def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
@@ -256,9 +264,11 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
     if "train" not in splits:
         raise UserError(f"dataset '{name}' has no train split (it has {list(splits)})")
     held_out = next((s for s in ("validation", "test") if s in splits), None)
-    # A local folder's files can change under its name: its key is a hash of their bytes, as a file's is.
-    where = _files_fingerprint(_files_below(Path(name))) if Path(name).is_dir() else name
-    base = f"hf:{where}:{text_column}:{max_bytes}"
+
+    def base() -> str:
+        # A local folder's files can change under its name: its key is a hash of their bytes, as a file's is.
+        where = _files_fingerprint(_files_below(Path(name))) if Path(name).is_dir() else name
+        return f"hf:{where}:{text_column}:{max_bytes}"
 
     def reader(split: str, keep: Callable[[int], bool], limit: int) -> Callable[[], Iterator[Piece]]:
         def read() -> Iterator[Piece]:
@@ -275,11 +285,13 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
 
     if held_out:
         validation = Source(
-            f"{name} [{held_out}]", base + f":{held_out}", reader(held_out, lambda i: True, max_bytes // 10)
+            f"{name} [{held_out}]", lambda: f"{base()}:{held_out}", reader(held_out, lambda i: True, max_bytes // 10)
         )
         return Source(f"{name} [train]", base, reader("train", lambda i: True, max_bytes), validation)
     validation = Source(
-        f"{name} [every 10th document]", base + ":holdout", reader("train", lambda i: i % 10 == 9, max_bytes // 10)
+        f"{name} [every 10th document]",
+        lambda: f"{base()}:holdout",
+        reader("train", lambda i: i % 10 == 9, max_bytes // 10),
     )
     return Source(f"{name} [train]", base, reader("train", lambda i: i % 10 != 9, max_bytes), validation)
 

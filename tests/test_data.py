@@ -16,7 +16,7 @@ import torch
 from data.prepare import prepare
 from data.sources import CHUNK_BYTES, download, hub_source, open_source
 from model.errors import UserError
-from tests.conftest import PAIRS, conversation, make_text
+from tests.conftest import PAIRS, conversation, make_text, run_script
 
 
 def documents(source) -> list[str]:
@@ -389,3 +389,84 @@ def test_a_chat_dataset_saved_to_disk_is_read_not_blamed_on_the_connection(tmp_p
     datasets.Dataset.from_list(chats).save_to_disk(str(tmp_path / "saved"))
     loaded = load_conversations(str(tmp_path / "saved"))
     assert len(loaded.train) + len(loaded.val) == 20
+
+
+@pytest.mark.parametrize("kind", ["c.txt", "folder"])
+def test_a_file_edited_while_it_is_prepared_is_refused_not_cached_under_its_old_key(tmp_path, monkeypatch, kind):
+    """Another program rewrites the file after its first piece was read: the tokens would be of the new
+    text, the key of the old. The edit is made by the test at that moment; the reading is the real one."""
+    import data.sources
+
+    path = tmp_path / kind
+    if kind == "folder":
+        path.mkdir()
+        path = path / "a.txt"
+    old = "old text, " * 50_000
+    path.write_text(old)
+    real_pieces = data.sources._text_file_pieces
+
+    def edited_after_the_first_piece(file):
+        for number, piece in enumerate(real_pieces(file)):
+            yield piece
+            if number == 0:
+                path.write_text(old.upper())
+
+    monkeypatch.setattr(data.sources, "_text_file_pieces", edited_after_the_first_piece)
+    spec = str(tmp_path / kind)
+    with pytest.raises(UserError, match="changed while it was being prepared; run again$"):
+        prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").glob("*/manifest.json")) and not list((tmp_path / "cache").glob(".tmp-*"))
+    monkeypatch.setattr(data.sources, "_text_file_pieces", real_pieces)
+    path.write_text(old)
+    again = prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert "OLD TEXT" not in prepared_text(again, "val")
+
+
+def test_a_write_that_fails_while_preparing_is_one_line_naming_the_cache(tmp_path):
+    """A full disk, made real with a limit on file size (the kernel's EFBIG, as ENOSPC, is an OSError)."""
+    (tmp_path / "c.txt").write_text(make_text(4000))
+    script = (
+        "import resource, signal, sys; from data.prepare import prepare; from model.errors import run_cli; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000)); "
+        f"run_cli(lambda: prepare({str(tmp_path / 'c.txt')!r}, tokenizer_kind='char', cache_dir={str(tmp_path / 'cache')!r}, progress=False))"
+    )
+    result = run_script("-c", script)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: cannot write the prepared data in {tmp_path / 'cache'} (File too large)")
+    assert result.stderr.rstrip().endswith("free some space there or give another --cache-dir")
+    assert list((tmp_path / "cache").iterdir()) == []  # the temporary is removed
+
+
+def test_an_entry_another_process_published_meanwhile_is_kept(tmp_path, monkeypatch):
+    """Two runs preparing one corpus into one cache: the one that finishes second keeps the entry the
+    first published (which the first is reading) and drops its own. The other run is a real process,
+    started while this one is reading."""
+    import data.sources
+
+    (tmp_path / "c.txt").write_text(make_text(400))
+    prepare_it = f"from data.prepare import prepare; prepare({str(tmp_path / 'c.txt')!r}, tokenizer_kind='char', cache_dir={str(tmp_path / 'cache')!r}, progress=False)"
+    real_pieces, theirs = data.sources._text_file_pieces, []
+
+    def the_other_run_publishes_first(file):
+        if not theirs:
+            assert run_script("-c", prepare_it).returncode == 0
+            (entry,) = (tmp_path / "cache").glob("*/train.bin")
+            theirs.append(entry.stat().st_ino)
+        yield from real_pieces(file)
+
+    monkeypatch.setattr(data.sources, "_text_file_pieces", the_other_run_publishes_first)
+    ours = prepare(str(tmp_path / "c.txt"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert (ours.folder / "train.bin").stat().st_ino == theirs[0]  # theirs, not deleted and replaced
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [ours.folder.name]  # ours dropped
+
+
+def test_a_damaged_manifest_is_rebuilt_not_a_traceback(tmp_path):
+    (tmp_path / "c.txt").write_text(make_text(300))
+    first = prepare(str(tmp_path / "c.txt"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    good = (first.folder / "manifest.json").read_text()
+    manifest = json.loads(good)
+    without_val = {**manifest, "splits": {"train": manifest["splits"]["train"]}}
+    for damaged in (without_val, {**manifest, "dtype": "nonsense"}, {**manifest, "dtype": "float64"}, [manifest]):
+        (first.folder / "manifest.json").write_text(json.dumps(damaged))
+        again = prepare(str(tmp_path / "c.txt"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+        assert (again.folder / "manifest.json").read_text() == good and prepared_text(again, "val")
