@@ -30,7 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.sources import dataset_rows, load_dataset_splits, missing_local_path, open_parquet, read_jsonl
+from data.sources import (
+    dataset_rows,
+    load_dataset_splits,
+    missing_local_path,
+    open_parquet,
+    parquet_values,
+    read_jsonl,
+)
 from model.chat_template import message_text
 from model.errors import UserError
 from model.tokenizer import has_lone_surrogate
@@ -175,11 +182,8 @@ def _file_rows(path: Path, column: str):
 def _parquet_rows(path: Path, column: str):
     """A Parquet file's rows, numbered from 0 as a dataset folder holding the same file numbers them."""
     table = open_parquet(path, column, "--messages-column")
-    index = 0
-    for batch in table.iter_batches(columns=[column], batch_size=1024):
-        for messages in batch.column(0).to_pylist():
-            yield f"{path} row {index}", messages
-            index += 1
+    for index, messages in enumerate(parquet_values(table, path, column)):
+        yield f"{path} row {index}", messages
 
 
 def _jsonl_rows(path: Path, column: str):

@@ -229,10 +229,22 @@ def open_parquet(path: Path, column: str, flag: str):
     try:
         table = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises its own hierarchy for damaged files
-        raise UserError(f"{path} is not a readable Parquet file ({error})") from None
+        raise UserError(f"{path} is not a readable Parquet file ({_first_line(error)})") from None
     if column not in table.schema_arrow.names:
         raise UserError(f"{path} has no column '{column}' (columns: {table.schema_arrow.names}); use {flag}")
     return table
+
+
+def parquet_values(table, path: Path, column: str) -> Iterator[object]:
+    """The values of `column` of a `pyarrow.parquet.ParquetFile`, batch by batch; a damaged file
+    (a corrupt page, bytes that are not UTF-8 in a string column) is refused naming it."""
+    import pyarrow as pa
+
+    try:
+        for batch in table.iter_batches(columns=[column], batch_size=1024):
+            yield from batch.column(0).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as error:  # ArrowInvalid, UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is damaged ({_first_line(error)}); fix or replace that file") from None
 
 
 def parquet_source(path: Path, text_column: str) -> Source:
@@ -245,10 +257,9 @@ def parquet_source(path: Path, text_column: str) -> Source:
             raise UserError(
                 f"{path}: column '{text_column}' holds {kind}, not text; name a text column with --text-column"
             )
-        for batch in table.iter_batches(columns=[text_column], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                if text:
-                    yield True, text.replace("\r\n", "\n")
+        for text in parquet_values(table, path, text_column):
+            if text:
+                yield True, text.replace("\r\n", "\n")
 
     return Source(f"{path} [{text_column}]", lambda: f"{_file_fingerprint(path)}:{text_column}", read)
 

@@ -470,3 +470,31 @@ def test_a_damaged_manifest_is_rebuilt_not_a_traceback(tmp_path):
         (first.folder / "manifest.json").write_text(json.dumps(damaged))
         again = prepare(str(tmp_path / "c.txt"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
         assert (again.folder / "manifest.json").read_text() == good and prepared_text(again, "val")
+
+
+def damage_the_middle(path) -> None:
+    """XOR 2,000 bytes in the middle of a file: corrupt pages, the footer intact."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = bytes(byte ^ 0x5A for byte in data[middle : middle + 2000])
+    path.write_bytes(data)
+
+
+def test_a_parquet_file_damaged_inside_is_refused_naming_it_by_every_reader(tmp_path):
+    from data.conversations import load_conversations
+
+    texts = [make_text(5, seed=i) for i in range(3000)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet", row_group_size=100)
+    damage_the_middle(tmp_path / "d.parquet")
+    with pytest.raises(UserError, match="d.parquet is damaged \\(OSError: .*\\); fix or replace that file$"):
+        prepare(str(tmp_path / "d.parquet"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    chats = [conversation(f"question {i}: {text}", "answer")["messages"] for i, text in enumerate(texts)]
+    pq.write_table(pa.table({"messages": chats}), tmp_path / "chats.parquet", row_group_size=100)
+    damage_the_middle(tmp_path / "chats.parquet")
+    with pytest.raises(UserError, match="chats.parquet is damaged"):
+        load_conversations(str(tmp_path / "chats.parquet"))
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    (tmp_path / "d.parquet").rename(repo / "train-00000-of-00001.parquet")
+    with pytest.raises(UserError, match="cannot read '.*repo' \\[train\\] near row .*; fix or remove that file$"):
+        prepare(str(repo.parent), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
