@@ -44,6 +44,7 @@ CHUNK_BYTES = 1 << 20
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DATASET_SUFFIXES = (".parquet", ".jsonl", ".arrow")  # data files that make a folder a dataset
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_BYTES = 1_115_394  # the file's size: a cached or downloaded copy of another size is not it
 HF_DEFAULT_MAX_BYTES = 200_000_000  # a streamed hub dataset can be terabytes; cap unless told
 
 
@@ -79,7 +80,7 @@ def open_source(
             f"builtin ({version} documentation)", lambda: f"builtin:{version}", lambda: _documents(builtin_documents())
         )
     if spec == "tinyshakespeare":
-        return text_file_source(download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt"))
+        return text_file_source(tinyshakespeare(cache_dir))
     path = Path(spec)
     if path.is_dir():
         if is_dataset_folder(path):
@@ -373,10 +374,16 @@ def check_hub_dataset(name: str) -> None:
         ) from None
 
 
-def download(url: str, destination: Path) -> Path:
+def tinyshakespeare(cache_dir: Path) -> Path:
+    """The Tiny Shakespeare corpus, downloaded once into `cache_dir`."""
+    return download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt", TINYSHAKESPEARE_BYTES)
+
+
+def download(url: str, destination: Path, size: int | None = None) -> Path:
     """Fetch `url` to `destination` once (atomically: a partial download is never kept, and a download
-    shorter than the length the server announced is a partial one)."""
-    if destination.is_file():
+    shorter than the length the server announced is a partial one). With the file's known `size`, a
+    copy of another size (cut short, an error page) is neither trusted from the cache nor kept."""
+    if destination.is_file() and (size is None or destination.stat().st_size == size):
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(destination.parent)
@@ -391,6 +398,8 @@ def download(url: str, destination: Path) -> Path:
             raise UserError(f"the download of {url} stopped at {received:,} of {int(announced):,} bytes; try again")
         if received == 0:
             raise UserError(f"the download of {url} was empty; try again, or pass a local file")
+        if size is not None and received != size:
+            raise UserError(f"the download of {url} gave {received:,} bytes, not its {size:,}; try again")
         fsync(tmp)
         os.replace(tmp, destination)
     except (OSError, http.client.HTTPException) as error:

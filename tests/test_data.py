@@ -498,3 +498,33 @@ def test_a_parquet_file_damaged_inside_is_refused_naming_it_by_every_reader(tmp_
     (tmp_path / "d.parquet").rename(repo / "train-00000-of-00001.parquet")
     with pytest.raises(UserError, match="cannot read '.*repo' \\[train\\] near row .*; fix or remove that file$"):
         prepare(str(repo.parent), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_a_download_of_a_known_size_trusts_no_copy_of_another_size(tmp_path):
+    """Tiny Shakespeare's size is known: a cached copy cut short (or an error page) is fetched again,
+    and a body cut short by a server that announced no length is refused, not kept."""
+    corpus = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # HTTP/1.0 and no Content-Length: the end of the body is the connection's close
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(corpus[:100] if self.path == "/cut" else corpus)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        cached = tmp_path / "cache" / "corpus.txt"
+        cached.parent.mkdir()
+        cached.write_bytes(corpus[:50])  # a download an older version kept
+        assert download(f"{url}/whole", cached, len(corpus)).read_bytes() == corpus
+        cached.unlink()
+        with pytest.raises(UserError, match=f"gave 100 bytes, not its {len(corpus):,}; try again$"):
+            download(f"{url}/cut", cached, len(corpus))
+    finally:
+        server.shutdown()
+    assert list((tmp_path / "cache").iterdir()) == []
