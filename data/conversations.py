@@ -172,9 +172,9 @@ def _usable(rows, problems: list[str]) -> list[Conversation]:
 
 
 def _file_rows(path: Path, column: str):
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         return _jsonl_rows(path, column)
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":
         return _parquet_rows(path, column)
     raise UserError(f"{path} is neither a .jsonl nor a .parquet file; --chat-data takes {KINDS}")
 

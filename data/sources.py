@@ -87,9 +87,9 @@ def open_source(
             return hub_source(spec, text_column, max_bytes or HF_DEFAULT_MAX_BYTES)
         return folder_source(path)
     if path.is_file():
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             return jsonl_source(path, text_column)
-        if path.suffix == ".parquet":
+        if path.suffix.lower() == ".parquet":
             return parquet_source(path, text_column)
         return text_file_source(path)
     if path.exists():
@@ -163,7 +163,7 @@ def _files_below(folder: Path, suffixes: tuple[str, ...] | None = None) -> list[
         folders[:] = [name for name in folders if not name.startswith(".")]
         for name in names:
             path = Path(parent) / name
-            if (suffixes is not None and path.suffix not in suffixes) or name.startswith("."):
+            if (suffixes is not None and path.suffix.lower() not in suffixes) or name.startswith("."):
                 continue
             if path.is_file():
                 target = path.resolve()

@@ -528,3 +528,19 @@ def test_a_download_of_a_known_size_trusts_no_copy_of_another_size(tmp_path):
     finally:
         server.shutdown()
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_file_suffixes_are_read_whatever_their_case(tmp_path):
+    from data.conversations import load_conversations
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "NOTES.TXT").write_text("upper case suffix\n")
+    (folder / "b.Md").write_text("mixed case suffix\n")
+    assert documents(open_source(str(folder), cache_dir=tmp_path)) == ["upper case suffix\n", "mixed case suffix\n"]
+    (tmp_path / "FILE.JSONL").write_text(json.dumps({"text": "a row"}) + "\n")
+    assert documents(open_source(str(tmp_path / "FILE.JSONL"), cache_dir=tmp_path)) == ["a row"]
+    pq.write_table(pa.table({"text": ["a parquet row"]}), tmp_path / "FILE.PARQUET")
+    assert documents(open_source(str(tmp_path / "FILE.PARQUET"), cache_dir=tmp_path)) == ["a parquet row"]
+    (tmp_path / "CHATS.JSONL").write_text("".join(json.dumps(conversation(q, a)) + "\n" for q, a in PAIRS))
+    assert len(load_conversations(str(tmp_path / "CHATS.JSONL")).train) == 3
