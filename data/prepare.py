@@ -98,6 +98,8 @@ def prepare(
         }
         if splits["train"]["chars"] == 0:
             raise UserError(f"{source.description} has no text; give a corpus with some text in it")
+        if splits["val"]["chars"] == 0 and val_data is not None:
+            raise UserError(f"--val-data {val_source.description} has no text; give a validation file with text in it")
         if splits["val"]["chars"] == 0:
             raise UserError(f"the validation split of {source.description} is empty; use more text or --val-data")
         tokenizer.save(tmp)

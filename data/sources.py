@@ -96,7 +96,7 @@ def open_source(
         raise UserError(f"{spec} is neither a file nor a folder; give a text file, a folder, or a dataset name")
     if missing_local_path(spec):
         raise UserError(
-            f"{spec} does not exist; give a text file, a folder, a .jsonl or .parquet file, or a dataset name"
+            f"{flag} {spec} does not exist; give a text file, a folder, a .jsonl or .parquet file, or a dataset name"
         )
     return hub_source(spec, text_column, max_bytes or HF_DEFAULT_MAX_BYTES)
 

@@ -544,3 +544,13 @@ def test_file_suffixes_are_read_whatever_their_case(tmp_path):
     assert documents(open_source(str(tmp_path / "FILE.PARQUET"), cache_dir=tmp_path)) == ["a parquet row"]
     (tmp_path / "CHATS.JSONL").write_text("".join(json.dumps(conversation(q, a)) + "\n" for q, a in PAIRS))
     assert len(load_conversations(str(tmp_path / "CHATS.JSONL")).train) == 3
+
+
+def test_a_missing_or_empty_validation_file_is_named_with_its_flag(tmp_path):
+    (tmp_path / "train.txt").write_text(make_text(200))
+    (tmp_path / "empty.txt").write_text("")
+    train = str(tmp_path / "train.txt")
+    with pytest.raises(UserError, match=f"^--val-data {tmp_path / 'empty.txt'} has no text"):
+        prepare(train, val_data=str(tmp_path / "empty.txt"), cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(UserError, match=f"^--val-data {tmp_path / 'gone.txt'} does not exist"):
+        prepare(train, val_data=str(tmp_path / "gone.txt"), cache_dir=tmp_path / "c", progress=False)
