@@ -29,7 +29,7 @@ from pathlib import Path
 import benchmarks
 from benchmarks import report
 from data.prepare import DEFAULT_CACHE
-from data.sources import TINYSHAKESPEARE_URL, download
+from data.sources import tinyshakespeare
 from model.checkpoint import load_checkpoint
 from model.errors import UserError
 from training.config import PRESETS, TrainConfig
@@ -68,7 +68,7 @@ def resolve_corpus(corpus: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
     """--corpus as a file; `tinyshakespeare` is downloaded once into the data cache (data/cache in the
     project), as `train.py --data tinyshakespeare` does, and read from there afterwards."""
     if corpus == "tinyshakespeare":
-        return download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt")
+        return tinyshakespeare(cache_dir)
     path = Path(corpus)
     if not path.is_file():
         raise UserError(f"--corpus {corpus} is not a file; give a UTF-8 text file, or tinyshakespeare to download it")

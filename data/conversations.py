@@ -5,7 +5,8 @@
     file.jsonl          one {"messages": [{"role": ..., "content": ...}, ...]} per line (OpenAI style)
     file.parquet        a Parquet table with a messages column (`--messages-column`)
     owner/name[:conf]   a Hugging Face dataset with a messages column (`--messages-column`), streamed
-                        (a local folder laid out as a dataset repository works too)
+                        (a local folder laid out as a dataset repository, or one
+                        `save_to_disk` wrote, works too)
 
 A conversation is kept only if it is well formed: a list of messages, each with a role of
 system/user/assistant and non-empty text content (a string, or a list of text parts; a lone
@@ -29,7 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.sources import missing_local_path, open_parquet, read_jsonl
+from data.sources import (
+    dataset_rows,
+    load_dataset_splits,
+    missing_local_path,
+    open_parquet,
+    parquet_values,
+    read_jsonl,
+)
 from model.chat_template import message_text
 from model.errors import UserError
 from model.tokenizer import has_lone_surrogate
@@ -164,9 +172,9 @@ def _usable(rows, problems: list[str]) -> list[Conversation]:
 
 
 def _file_rows(path: Path, column: str):
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         return _jsonl_rows(path, column)
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":
         return _parquet_rows(path, column)
     raise UserError(f"{path} is neither a .jsonl nor a .parquet file; --chat-data takes {KINDS}")
 
@@ -174,11 +182,8 @@ def _file_rows(path: Path, column: str):
 def _parquet_rows(path: Path, column: str):
     """A Parquet file's rows, numbered from 0 as a dataset folder holding the same file numbers them."""
     table = open_parquet(path, column, "--messages-column")
-    index = 0
-    for batch in table.iter_batches(columns=[column], batch_size=1024):
-        for messages in batch.column(0).to_pylist():
-            yield f"{path} row {index}", messages
-            index += 1
+    for index, messages in enumerate(parquet_values(table, path, column)):
+        yield f"{path} row {index}", messages
 
 
 def _jsonl_rows(path: Path, column: str):
@@ -196,39 +201,16 @@ def _hub_conversations(name: str, column: str, limit: int = 0) -> ConversationSe
     """Every conversation of the train split and of the validation split, if there is one (the first
     `limit` if `limit`): the same conversations in a .jsonl file are all read, and a silent cap would
     leave some out unseen."""
-    import datasets
-
-    from data.sources import check_hub_dataset
-
-    dataset_name, _, config = name.partition(":")
-    check_hub_dataset(dataset_name)
-    try:
-        splits = datasets.load_dataset(dataset_name, config or None, streaming=True)
-    except Exception as error:  # offline, unknown, gated: datasets raises many types
-        raise UserError(
-            f"cannot load the Hugging Face dataset '{dataset_name}' ({type(error).__name__}); check the name and your connection"
-        ) from None
+    splits = load_dataset_splits(name)
     train_split = next((s for s in ("train", "train_sft") if s in splits), None)
     if train_split is None:
-        raise UserError(f"dataset '{dataset_name}' has no train split (it has {list(splits)})")
+        raise UserError(f"dataset '{name}' has no train split (it has {list(splits)})")
 
     def rows(split: str):
-        index = 0
-        try:
-            for index, row in enumerate(splits[split]):
-                if column not in row:
-                    raise UserError(
-                        f"dataset '{dataset_name}' has no '{column}' column; name it with --messages-column"
-                    )
-                yield f"{dataset_name} [{split}] row {index}", row[column]
-        except UserError:
-            raise
-        except Exception as error:  # a local folder's broken file: pyarrow and datasets raise many types
-            first_line = str(error).splitlines()[0][:160] if str(error) else ""
-            raise UserError(
-                f"cannot read '{dataset_name}' [{split}] near row {index} ({type(error).__name__}: {first_line}); "
-                "fix that file, or give one .jsonl file (its broken lines are skipped and listed)"
-            ) from None
+        for index, row in dataset_rows(splits, split, name):
+            if column not in row:
+                raise UserError(f"dataset '{name}' has no '{column}' column; name it with --messages-column")
+            yield f"{name} [{split}] row {index}", row[column]
 
     held_out = next((s for s in ("validation", "test", "test_sft") if s in splits), None)
     return _checked(f"{name} [{train_split}]", rows(train_split), held_out and rows(held_out), limit)

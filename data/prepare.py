@@ -11,12 +11,18 @@ Design decisions:
   source, tokenizer kind and size or an existing tokenizer's fingerprint, this file's format
   version); a hit is reused only after its manifest and file sizes check out.
 - A cache entry is built in a temporary folder and renamed into place, so an interrupted
-  preparation never leaves a half-written entry that a later run would trust.
+  preparation never leaves a half-written entry that a later run would trust. Before it is
+  published, the sources are fingerprinted again: a file edited while it was read is refused
+  ("run again"), never cached under its old content's key. Publishing holds a lock on the cache
+  (`flock`), and an entry another process published meanwhile is kept and ours dropped, so two
+  runs preparing the same corpus never delete each other's entry. A write that fails (a full disk)
+  is one line naming the cache folder.
 - Text is streamed in ~1 MB pieces with a progress bar; memory stays flat for any corpus size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -80,8 +86,8 @@ def prepare(
 
     remove_abandoned(cache_dir)  # entries a killed preparation was building
     tmp = temporary_name(folder)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         splitter = _Splitter(source, val_source, progress)
         if tokenizer is None:
             tokenizer = _make_tokenizer(tokenizer_kind, vocab_size, splitter)
@@ -92,6 +98,8 @@ def prepare(
         }
         if splits["train"]["chars"] == 0:
             raise UserError(f"{source.description} has no text; give a corpus with some text in it")
+        if splits["val"]["chars"] == 0 and val_data is not None:
+            raise UserError(f"--val-data {val_source.description} has no text; give a validation file with text in it")
         if splits["val"]["chars"] == 0:
             raise UserError(f"the validation split of {source.description} is empty; use more text or --val-data")
         tokenizer.save(tmp)
@@ -104,18 +112,51 @@ def prepare(
             "splits": splits,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)  # a damaged entry that failed validation
-        os.replace(tmp, folder)
+        for read in (source, val_source):
+            if read is not None and read.changed():
+                raise UserError(f"{read.description} changed while it was being prepared; run again")
+        with _publishing(cache_dir):
+            if published := _load_valid(folder):  # another process prepared the same data meanwhile
+                return published
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged entry that failed validation
+            os.replace(tmp, folder)
+    except OSError as error:  # a full disk, a quota, an I/O error: the sources' readers report their own
+        raise UserError(
+            f"cannot write the prepared data in {cache_dir} ({error.strerror or error}); "
+            "free some space there or give another --cache-dir"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(folder, manifest, tokenizer)
 
 
+@contextlib.contextmanager
+def _publishing(cache_dir: Path) -> Iterator[None]:
+    """Hold the cache's publishing lock (`flock` on the cache folder itself, so no lock file lies in
+    it): one process at a time checks for an entry and renames its own into place, so none deletes an
+    entry another has just published. Held for milliseconds (a wait, not a refusal); the kernel drops
+    it when its process ends, however it ends. Windows has no `fcntl`: publishing there is unguarded."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    descriptor = os.open(cache_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 def _load_valid(folder: Path) -> Prepared | None:
-    """A cache entry, if its manifest reads, its version matches, its files have the right sizes and
-    hold only ids of its tokenizer (a max over the tokens: about 5 ms for 50 M of them, cached)."""
+    """A cache entry, if its manifest reads (an object with both splits and a token type of ours), its
+    version matches, its files have the right sizes and hold only ids of its tokenizer (a max over the
+    tokens: about 5 ms for 50 M of them, cached)."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
+        if manifest["dtype"] not in ("uint16", "uint32") or sorted(manifest["splits"]) != ["train", "val"]:
+            return None
         itemsize = np.dtype(manifest["dtype"]).itemsize
         for split, info in manifest["splits"].items():
             if (folder / f"{split}.bin").stat().st_size != info["tokens"] * itemsize:
@@ -127,7 +168,7 @@ def _load_valid(folder: Path) -> Prepared | None:
             tokens = np.memmap(folder / f"{split}.bin", dtype=manifest["dtype"], mode="r")
             if len(tokens) and int(tokens.max()) >= tokenizer.n_vocab:
                 return None
-    except (OSError, ValueError, KeyError, UserError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):  # damaged in any way: rebuilt
         return None
     if tokenizer.fingerprint != manifest["tokenizer"]["fingerprint"]:
         return None

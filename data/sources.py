@@ -8,6 +8,9 @@ megabyte, so a corpus of any size is read without holding it in memory. Kinds of
     path/to/file.txt   any UTF-8 text file (one document)
     path/to/folder     every .txt/.md/.rst file below it, in sorted order (one document each;
                        hidden files and folders are skipped, a file linked twice is read once)
+    dataset folder     a folder laid out as a Hugging Face dataset (.parquet/.jsonl/.arrow files
+                       below it, perhaps a README.md card), or one `Dataset.save_to_disk` wrote:
+                       read like a hub dataset, splits and all
     file.jsonl         one JSON object per line; the text is in --text-column
     file.parquet       a Parquet table; the text is in --text-column
     owner/name[:conf]  a Hugging Face dataset, streamed with `datasets` (online users)
@@ -15,7 +18,8 @@ megabyte, so a corpus of any size is read without holding it in memory. Kinds of
 Text files must be UTF-8 (a byte-order mark is dropped, CRLF line ends become LF); a file that
 looks binary or is in another encoding is refused with a message saying so, never half-read.
 `fingerprint` changes whenever the text could have changed (a file's is a hash of its bytes); it keys
-the prepared-data cache.
+the prepared-data cache. It is taken when the source is opened, and `changed()` takes it again: a
+file edited while it was being read must not leave tokens of its new text under its old key.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import json
 import os
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +42,25 @@ from model.tokenizer import has_lone_surrogate
 Piece = tuple[bool, str]
 CHUNK_BYTES = 1 << 20
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+DATASET_SUFFIXES = (".parquet", ".jsonl", ".arrow")  # data files that make a folder a dataset
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_BYTES = 1_115_394  # the file's size: a cached or downloaded copy of another size is not it
 HF_DEFAULT_MAX_BYTES = 200_000_000  # a streamed hub dataset can be terabytes; cap unless told
 
 
 @dataclass
 class Source:
     description: str
-    fingerprint: str
+    fingerprint_now: Callable[[], str]  # what the text is now: a hash of a file's bytes, a dataset's name
     read: Callable[[], Iterator[Piece]]
     validation: Source | None = None  # a held-out part the source itself defines (hub datasets)
+
+    def __post_init__(self):
+        self.fingerprint = self.fingerprint_now()
+
+    def changed(self) -> bool:
+        """True if the text is no longer the one `fingerprint` was taken of."""
+        return self.fingerprint_now() != self.fingerprint
 
     def pieces(self) -> Iterator[Piece]:
         return self.read()
@@ -64,24 +77,26 @@ def open_source(
 
         version = f"python-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
         return Source(
-            f"builtin ({version} documentation)", f"builtin:{version}", lambda: _documents(builtin_documents())
+            f"builtin ({version} documentation)", lambda: f"builtin:{version}", lambda: _documents(builtin_documents())
         )
     if spec == "tinyshakespeare":
-        return text_file_source(download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt"))
+        return text_file_source(tinyshakespeare(cache_dir))
     path = Path(spec)
     if path.is_dir():
+        if is_dataset_folder(path):
+            return hub_source(spec, text_column, max_bytes or HF_DEFAULT_MAX_BYTES)
         return folder_source(path)
     if path.is_file():
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             return jsonl_source(path, text_column)
-        if path.suffix == ".parquet":
+        if path.suffix.lower() == ".parquet":
             return parquet_source(path, text_column)
         return text_file_source(path)
     if path.exists():
         raise UserError(f"{spec} is neither a file nor a folder; give a text file, a folder, or a dataset name")
     if missing_local_path(spec):
         raise UserError(
-            f"{spec} does not exist; give a text file, a folder, a .jsonl or .parquet file, or a dataset name"
+            f"{flag} {spec} does not exist; give a text file, a folder, a .jsonl or .parquet file, or a dataset name"
         )
     return hub_source(spec, text_column, max_bytes or HF_DEFAULT_MAX_BYTES)
 
@@ -95,27 +110,50 @@ def missing_local_path(spec: str) -> bool:
 
 
 def text_file_source(path: Path) -> Source:
-    return Source(str(path), _file_fingerprint(path), lambda: _text_file_pieces(path))
+    return Source(str(path), lambda: _file_fingerprint(path), lambda: _text_file_pieces(path))
 
 
 def folder_source(folder: Path) -> Source:
-    files = _text_files(folder)
+    files = _files_below(folder, TEXT_SUFFIXES)  # listed once: a file added while it is read is left to the next run
     if not files:
         raise UserError(f"folder {folder} has no {'/'.join(TEXT_SUFFIXES)} files (hidden ones are skipped)")
-    listing = "\n".join(_file_fingerprint(p) for p in files)
-    fingerprint = hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()  # any file name
 
     def read() -> Iterator[Piece]:
         for path in files:
             yield from _text_file_pieces(path)
 
-    return Source(f"{folder} ({len(files)} files)", fingerprint, read)
+    return Source(f"{folder} ({len(files)} files)", lambda: _files_fingerprint(files), read)
 
 
-def _text_files(folder: Path) -> list[Path]:
-    """The text files below `folder`, sorted: hidden files and folders (`.git`, `.venv`) are not corpus,
-    and a file reached twice through symbolic links is read once (links to folders are not followed).
-    A folder that cannot be read, or a text file's broken link, is refused: it would be left out unseen."""
+def is_dataset_folder(folder: Path) -> bool:
+    """True for a folder laid out as a Hugging Face dataset: one `save_to_disk` wrote, or one holding
+    data files (.parquet/.jsonl/.arrow) and no text files but a dataset card (a top-level README.md).
+    A folder of both is refused: either reading would leave the other kind out unseen."""
+    if saved_to_disk(folder):
+        return True
+    data_files = _files_below(folder, DATASET_SUFFIXES)
+    if not data_files:
+        return False
+    text_files = [path for path in _files_below(folder, TEXT_SUFFIXES) if path != folder / "README.md"]
+    if text_files:
+        raise UserError(
+            f"folder {folder} holds both text files ({text_files[0].name}) and dataset files ({data_files[0].name}); "
+            "give a folder of one kind, or one file"
+        )
+    return True
+
+
+def saved_to_disk(folder: Path) -> bool:
+    """True for a folder `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`) wrote."""
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
+    )
+
+
+def _files_below(folder: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """The files below `folder` with one of `suffixes` (None: any), sorted: hidden files and folders (`.git`, `.venv`)
+    are not corpus, and a file reached twice through symbolic links is read once (links to folders are
+    not followed). A folder that cannot be read, or a broken link, is refused: it would be left out unseen."""
 
     def refuse(error: OSError) -> None:
         raise UserError(f"cannot read the folder {error.filename}: {error.strerror}")
@@ -125,7 +163,7 @@ def _text_files(folder: Path) -> list[Path]:
         folders[:] = [name for name in folders if not name.startswith(".")]
         for name in names:
             path = Path(parent) / name
-            if path.suffix not in TEXT_SUFFIXES or name.startswith("."):
+            if (suffixes is not None and path.suffix.lower() not in suffixes) or name.startswith("."):
                 continue
             if path.is_file():
                 target = path.resolve()
@@ -182,7 +220,7 @@ def jsonl_source(path: Path, text_column: str) -> Source:
                 raise UserError(f"{path} line {number} is not valid JSON ({problem})")
             yield True, _text_field(row, text_column, f"{path} line {number}")
 
-    return Source(f"{path} [{text_column}]", f"{_file_fingerprint(path)}:{text_column}", read)
+    return Source(f"{path} [{text_column}]", lambda: f"{_file_fingerprint(path)}:{text_column}", read)
 
 
 def open_parquet(path: Path, column: str, flag: str):
@@ -192,10 +230,22 @@ def open_parquet(path: Path, column: str, flag: str):
     try:
         table = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises its own hierarchy for damaged files
-        raise UserError(f"{path} is not a readable Parquet file ({error})") from None
+        raise UserError(f"{path} is not a readable Parquet file ({_first_line(error)})") from None
     if column not in table.schema_arrow.names:
         raise UserError(f"{path} has no column '{column}' (columns: {table.schema_arrow.names}); use {flag}")
     return table
+
+
+def parquet_values(table, path: Path, column: str) -> Iterator[object]:
+    """The values of `column` of a `pyarrow.parquet.ParquetFile`, batch by batch; a damaged file
+    (a corrupt page, bytes that are not UTF-8 in a string column) is refused naming it."""
+    import pyarrow as pa
+
+    try:
+        for batch in table.iter_batches(columns=[column], batch_size=1024):
+            yield from batch.column(0).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as error:  # ArrowInvalid, UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is damaged ({_first_line(error)}); fix or replace that file") from None
 
 
 def parquet_source(path: Path, text_column: str) -> Source:
@@ -208,42 +258,36 @@ def parquet_source(path: Path, text_column: str) -> Source:
             raise UserError(
                 f"{path}: column '{text_column}' holds {kind}, not text; name a text column with --text-column"
             )
-        for batch in table.iter_batches(columns=[text_column], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                if text:
-                    yield True, text.replace("\r\n", "\n")
+        for text in parquet_values(table, path, text_column):
+            if text:
+                yield True, text.replace("\r\n", "\n")
 
-    return Source(f"{path} [{text_column}]", f"{_file_fingerprint(path)}:{text_column}", read)
+    return Source(f"{path} [{text_column}]", lambda: f"{_file_fingerprint(path)}:{text_column}", read)
 
 
 def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
-    """A Hugging Face dataset, streamed. `name` is `owner/dataset` or `owner/dataset:config`.
+    """A Hugging Face dataset, streamed. `name` is `owner/dataset`, `owner/dataset:config`, or a local
+    folder laid out as a dataset (see `load_dataset_splits`).
 
     The dataset's own validation (or test) split is used when it has one; otherwise every tenth
     document is held out. At most `max_bytes` of training text is read.
     """
-    import datasets
-
-    dataset_name, _, config = name.partition(":")
-    check_hub_dataset(dataset_name)
-    try:
-        splits = datasets.load_dataset(dataset_name, config or None, streaming=True)
-    except Exception as error:  # offline, unknown name, gated, bad config: datasets raises many types
-        raise UserError(
-            f"cannot load the Hugging Face dataset '{dataset_name}' ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
-            "check the name and your connection, or pass a local file or folder"
-        ) from None
+    splits = load_dataset_splits(name)
     if "train" not in splits:
-        raise UserError(f"dataset '{dataset_name}' has no train split (it has {list(splits)})")
+        raise UserError(f"dataset '{name}' has no train split (it has {list(splits)})")
     held_out = next((s for s in ("validation", "test") if s in splits), None)
-    base = f"hf:{name}:{text_column}:{max_bytes}"
+
+    def base() -> str:
+        # A local folder's files can change under its name: its key is a hash of their bytes, as a file's is.
+        where = _files_fingerprint(_files_below(Path(name))) if Path(name).is_dir() else name
+        return f"hf:{where}:{text_column}:{max_bytes}"
 
     def reader(split: str, keep: Callable[[int], bool], limit: int) -> Callable[[], Iterator[Piece]]:
         def read() -> Iterator[Piece]:
             seen = 0
-            for index, row in enumerate(splits[split]):
+            for index, row in dataset_rows(splits, split, name):
                 if keep(index):
-                    text = _text_field(row, text_column, f"{dataset_name} row {index}")
+                    text = _text_field(row, text_column, f"{name} [{split}] row {index}")
                     yield True, text
                     seen += len(text.encode())
                     if seen >= limit:
@@ -253,13 +297,61 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
 
     if held_out:
         validation = Source(
-            f"{name} [{held_out}]", base + f":{held_out}", reader(held_out, lambda i: True, max_bytes // 10)
+            f"{name} [{held_out}]", lambda: f"{base()}:{held_out}", reader(held_out, lambda i: True, max_bytes // 10)
         )
         return Source(f"{name} [train]", base, reader("train", lambda i: True, max_bytes), validation)
     validation = Source(
-        f"{name} [every 10th document]", base + ":holdout", reader("train", lambda i: i % 10 == 9, max_bytes // 10)
+        f"{name} [every 10th document]",
+        lambda: f"{base()}:holdout",
+        reader("train", lambda i: i % 10 == 9, max_bytes // 10),
     )
     return Source(f"{name} [train]", base, reader("train", lambda i: i % 10 != 9, max_bytes), validation)
+
+
+def load_dataset_splits(name: str) -> Mapping[str, Iterable[dict]]:
+    """The splits of a dataset: a hub name `owner/dataset[:config]` (streamed), a local folder laid out
+    as a dataset repository (streamed the same way), or a folder `save_to_disk` wrote (memory-mapped)."""
+    import datasets
+
+    path = Path(name)
+    if saved_to_disk(path):
+        try:
+            saved = datasets.load_from_disk(name)
+        except Exception as error:  # a damaged folder: datasets and pyarrow raise many types
+            raise UserError(f"cannot read the saved dataset {name} ({_first_line(error)}); save it again") from None
+        return saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+    if path.is_dir():
+        dataset_name, config = name, ""
+        what, advice = f"the dataset folder {name}", "check its data files, or pass one .jsonl or .parquet file"
+    else:
+        dataset_name, _, config = name.partition(":")
+        check_hub_dataset(dataset_name)
+        what = f"the Hugging Face dataset '{dataset_name}'"
+        advice = "check the name and your connection, or pass a local file or folder"
+    try:
+        return datasets.load_dataset(dataset_name, config or None, streaming=True)
+    except Exception as error:  # offline, unknown name, gated, bad config: datasets raises many types
+        raise UserError(f"cannot load {what} ({_first_line(error)}); {advice}") from None
+
+
+def dataset_rows(splits: Mapping[str, Iterable[dict]], split: str, name: str) -> Iterator[tuple[int, dict]]:
+    """(index, row) of one split, a file that cannot be read (a damaged Parquet page, bytes that are not
+    UTF-8) refused with where it stopped rather than a traceback."""
+    index = 0
+    try:
+        for index, row in enumerate(splits[split]):
+            yield index, row
+    except UserError:
+        raise
+    except Exception as error:  # pyarrow and datasets raise many types for a broken file
+        raise UserError(
+            f"cannot read '{name}' [{split}] near row {index:,} ({_first_line(error)}); fix or remove that file"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).splitlines()[0][:160] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def check_hub_dataset(name: str) -> None:
@@ -282,10 +374,16 @@ def check_hub_dataset(name: str) -> None:
         ) from None
 
 
-def download(url: str, destination: Path) -> Path:
+def tinyshakespeare(cache_dir: Path) -> Path:
+    """The Tiny Shakespeare corpus, downloaded once into `cache_dir`."""
+    return download(TINYSHAKESPEARE_URL, Path(cache_dir) / "tinyshakespeare.txt", TINYSHAKESPEARE_BYTES)
+
+
+def download(url: str, destination: Path, size: int | None = None) -> Path:
     """Fetch `url` to `destination` once (atomically: a partial download is never kept, and a download
-    shorter than the length the server announced is a partial one)."""
-    if destination.is_file():
+    shorter than the length the server announced is a partial one). With the file's known `size`, a
+    copy of another size (cut short, an error page) is neither trusted from the cache nor kept."""
+    if destination.is_file() and (size is None or destination.stat().st_size == size):
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(destination.parent)
@@ -300,6 +398,8 @@ def download(url: str, destination: Path) -> Path:
             raise UserError(f"the download of {url} stopped at {received:,} of {int(announced):,} bytes; try again")
         if received == 0:
             raise UserError(f"the download of {url} was empty; try again, or pass a local file")
+        if size is not None and received != size:
+            raise UserError(f"the download of {url} gave {received:,} bytes, not its {size:,}; try again")
         fsync(tmp)
         os.replace(tmp, destination)
     except (OSError, http.client.HTTPException) as error:
@@ -355,6 +455,12 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
                     return
     except OSError as error:  # permissions, an I/O error: the file cannot be read at all
         raise UserError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _files_fingerprint(files: list[Path]) -> str:
+    """One hash over the fingerprints of `files` (their paths and bytes)."""
+    listing = "\n".join(_file_fingerprint(path) for path in files)
+    return hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()  # any file name
 
 
 def _file_fingerprint(path: Path) -> str:

@@ -16,7 +16,7 @@ import torch
 from data.prepare import prepare
 from data.sources import CHUNK_BYTES, download, hub_source, open_source
 from model.errors import UserError
-from tests.conftest import make_text
+from tests.conftest import PAIRS, conversation, make_text, run_script
 
 
 def documents(source) -> list[str]:
@@ -352,3 +352,205 @@ def test_token_noise_replaces_a_share_of_the_inputs_never_the_targets_and_is_fix
     assert not torch.equal(replaced[0], replaced[1])  # each row draws its own positions
     noisy.noisy = False  # as the trainer sets it for the cooldown
     assert torch.equal(noisy.get(4, range(rows), rows, cpu)[0], x)
+
+
+def test_a_folder_laid_out_as_a_dataset_is_read_as_one_not_as_its_readme(tmp_path):
+    """A dataset repository's clone (data/train-*.parquet and a README.md card), or a folder
+    `save_to_disk` wrote: its rows are the corpus, never the card alone."""
+    import datasets
+
+    docs = [make_text(10, seed=i) for i in range(20)]
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": docs}), repo / "data" / "train-00000-of-00001.parquet")
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n# A dataset card, not corpus\n")
+    source = open_source(str(repo), cache_dir=tmp_path)
+    assert [text for _, text in source.pieces()] == [d for i, d in enumerate(docs) if i % 10 != 9]
+    assert [text for _, text in source.validation.pieces()] == docs[9::10]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(saved))
+    source = open_source(str(saved), cache_dir=tmp_path)
+    assert [text for _, text in source.pieces()] + [text for _, text in source.validation.pieces()] == (
+        [d for i, d in enumerate(docs) if i % 10 != 9] + docs[9::10]
+    )
+    prepared = prepare(str(repo), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert "dataset card" not in prepared_text(prepared, "train") and docs[0] in prepared_text(prepared, "train")
+    (repo / "notes.txt").write_text("a text file beside the data files")
+    with pytest.raises(UserError, match="holds both text files \\(notes.txt\\) and dataset files"):
+        open_source(str(repo), cache_dir=tmp_path)
+
+
+def test_a_chat_dataset_saved_to_disk_is_read_not_blamed_on_the_connection(tmp_path):
+    import datasets
+
+    from data.conversations import load_conversations
+
+    chats = [conversation(q, a) for _ in range(5) for q, a in PAIRS]
+    datasets.Dataset.from_list(chats).save_to_disk(str(tmp_path / "saved"))
+    loaded = load_conversations(str(tmp_path / "saved"))
+    assert len(loaded.train) + len(loaded.val) == 20
+
+
+@pytest.mark.parametrize("kind", ["c.txt", "folder"])
+def test_a_file_edited_while_it_is_prepared_is_refused_not_cached_under_its_old_key(tmp_path, monkeypatch, kind):
+    """Another program rewrites the file after its first piece was read: the tokens would be of the new
+    text, the key of the old. The edit is made by the test at that moment; the reading is the real one."""
+    import data.sources
+
+    path = tmp_path / kind
+    if kind == "folder":
+        path.mkdir()
+        path = path / "a.txt"
+    old = "old text, " * 50_000
+    path.write_text(old)
+    real_pieces = data.sources._text_file_pieces
+
+    def edited_after_the_first_piece(file):
+        for number, piece in enumerate(real_pieces(file)):
+            yield piece
+            if number == 0:
+                path.write_text(old.upper())
+
+    monkeypatch.setattr(data.sources, "_text_file_pieces", edited_after_the_first_piece)
+    spec = str(tmp_path / kind)
+    with pytest.raises(UserError, match="changed while it was being prepared; run again$"):
+        prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").glob("*/manifest.json")) and not list((tmp_path / "cache").glob(".tmp-*"))
+    monkeypatch.setattr(data.sources, "_text_file_pieces", real_pieces)
+    path.write_text(old)
+    again = prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert "OLD TEXT" not in prepared_text(again, "val")
+
+
+def test_a_write_that_fails_while_preparing_is_one_line_naming_the_cache(tmp_path):
+    """A full disk, made real with a limit on file size (the kernel's EFBIG, as ENOSPC, is an OSError)."""
+    (tmp_path / "c.txt").write_text(make_text(4000))
+    script = (
+        "import resource, signal, sys; from data.prepare import prepare; from model.errors import run_cli; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000)); "
+        f"run_cli(lambda: prepare({str(tmp_path / 'c.txt')!r}, tokenizer_kind='char', cache_dir={str(tmp_path / 'cache')!r}, progress=False))"
+    )
+    result = run_script("-c", script)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: cannot write the prepared data in {tmp_path / 'cache'} (File too large)")
+    assert result.stderr.rstrip().endswith("free some space there or give another --cache-dir")
+    assert list((tmp_path / "cache").iterdir()) == []  # the temporary is removed
+
+
+def test_an_entry_another_process_published_meanwhile_is_kept(tmp_path, monkeypatch):
+    """Two runs preparing one corpus into one cache: the one that finishes second keeps the entry the
+    first published (which the first is reading) and drops its own. The other run is a real process,
+    started while this one is reading."""
+    import data.sources
+
+    (tmp_path / "c.txt").write_text(make_text(400))
+    prepare_it = f"from data.prepare import prepare; prepare({str(tmp_path / 'c.txt')!r}, tokenizer_kind='char', cache_dir={str(tmp_path / 'cache')!r}, progress=False)"
+    real_pieces, theirs = data.sources._text_file_pieces, []
+
+    def the_other_run_publishes_first(file):
+        if not theirs:
+            assert run_script("-c", prepare_it).returncode == 0
+            (entry,) = (tmp_path / "cache").glob("*/train.bin")
+            theirs.append(entry.stat().st_ino)
+        yield from real_pieces(file)
+
+    monkeypatch.setattr(data.sources, "_text_file_pieces", the_other_run_publishes_first)
+    ours = prepare(str(tmp_path / "c.txt"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    assert (ours.folder / "train.bin").stat().st_ino == theirs[0]  # theirs, not deleted and replaced
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [ours.folder.name]  # ours dropped
+
+
+def test_a_damaged_manifest_is_rebuilt_not_a_traceback(tmp_path):
+    (tmp_path / "c.txt").write_text(make_text(300))
+    first = prepare(str(tmp_path / "c.txt"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    good = (first.folder / "manifest.json").read_text()
+    manifest = json.loads(good)
+    without_val = {**manifest, "splits": {"train": manifest["splits"]["train"]}}
+    for damaged in (without_val, {**manifest, "dtype": "nonsense"}, {**manifest, "dtype": "float64"}, [manifest]):
+        (first.folder / "manifest.json").write_text(json.dumps(damaged))
+        again = prepare(str(tmp_path / "c.txt"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+        assert (again.folder / "manifest.json").read_text() == good and prepared_text(again, "val")
+
+
+def damage_the_middle(path) -> None:
+    """XOR 2,000 bytes in the middle of a file: corrupt pages, the footer intact."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = bytes(byte ^ 0x5A for byte in data[middle : middle + 2000])
+    path.write_bytes(data)
+
+
+def test_a_parquet_file_damaged_inside_is_refused_naming_it_by_every_reader(tmp_path):
+    from data.conversations import load_conversations
+
+    texts = [make_text(5, seed=i) for i in range(3000)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet", row_group_size=100)
+    damage_the_middle(tmp_path / "d.parquet")
+    with pytest.raises(UserError, match="d.parquet is damaged \\(OSError: .*\\); fix or replace that file$"):
+        prepare(str(tmp_path / "d.parquet"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    chats = [conversation(f"question {i}: {text}", "answer")["messages"] for i, text in enumerate(texts)]
+    pq.write_table(pa.table({"messages": chats}), tmp_path / "chats.parquet", row_group_size=100)
+    damage_the_middle(tmp_path / "chats.parquet")
+    with pytest.raises(UserError, match="chats.parquet is damaged"):
+        load_conversations(str(tmp_path / "chats.parquet"))
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    (tmp_path / "d.parquet").rename(repo / "train-00000-of-00001.parquet")
+    with pytest.raises(UserError, match="cannot read '.*repo' \\[train\\] near row .*; fix or remove that file$"):
+        prepare(str(repo.parent), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_a_download_of_a_known_size_trusts_no_copy_of_another_size(tmp_path):
+    """Tiny Shakespeare's size is known: a cached copy cut short (or an error page) is fetched again,
+    and a body cut short by a server that announced no length is refused, not kept."""
+    corpus = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # HTTP/1.0 and no Content-Length: the end of the body is the connection's close
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(corpus[:100] if self.path == "/cut" else corpus)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        cached = tmp_path / "cache" / "corpus.txt"
+        cached.parent.mkdir()
+        cached.write_bytes(corpus[:50])  # a download an older version kept
+        assert download(f"{url}/whole", cached, len(corpus)).read_bytes() == corpus
+        cached.unlink()
+        with pytest.raises(UserError, match=f"gave 100 bytes, not its {len(corpus):,}; try again$"):
+            download(f"{url}/cut", cached, len(corpus))
+    finally:
+        server.shutdown()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_file_suffixes_are_read_whatever_their_case(tmp_path):
+    from data.conversations import load_conversations
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "NOTES.TXT").write_text("upper case suffix\n")
+    (folder / "b.Md").write_text("mixed case suffix\n")
+    assert documents(open_source(str(folder), cache_dir=tmp_path)) == ["upper case suffix\n", "mixed case suffix\n"]
+    (tmp_path / "FILE.JSONL").write_text(json.dumps({"text": "a row"}) + "\n")
+    assert documents(open_source(str(tmp_path / "FILE.JSONL"), cache_dir=tmp_path)) == ["a row"]
+    pq.write_table(pa.table({"text": ["a parquet row"]}), tmp_path / "FILE.PARQUET")
+    assert documents(open_source(str(tmp_path / "FILE.PARQUET"), cache_dir=tmp_path)) == ["a parquet row"]
+    (tmp_path / "CHATS.JSONL").write_text("".join(json.dumps(conversation(q, a)) + "\n" for q, a in PAIRS))
+    assert len(load_conversations(str(tmp_path / "CHATS.JSONL")).train) == 3
+
+
+def test_a_missing_or_empty_validation_file_is_named_with_its_flag(tmp_path):
+    (tmp_path / "train.txt").write_text(make_text(200))
+    (tmp_path / "empty.txt").write_text("")
+    train = str(tmp_path / "train.txt")
+    with pytest.raises(UserError, match=f"^--val-data {tmp_path / 'empty.txt'} has no text"):
+        prepare(train, val_data=str(tmp_path / "empty.txt"), cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(UserError, match=f"^--val-data {tmp_path / 'gone.txt'} does not exist"):
+        prepare(train, val_data=str(tmp_path / "gone.txt"), cache_dir=tmp_path / "c", progress=False)
