@@ -41,6 +41,7 @@ from model.tokenizer import has_lone_surrogate
 
 Piece = tuple[bool, str]
 CHUNK_BYTES = 1 << 20
+LONGEST_PIECE = CHUNK_BYTES  # characters a piece may reach waiting for a newline (a file of one line)
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DATASET_SUFFIXES = (".parquet", ".jsonl", ".arrow")  # data files that make a folder a dataset
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -426,7 +427,9 @@ def _text_field(row: object, column: str, where: str) -> str:
 
 
 def _text_file_pieces(path: Path) -> Iterator[Piece]:
-    """Stream a UTF-8 file in ~1 MB pieces cut after a newline, refusing binary or non-UTF-8 input."""
+    """Stream a UTF-8 file in ~1 MB pieces cut after a newline, refusing binary or non-UTF-8 input. A file
+    with no newline for LONGEST_PIECE characters (one long line, or CR line ends) is cut before a space
+    there (where the tokenizer splits words anyway), so that it is not held whole in memory."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     pending, first = "", True
     try:
@@ -448,6 +451,9 @@ def _text_file_pieces(path: Path) -> Iterator[Piece]:
                 cut = len(pending) if not chunk else pending.rfind("\n") + 1
                 if pending.endswith("\r") and chunk:
                     cut = min(cut, len(pending) - 1)  # a CRLF may be split across chunks
+                if cut <= 0 and len(pending) > LONGEST_PIECE:  # no newline for megabytes
+                    space = pending.rfind(" ")
+                    cut = space if space > 0 else len(pending) - 1  # before a space, else anywhere (not a CR)
                 if cut > 0:
                     yield first, pending[:cut]
                     pending, first = pending[cut:], False

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data.prepare import prepare
-from data.sources import CHUNK_BYTES, download, hub_source, open_source
+from data.sources import CHUNK_BYTES, _text_file_pieces, download, hub_source, open_source
 from model.errors import UserError
 from tests.conftest import PAIRS, conversation, make_text, run_script
 
@@ -554,3 +554,17 @@ def test_a_missing_or_empty_validation_file_is_named_with_its_flag(tmp_path):
         prepare(train, val_data=str(tmp_path / "empty.txt"), cache_dir=tmp_path / "c", progress=False)
     with pytest.raises(UserError, match=f"^--val-data {tmp_path / 'gone.txt'} does not exist"):
         prepare(train, val_data=str(tmp_path / "gone.txt"), cache_dir=tmp_path / "c", progress=False)
+
+
+@pytest.mark.parametrize("line_end", ["", "\r"], ids=["one line", "CR line ends"])
+def test_a_file_without_newlines_is_read_in_pieces_not_whole(tmp_path, line_end):
+    """A 13 MB file of one line (or of old Mac line ends) was held whole in memory: 50 MB of it took
+    3.5 GB. It is cut before a space once no newline comes for LONGEST_PIECE characters."""
+    words = ["stone", "river", "lantern", "cloud", "harbour"]
+    line = " ".join(words[i % 5] for i in range(200)) + line_end
+    text = (line + (" " if not line_end else "")) * 10_000
+    path = tmp_path / "long.txt"
+    path.write_text(text, newline="")
+    pieces = [piece for _, piece in _text_file_pieces(path)]
+    assert len(pieces) >= 3 and max(len(piece) for piece in pieces) <= 2 * CHUNK_BYTES  # LONGEST_PIECE + a chunk
+    assert "".join(pieces) == text and all(piece.startswith(" ") for piece in pieces[1:])
