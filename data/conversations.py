@@ -130,7 +130,8 @@ def _checked(description: str, rows, val_rows, limit: int = 0) -> ConversationSe
     if val_rows is None:
         if len(good) < 2:
             raise UserError(
-                f"{description} has {len(good)} usable conversation(s); at least 2 are needed (one to validate on)"
+                f"{_told(description, cut_short, limit)} has {len(good)} usable conversation(s); at least 2 are "
+                f"needed (one to validate on){'; raise --max-conversations' if any(cut_short) else ''}"
                 + _first(problems)
             )
         cut = len(good) - max(1, len(good) // 10)

@@ -255,7 +255,9 @@ def parquet_source(path: Path, text_column: str) -> Source:
     def read() -> Iterator[Piece]:
         table = open_parquet(path, text_column, "--text-column")
         kind = table.schema_arrow.field(text_column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        if pa.types.is_dictionary(kind):  # pandas' category columns: the text is in the dictionary's values
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
             raise UserError(
                 f"{path}: column '{text_column}' holds {kind}, not text; name a text column with --text-column"
             )

@@ -568,3 +568,21 @@ def test_a_file_without_newlines_is_read_in_pieces_not_whole(tmp_path, line_end)
     pieces = [piece for _, piece in _text_file_pieces(path)]
     assert len(pieces) >= 3 and max(len(piece) for piece in pieces) <= 2 * CHUNK_BYTES  # LONGEST_PIECE + a chunk
     assert "".join(pieces) == text and all(piece.startswith(" ") for piece in pieces[1:])
+
+
+@pytest.mark.parametrize("kind", ["dictionary", "string_view"])
+def test_parquet_text_in_a_category_or_view_column_is_read(tmp_path, kind):
+    """pandas' category columns are dictionary-encoded, newer writers use string_view: both hold text,
+    and both were refused as 'not text'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"the {word} river runs by the stone harbour\n" * 20 for word in ("cold", "quiet", "bright")] * 40
+    column = pa.array(texts).dictionary_encode() if kind == "dictionary" else pa.array(texts, type=pa.string_view())
+    pq.write_table(pa.table({"text": column}), tmp_path / "texts.parquet")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    pq.write_table(pa.table({"text": texts}), plain / "texts.parquet")
+    ours = prepare(str(tmp_path / "texts.parquet"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+    reference = prepare(str(plain / "texts.parquet"), tokenizer_kind="char", cache_dir=tmp_path / "c2", progress=False)
+    assert (ours.tokens("train") == reference.tokens("train")).all() and len(ours.tokens("train")) > 1000

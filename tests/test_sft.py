@@ -206,6 +206,8 @@ def test_a_dataset_folder_is_read_whole_and_its_validation_split_reports_what_it
     first = load_conversations(str(qa), limit=20)  # a file's validation conversations are the last of those read
     assert (len(first.train), len(first.val)) == (18, 2) and first.val[-1][0]["content"] == "q19"
     assert load_conversations(str(qa), limit=30).description == str(qa)  # nothing was left out
+    with pytest.raises(UserError, match=r"\(cut to --max-conversations 1\) has 1 usable .*; raise --max-conversations"):
+        load_conversations(str(qa), limit=1)  # the flag that left too few is named
 
 
 def test_a_parquet_file_reads_as_the_dataset_folder_holding_it_and_other_files_are_refused(tmp_path):
