@@ -219,7 +219,8 @@ def jsonl_source(path: Path, text_column: str) -> Source:
         for number, row, problem in read_jsonl(path):
             if problem:
                 raise UserError(f"{path} line {number} is not valid JSON ({problem})")
-            yield True, _text_field(row, text_column, f"{path} line {number}")
+            if text := _text_field(row, text_column, f"{path} line {number}"):
+                yield True, text
 
     return Source(f"{path} [{text_column}]", lambda: f"{_file_fingerprint(path)}:{text_column}", read)
 
@@ -290,7 +291,8 @@ def hub_source(name: str, text_column: str, max_bytes: int) -> Source:
             seen = 0
             for index, row in dataset_rows(splits, split, name):
                 if keep(index):
-                    text = _text_field(row, text_column, f"{name} [{split}] row {index}")
+                    if not (text := _text_field(row, text_column, f"{name} [{split}] row {index}")):
+                        continue
                     yield True, text
                     seen += len(text.encode())
                     if seen >= limit:
@@ -418,8 +420,12 @@ def _documents(texts: Iterator[str]) -> Iterator[Piece]:
 
 
 def _text_field(row: object, column: str, where: str) -> str:
+    """The text of a .jsonl or dataset row; a null one is empty, and rows without text are skipped by
+    every reader alike (a Parquet column's nulls too): one missing text must not make a dataset unusable."""
     if not isinstance(row, dict) or column not in row:
         raise UserError(f"{where} has no '{column}' field; name the text field with --text-column")
+    if row[column] is None:
+        return ""
     if not isinstance(row[column], str):
         raise UserError(f"{where}: field '{column}' is not a string")
     text = row[column]

@@ -586,3 +586,30 @@ def test_parquet_text_in_a_category_or_view_column_is_read(tmp_path, kind):
     ours = prepare(str(tmp_path / "texts.parquet"), tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
     reference = prepare(str(plain / "texts.parquet"), tokenizer_kind="char", cache_dir=tmp_path / "c2", progress=False)
     assert (ours.tokens("train") == reference.tokens("train")).all() and len(ours.tokens("train")) > 1000
+
+
+def test_rows_with_null_text_are_skipped_alike_by_every_reader(tmp_path):
+    """A Parquet column's nulls were skipped, a .jsonl's null stopped the run, and a dataset with one
+    null row could not be used at all ('field is not a string'): each now reads the rest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"the {word} river runs by the stone harbour\n" * 20 for word in ("cold", "quiet", "bright")] * 40
+    with_nulls = [None if i % 7 == 3 else text for i, text in enumerate(texts)]
+    kept = [text for text in with_nulls if text is not None]
+    (tmp_path / "kept.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
+    (tmp_path / "nulls.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in with_nulls))
+    pq.write_table(pa.table({"text": with_nulls}), tmp_path / "nulls.parquet")
+    dataset = tmp_path / "owner_data" / "data"
+    dataset.mkdir(parents=True)
+    (dataset / "train-00000-of-00001.jsonl").write_text((tmp_path / "nulls.jsonl").read_text())
+
+    def tokens(spec):
+        prepared = prepare(spec, tokenizer_kind="char", cache_dir=tmp_path / "cache", progress=False)
+        return np.concatenate([prepared.tokens("train"), prepared.tokens("val")])
+
+    reference = tokens(str(tmp_path / "kept.jsonl"))
+    for spec in (tmp_path / "nulls.jsonl", tmp_path / "nulls.parquet"):
+        assert np.array_equal(tokens(str(spec)), reference), spec
+    separator = reference[0]  # each split starts with one; the dataset's are split another way (every 10th row)
+    assert np.sum(tokens(str(dataset.parent)) != separator) == np.sum(reference != separator)
