@@ -32,8 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out-root", default="out", help="where to look for the newest run when --checkpoint is not given"
     )
-    parser.add_argument("--prompt", help="text to continue; '-' reads it from standard input")
-    parser.add_argument("--prompt-file", help="read the prompt from this UTF-8 file ('-' for standard input)")
+    parser.add_argument(
+        "--prompt", help="text to continue; '-' reads it from standard input (without its final line end)"
+    )
+    parser.add_argument(
+        "--prompt-file",
+        help="read the prompt from this UTF-8 file ('-' for standard input), without its final line end",
+    )
     parser.add_argument("--num-samples", type=int, default=1, help="how many samples to generate (as one batch)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per sample")
     parser.add_argument(
@@ -65,6 +70,10 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, given in chat_ignores.items():
         if args.chat and given:
             raise UserError(f"--chat reads each message from standard input and writes one reply; leave out {flag}")
+    if args.checkpoint is not None and not args.checkpoint.strip():
+        raise UserError(
+            "--checkpoint is empty; give a run or checkpoint folder, or leave the flag out for the newest run"
+        )
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give the prompt with --prompt or with --prompt-file, not both")
     for flag, text in (("--prompt", args.prompt), ("--system", args.system), *(("--stop", t) for t in args.stop)):
@@ -90,9 +99,10 @@ def read_prompt(args: argparse.Namespace) -> str:
         except OSError as error:
             raise UserError(f"cannot read the prompt file {path} ({error.strerror}); give a text file") from None
     try:
-        return data.decode("utf-8-sig").replace("\r\n", "\n")
+        text = data.decode("utf-8-sig").replace("\r\n", "\n")
     except UnicodeDecodeError:
         raise UserError(f"the prompt from {where} is not UTF-8 text") from None
+    return text.removesuffix("\n")  # the line end echo and editors add is not part of the prompt
 
 
 def main() -> None:
@@ -124,8 +134,10 @@ def main() -> None:
     check_fits(engine, args.num_samples)
     prompt = read_prompt(args)
     tokens = engine.encode_prompt(prompt)
-    if len(tokens) > engine.context:
-        print(f"note: the prompt is {len(tokens)} tokens; the model sees its last {engine.context}", file=sys.stderr)
+    if len(tokens) - 1 > engine.context:  # the text's tokens, after the document separator that starts them
+        print(
+            f"note: the prompt is {len(tokens) - 1} tokens; the model sees its last {engine.context}", file=sys.stderr
+        )
 
     texts = [""] * args.num_samples
     pieces = engine.stream([tokens] * args.num_samples, sampling)

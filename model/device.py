@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import platform
 import re
 import shutil
 import sys
@@ -24,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from data.prepare import DEFAULT_CACHE
 from model.errors import UserError
+from model.files import write_atomically
 
 DTYPES = ("auto", "bf16", "fp32")
 
@@ -69,18 +73,23 @@ def cpu_has_native_bf16() -> bool:
 
 
 @functools.cache
-def bf16_multiplies_faster() -> bool:
+def bf16_multiplies_faster(folder: Path = DEFAULT_CACHE) -> bool:
     """Whether this CPU's bf16 matrix products outrun its fp32 ones (measured once per process,
     about 0.35 s: three rounds of 0.05 s per precision). Where bf16 is native the two differ by 2x
     or more either way (bf16 4.5x faster on a Zen 5, 2.2x on a Zen 4, 2x slower on a Xeon without
     AMX), so short timings decide it; they alternate and each keeps its best, because on a shared
     machine a timing now and then reads half the speed for a second, and one such dip must not pick
-    the slower precision for a whole run."""
+    the slower precision for a whole run. The decision is the best rates this machine has shown
+    (`remembered_best`, in `folder`), not this process's alone: beside a test suite on two cores one
+    sample.py in nine still timed bf16 slower, chose fp32 and printed other text for the same --seed."""
     cpu, best = torch.device("cpu"), {torch.bfloat16: 0.0, torch.float32: 0.0}
     for _ in range(3):
         for dtype in best:
             best[dtype] = max(best[dtype], matmul_peak_flops(cpu, dtype, size=512, seconds=0.05))
-    return best[torch.bfloat16] > best[torch.float32]
+    shown = {
+        dtype: remembered_best(rate, f"{machine_name(cpu, dtype)}, 512 x 512", folder) for dtype, rate in best.items()
+    }
+    return shown[torch.bfloat16] > shown[torch.float32]
 
 
 def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
@@ -162,3 +171,36 @@ def matmul_peak_flops(
         best = min(best, time.perf_counter() - start)
         rounds += 1
     return 2 * size**3 * repeats / best
+
+
+REMEMBERED = "step_flops.json"  # the best rates this machine has shown (training steps, matmul peaks)
+
+
+def machine_name(device: torch.device, dtype: torch.dtype) -> str:
+    """What a remembered rate is valid for: the processor, the thread count and the dtype."""
+    if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device)
+    else:
+        chip = cpu_info("model name") or platform.processor() or platform.machine()
+        chip += f", {torch.get_num_threads()} threads"
+    return f"{chip}, {str(dtype).removeprefix('torch.')}"
+
+
+def remembered_best(measured: float, machine: str, folder: Path) -> float:
+    """The best of `measured` and the rates measured earlier on `machine` (kept in folder/REMEMBERED)."""
+    path = folder / REMEMBERED
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: start afresh
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    previous = float(known.get(machine, 0.0))
+    if measured <= previous:
+        return previous
+    known[machine] = measured
+    try:
+        os.makedirs(folder, exist_ok=True)
+        write_atomically(path, json.dumps(known, indent=1))
+    except OSError:  # a read-only cache only loses the memory, not the run
+        pass
+    return measured

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from model.checkpoint import load_checkpoint
 from tests.conftest import ROOT, run_script
 
 
@@ -76,6 +77,8 @@ def test_sample_streams_reproducible_text(tiny_run):
         "sample.py", "--checkpoint", str(tiny_run), "--prompt", "-", "--max-new-tokens", "5", stdin="Old stone"
     )
     assert piped.returncode == 0 and piped.stdout.startswith("Old stone")
+    echoed = [*args[:3], "--prompt", "-", *args[5:]]  # echo's line end is not part of the prompt
+    assert run_script(*echoed, stdin="The river\n").stdout == first.stdout
 
 
 def test_sample_stops_quietly_when_its_reader_goes_away(tiny_run):
@@ -166,6 +169,19 @@ def test_a_prompt_longer_than_the_context_is_cut_to_its_newest_tokens_with_a_not
     result = run_script("sample.py", "--checkpoint", str(tiny_run), "--prompt", "word " * 400, "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
     assert "the model sees its last 64" in result.stderr and result.stdout.startswith("word " * 400)
+
+
+def test_the_long_prompt_note_counts_the_prompts_tokens_not_the_document_start(tiny_run):
+    """A prompt of exactly the context's 64 tokens is seen whole (only the document separator before it
+    is dropped); the note said 'the prompt is 65 tokens' for it."""
+    tokenizer = load_checkpoint(tiny_run).load_tokenizer()
+    words = [f"{word} " for word in "the old stone river ran past the lantern by the quiet harbour".split()] * 40
+    fitting = next("".join(words[:n]) for n in range(len(words)) if len(tokenizer.encode("".join(words[:n]))) == 64)
+    result = run_script("sample.py", "--checkpoint", str(tiny_run), "--prompt", fitting, "--max-new-tokens", "2")
+    assert result.returncode == 0 and "note" not in result.stderr, result.stderr
+    longer = fitting + "lantern lantern"
+    result = run_script("sample.py", "--checkpoint", str(tiny_run), "--prompt", longer, "--max-new-tokens", "2")
+    assert f"note: the prompt is {len(tokenizer.encode(longer))} tokens; the model sees its last 64" in result.stderr
 
 
 def test_incomplete_and_incompatible_checkpoints_are_refused(tiny_run, tmp_path):

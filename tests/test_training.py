@@ -16,7 +16,7 @@ import torch
 from benchmarks.load import free_port
 from model.checkpoint import load_checkpoint, write_failed
 from model.config import ModelConfig
-from model.device import can_compile, matmul_peak_flops, pick_dtype
+from model.device import REMEMBERED, can_compile, machine_name, matmul_peak_flops, pick_dtype, remembered_best
 from model.errors import UserError
 from model.evaluate import bits_per_byte
 from model.gpt import GPT
@@ -35,7 +35,7 @@ from training.budget import (
 from training.calibration import fit_temperature, temperature_for_passes
 from training.config import TrainConfig, assemble, budget_minutes
 from training.distributed import Distributed
-from training.machine_speed import REMEMBERED, anchor_step_flops, machine_name, peak_name, remembered_best
+from training.machine_speed import anchor_step_flops, peak_name
 from training.muon import MOMENTUM_WARMUP_STEPS, StackedMuon, orthogonalise
 from training.optim import NS_STEPS, REFINEMENTS
 from training.trainer import Trainer, assemble_for, train
@@ -521,6 +521,24 @@ def test_auto_precision_is_whichever_of_bf16_and_fp32_multiplies_faster_here():
     other = torch.float32 if picked == torch.bfloat16 else torch.bfloat16
     assert rate[picked] > 0.6 * rate[other]  # the two differ 2x or more wherever bf16 is native
     assert (pick_dtype(cpu, "bf16"), pick_dtype(cpu, "fp32")) == (torch.bfloat16, torch.float32)
+
+
+def test_auto_precision_follows_the_best_rates_this_machine_has_shown(tmp_path):
+    """Each process timed bf16 against fp32 anew, and beside a test suite one sample.py in nine read
+    them crossed, chose the other precision and printed other text for the same --seed: the choice
+    is made on the best rates remembered for this machine, which one slow process cannot lower."""
+    from model.device import bf16_multiplies_faster
+
+    measured = bf16_multiplies_faster(tmp_path / "fresh")  # a first process remembers what it timed
+    rates = json.loads((tmp_path / "fresh" / REMEMBERED).read_text())
+    (bf16_name,) = [name for name in rates if "bfloat16" in name]
+    (fp32_name,) = [name for name in rates if "float32" in name]
+    assert measured == (rates[bf16_name] > rates[fp32_name]) and min(rates.values()) > 0
+    for bf16_shown, fp32_shown in ((1e18, 1.0), (1.0, 1e18)):  # what earlier processes showed wins
+        folder = tmp_path / f"shown-{bf16_shown:g}"
+        folder.mkdir()
+        (folder / REMEMBERED).write_text(json.dumps({bf16_name: bf16_shown, fp32_name: fp32_shown}))
+        assert bf16_multiplies_faster(folder) == (bf16_shown > fp32_shown)
 
 
 def test_the_budget_sizes_from_the_best_rate_this_machine_has_shown(corpus_file, tmp_path, capsys):

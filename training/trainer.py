@@ -41,7 +41,7 @@ from data.prepare import DEFAULT_CACHE, Prepared, prepare
 from model.chat_template import TurnsTemplate, prompt_budget, stream_reply
 from model.checkpoint import METRICS, POINTER, Checkpoint, load_checkpoint, save_checkpoint, strangers, write_failed
 from model.config import ModelConfig
-from model.device import autocast, can_compile, matmul_peak_flops, pick_dtype
+from model.device import autocast, can_compile, machine_name, matmul_peak_flops, pick_dtype, remembered_best
 from model.engine import Engine
 from model.errors import UserError
 from model.evaluate import bits_per_byte, score
@@ -64,7 +64,7 @@ from training.config import (
     saved_arguments,
     to_dict,
 )
-from training.machine_speed import anchor_step_flops, machine_name, peak_name, remembered_best
+from training.machine_speed import anchor_step_flops, peak_name
 from training.memory import check_fits
 from training.optim import build_optimizers, cooling, lr_factor, set_lr
 from training.run_lock import remove_if_unused, run_folder_lock
