@@ -77,16 +77,16 @@ class ChatTemplate:
             if len(rendered.ids) <= budget:
                 return replace(rendered, dropped=start)
         raise UserError(
-            f"the last message alone is longer than the {budget} tokens the model's context leaves a conversation "
-            "(the rest is kept for the reply); send a shorter one, or ask for fewer new tokens"
+            f"the last message alone is longer than the model's context leaves a conversation ({budget} tokens; "
+            "the rest is kept for the reply); send a shorter one, or ask for fewer new tokens"
         )
 
     def check_system(self, system: list[dict], budget: int) -> None:
         """Refuse a system prompt (a list of at most that one message) that leaves no room for a turn."""
         if system and len(self.render(system, add_generation_prompt=True).ids) > budget:
             raise UserError(
-                f"the system prompt alone is longer than the {budget} tokens the model's context leaves a "
-                "conversation (the rest is kept for the reply); give a shorter one"
+                f"the system prompt alone is longer than the model's context leaves a conversation ({budget} "
+                "tokens; the rest is kept for the reply); give a shorter one"
             )
 
     def _message(self, role: str, content: str) -> tuple[list[int], list[int], list[int]]:

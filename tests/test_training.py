@@ -837,8 +837,8 @@ def test_the_processes_of_a_torchrun_agree_on_the_model_and_the_clock(corpus_fil
     command += ["--out-dir", str(tmp_path / "run"), "--max-minutes", "0.05", "--no-progress", "--sample-tokens", "0"]
     result = torchrun(*command)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = sorted(line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert len(reports) == 2 and reports[0] == reports[1], result.stdout
+    reports = dict(re.findall(r"rank (\d): (step \d+, [\d.]+ s, weights \w+)", result.stdout))  # lines may interleave
+    assert len(reports) == 2 and reports["0"] == reports["1"], result.stdout
 
 
 def test_a_corpus_that_fails_on_rank_0_is_one_error_line_under_torchrun(tmp_path):
