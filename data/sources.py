@@ -132,10 +132,11 @@ def is_dataset_folder(folder: Path) -> bool:
     A folder of both is refused: either reading would leave the other kind out unseen."""
     if saved_to_disk(folder):
         return True
-    data_files = _files_below(folder, DATASET_SUFFIXES)
+    listed = _files_below(folder, DATASET_SUFFIXES + TEXT_SUFFIXES)  # one walk of the tree for both kinds
+    data_files = [path for path in listed if path.suffix.lower() in DATASET_SUFFIXES]
     if not data_files:
         return False
-    text_files = [path for path in _files_below(folder, TEXT_SUFFIXES) if path != folder / "README.md"]
+    text_files = [path for path in listed if path.suffix.lower() in TEXT_SUFFIXES and path != folder / "README.md"]
     if text_files:
         raise UserError(
             f"folder {folder} holds both text files ({text_files[0].name}) and dataset files ({data_files[0].name}); "
